@@ -1,0 +1,143 @@
+"""Model configuration: one dataclass, presets as small functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from dynamoe.errors import DynamoeError
+
+RouterName = Literal["topk", "dynamic", "topp", "relu"]
+ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a decoder-only MoE transformer and of its router."""
+
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouped-query attention)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    # Feed-forward: "moe" in every block, or "dense" with the active size of a top-k MoE.
+    ffn: Literal["moe", "dense"] = "moe"
+    n_experts: int = 16
+    expert_dim: int = 256  # hidden size of one SwiGLU expert
+    dense_dim: int | None = None  # None: top_k * expert_dim (same active size as static top-k)
+
+    # Routing.
+    router: RouterName = "dynamic"
+    top_k: int = 2  # static top-k router; also sizes the dense baseline
+    k_min: int = 1
+    k_max: int = 8
+    threshold: float = 0.5  # cumulative probability mass that threshold routers must reach
+    temperature_min: float = 0.05  # the learned temperature is softplus(.) + temperature_min ...
+    temperature_max: float = 10.0  # ... clamped at temperature_max
+    target_k: float | None = 3.0  # mean experts/token the controller aims at (None: no control)
+    controller_rate: float = 0.2  # relative change of the k penalty per step
+    controller_floor: float = 1e-4  # smallest step of the k penalty, so it can change sign
+    balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
+    z_loss_coef: float = 1e-3  # router z-loss
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.dense_dim or self.top_k * self.expert_dim
+
+    def validate(self) -> None:
+        """Raise DynamoeError naming the first inconsistent field."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise DynamoeError(f"invalid model config: {message}")
+
+        need(self.vocab_size > 0 and self.dim > 0 and self.n_layers > 0, "vocab_size, dim and n_layers must be positive")
+        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        need(self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        need(self.ffn in ("moe", "dense"), f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
+        need(self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        need(self.n_experts >= 1, "n_experts must be at least 1")
+        need(1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+        need(1 <= self.k_min <= self.k_max, f"need 1 <= k_min={self.k_min} <= k_max={self.k_max}")
+        need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
+        need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
+        need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
+        if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
+            need(self.k_min <= self.target_k <= self.k_max,
+                 f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "
+                 "choose a target between them")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a dict, rejecting unknown keys with a clear message."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DynamoeError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        """Read a config.json, with a one-line error if it is missing or malformed."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise DynamoeError(f"{path} not found: a checkpoint folder needs a config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DynamoeError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        if not isinstance(data, dict):
+            raise DynamoeError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """A model for tests: a few hundred thousand parameters."""
+    return ModelConfig(**{**dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=64,
+                                 n_experts=8, expert_dim=64, k_max=8, target_k=3.0), **overrides})
+
+
+def small(**overrides: Any) -> ModelConfig:
+    """The CPU demo model: experts dominate the weights a token reads."""
+    return ModelConfig(**{**dict(vocab_size=8192, dim=256, n_layers=4, n_heads=4, max_seq_len=256,
+                                 n_experts=16, expert_dim=512, k_max=8, target_k=3.0), **overrides})
+
+
+def base(**overrides: Any) -> ModelConfig:
+    """A GPU-sized model."""
+    return ModelConfig(**{**dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, max_seq_len=1024,
+                                 n_experts=32, expert_dim=1024, k_max=8, target_k=3.0), **overrides})
+
+
+PRESETS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny, "small": small, "base": base}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Look a preset up by name, with a clear error listing the valid names."""
+    if name not in PRESETS:
+        raise DynamoeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)

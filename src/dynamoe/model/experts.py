@@ -1,0 +1,22 @@
+"""E SwiGLU experts stored as stacked tensors, so selecting an expert is a view, never a copy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynamoe.model.layers import swiglu
+
+
+class Experts(nn.Module):
+    """Stacked expert weights: w_gate_up [E, D, 2F] and w_down [E, F, D]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Run one expert on the rows routed to it."""
+        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert])

@@ -1,0 +1,106 @@
+"""Transformer building blocks: RMSNorm, RoPE, attention with an optional KV cache, dense SwiGLU.
+
+Shape legend: B batch, T tokens in this call, S cached positions, H heads, D model dim, d head dim,
+F feed-forward hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamoe.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 for stability under low-precision activations."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (max_len, head_dim) in the half-split layout transformers uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor) -> torch.Tensor:
+    """Rotate query/key features by their positions."""
+    half = x_BHTd.shape[-1] // 2
+    rotated = torch.cat([-x_BHTd[..., half:], x_BHTd[..., :half]], dim=-1)
+    return (x_BHTd.float() * cos_Td + rotated.float() * sin_Td).type_as(x_BHTd)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for incremental decoding."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos_T: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions and return the whole cache."""
+        self.k_BHSd[:, :, input_pos_T] = k_BHTd
+        self.v_BHSd[:, :, input_pos_T] = v_BHTd
+        return self.k_BHSd, self.v_BHSd
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention (grouped-query when n_kv_heads < n_heads) through SDPA."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
+                input_pos_T: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos_Td, sin_Td), apply_rope(k, cos_Td, sin_Td)
+        if self.kv_cache is None or input_pos_T is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            k, v = self.kv_cache.update(input_pos_T, k, v)
+            # A query at position p sees every cached key at position <= p.
+            mask_TS = torch.arange(k.shape[2], device=x_BTD.device)[None, :] <= input_pos_T[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward on weights stored input-major ([D, 2F] then [F, D]) for fast x @ W."""
+    gate, up = (x_ND @ w_gate_up_DF2).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w_down_FD
+
+
+class DenseFFN(nn.Module):
+    """A dense SwiGLU feed-forward layer: the baseline with the active size of a top-k MoE."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(dim, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(hidden, dim))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return swiglu(x_BTD, self.w_gate_up, self.w_down)

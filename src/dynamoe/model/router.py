@@ -1,0 +1,167 @@
+"""Routers: each decides, per token, which experts run, with what weight, and how many.
+
+All routers return one `Routing`. Shape legend: T tokens, D model dim, E experts, K routing slots
+(k_max for variable-k routers, top_k for the static one); slots j >= k_T[t] are padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamoe.config import ModelConfig
+
+SOFT_K_SHARPNESS = 0.05  # width of the sigmoid that turns "mass before expert j < threshold" into a soft count
+
+
+@dataclass
+class Routing:
+    """What a router decided for a flat batch of tokens."""
+
+    experts_TK: torch.Tensor  # int64 expert ids, most probable first
+    weights_TK: torch.Tensor  # combine weights, 0 in padding slots
+    k_T: torch.Tensor  # int64 experts used per token
+    aux_loss: torch.Tensor  # scalar: balance + z-loss + compute penalty, added to the LM loss
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+    @property
+    def mask_TK(self) -> torch.Tensor:
+        """True where a slot holds a selected expert."""
+        slots = torch.arange(self.experts_TK.shape[1], device=self.k_T.device)
+        return slots[None, :] < self.k_T[:, None]
+
+
+class Router(nn.Module):
+    """Shared machinery: the gate, balance and z losses, and the compute controller."""
+
+    uses_controller = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.k_min, self.k_max = cfg.n_experts, cfg.k_min, cfg.k_max
+        self.threshold = cfg.threshold
+        self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
+        self.target_k = cfg.target_k if self.uses_controller else None
+        self.controller_rate, self.controller_floor = cfg.controller_rate, cfg.controller_floor
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        # The penalty on the differentiable measure of k; a buffer so checkpoints carry it.
+        self.register_buffer("k_penalty", torch.zeros(()))
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost."""
+        raise NotImplementedError
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        logits_TE = self.gate(h_TD).float()  # fp32: softmax and cumulative sums are precision-sensitive
+        experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE)
+        mask_TK = torch.arange(experts_TK.shape[1], device=h_TD.device)[None, :] < k_T[:, None]
+        balance = self.balance_loss(experts_TK, mask_TK, probs_TE)
+        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        aux = self.balance_coef * balance + self.z_loss_coef * z_loss
+        stats = {"mean_k": k_T.float().mean().detach(), "balance_loss": balance.detach(), "z_loss": z_loss.detach()}
+        if cost_T is not None:
+            cost = cost_T.mean()
+            stats["soft_k"] = cost.detach()
+            if self.target_k is not None:
+                aux = aux + self.k_penalty * cost
+        return Routing(experts_TK, weights_TK.type_as(h_TD), k_T, aux, stats)
+
+    def balance_loss(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        """Switch-style loss over the selected pairs, so it stays meaningful when k varies per token."""
+        counts_E = torch.zeros(self.n_experts, device=probs_TE.device).index_add_(
+            0, experts_TK[mask_TK], torch.ones_like(experts_TK[mask_TK], dtype=torch.float32))
+        share_E = counts_E / counts_E.sum().clamp(min=1.0)
+        return self.n_experts * (share_E * probs_TE.mean(0)).sum()
+
+    @torch.no_grad()
+    def update_controller(self, mean_k: float) -> None:
+        """Nudge the k penalty toward target_k: up when too many experts run, down (through zero) when too few."""
+        if self.target_k is None:
+            return
+        step = self.controller_rate * max(abs(float(self.k_penalty)), self.controller_floor)
+        self.k_penalty += step if mean_k > self.target_k else -step
+
+
+class TopKRouter(Router):
+    """Static top-k softmax routing, renormalised over the chosen experts (Mixtral)."""
+
+    uses_controller = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.top_k = cfg.top_k
+
+    def select(self, h_TD, logits_TE):
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        k_T = torch.full((h_TD.shape[0],), self.top_k, dtype=torch.long, device=h_TD.device)
+        return experts_TK, weights_TK, k_T, probs_TE, None
+
+
+class TopPRouter(Router):
+    """Smallest set of top experts whose probability mass reaches the threshold (Huang et al. 2024)."""
+
+    def temperature(self, h_TD: torch.Tensor) -> torch.Tensor | float:
+        """Softmax temperature per token; fixed at 1 here."""
+        return 1.0
+
+    def select(self, h_TD, logits_TE):
+        probs_TE = (logits_TE / self.temperature(h_TD)).softmax(dim=-1)
+        sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
+        # An expert is needed while the mass before it is still below the threshold.
+        mass_before_TK = sorted_TK.cumsum(-1) - sorted_TK
+        k_T = (mass_before_TK < self.threshold).sum(-1).clamp(self.k_min, self.k_max)
+        mask_TK = torch.arange(self.k_max, device=h_TD.device)[None, :] < k_T[:, None]
+        kept_TK = sorted_TK * mask_TK
+        weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
+        soft_k_T = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS).sum(-1)
+        return experts_TK, weights_TK, k_T, probs_TE, soft_k_T
+
+
+class DynamicRouter(TopPRouter):
+    """Top-p routing with a learned per-token temperature: sharp means 1-2 experts, flat up to k_max."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.temperature_min, self.temperature_max = cfg.temperature_min, cfg.temperature_max
+        self.temperature_head = nn.Linear(cfg.dim, 1)
+        self.temperature_scale = 1.0  # inference-time dial: >1 flattens (more experts), <1 sharpens
+
+    def reset_temperature_head(self) -> None:
+        """Start at temperature 1 for every token."""
+        nn.init.zeros_(self.temperature_head.weight)
+        nn.init.constant_(self.temperature_head.bias, math.log(math.expm1(1.0 - self.temperature_min)))
+
+    def temperature(self, h_TD: torch.Tensor) -> torch.Tensor:
+        raw_T1 = self.temperature_head(h_TD).float()
+        temperature_T1 = (F.softplus(raw_T1) + self.temperature_min).clamp(max=self.temperature_max)
+        return temperature_T1 * self.temperature_scale
+
+
+class ReLURouter(Router):
+    """ReLU gates with an L1 penalty (ReMoE): every expert with a positive gate runs, up to k_max.
+
+    A token whose gates are all zero uses no expert (k = 0), as in ReMoE; k_min does not apply.
+    """
+
+    def select(self, h_TD, logits_TE):
+        gates_TE = F.relu(logits_TE)
+        weights_TK, experts_TK = gates_TE.topk(self.k_max, dim=-1)
+        k_T = (weights_TK > 0).sum(-1)
+        probs_TE = gates_TE / gates_TE.sum(-1, keepdim=True).clamp(min=1e-9)
+        return experts_TK, weights_TK, k_T, probs_TE, gates_TE.sum(-1)
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "topk": TopKRouter, "topp": TopPRouter, "dynamic": DynamicRouter, "relu": ReLURouter,
+}
+
+
+def build_router(cfg: ModelConfig) -> Router:
+    """The router named by cfg.router."""
+    return ROUTER_CLASSES[cfg.router](cfg)

@@ -1,0 +1,127 @@
+"""Decoder-only transformer with an MoE (or dense) feed-forward layer in every block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamoe.config import ModelConfig
+from dynamoe.model.layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
+from dynamoe.model.moe import MoE
+from dynamoe.model.router import DynamicRouter, Router, Routing
+
+INIT_STD = 0.02
+
+
+@dataclass
+class ModelOutput:
+    """Logits plus, when targets are given, the losses; one Routing per MoE layer."""
+
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss: what training minimises
+    lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy
+    aux_loss: torch.Tensor | None = None  # sum of the routers' auxiliary losses
+    routings: list[Routing] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    """Pre-norm attention then pre-norm feed-forward, each on a residual."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: MoE | DenseFFN = MoE(cfg) if cfg.ffn == "moe" else DenseFFN(cfg.dim, cfg.dense_hidden)
+
+    def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
+                input_pos_T: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_T)
+        if isinstance(self.ffn, MoE):
+            y_BTD, routing = self.ffn(self.ffn_norm(x_BTD))
+            return x_BTD + y_BTD, routing
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+
+
+class Transformer(nn.Module):
+    """The language model: embeddings, blocks, final norm, output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: normal(0.02), residual outputs scaled down by depth."""
+        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("wo.weight", "w_down")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=INIT_STD)
+        for router in self.routers():
+            if isinstance(router, DynamicRouter):
+                router.reset_temperature_head()
+
+    def routers(self) -> list[Router]:
+        """The router of every MoE layer, in depth order."""
+        return [block.ffn.router for block in self.layers if isinstance(block.ffn, MoE)]
+
+    def setup_caches(self, batch_size: int, max_len: int) -> None:
+        """Preallocate KV caches for incremental decoding."""
+        cfg = self.config
+        dtype, device = self.output.weight.dtype, self.output.weight.device
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        """Drop KV caches (full-sequence forward passes again)."""
+        for block in self.layers:
+            block.attn.kv_cache = None
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                input_pos_T: torch.Tensor | None = None) -> ModelOutput:
+        T = idx_BT.shape[1]
+        if input_pos_T is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos_Td, sin_Td = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos_Td, sin_Td = self.rope_cos[input_pos_T], self.rope_sin[input_pos_T]
+        x_BTD = self.tok_embeddings(idx_BT)
+        routings: list[Routing] = []
+        for block in self.layers:
+            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_T)
+            if routing is not None:
+                routings.append(routing)
+        logits_BTV = self.output(self.norm(x_BTD))
+        if targets_BT is None:
+            return ModelOutput(logits_BTV, routings=routings)
+        lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+        aux_loss = sum((r.aux_loss for r in routings), torch.zeros((), device=idx_BT.device))
+        return ModelOutput(logits_BTV, lm_loss + aux_loss, lm_loss, aux_loss, routings)
+
+    def update_controllers(self, mean_k_per_layer: list[float]) -> None:
+        """One controller step per MoE layer, from that layer's measured mean experts/token."""
+        for router, mean_k in zip(self.routers(), mean_k_per_layer):
+            router.update_controller(mean_k)
+
+    def num_params(self) -> int:
+        """All parameters (tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
