@@ -82,7 +82,7 @@ class Router(nn.Module):
         """Nudge the k penalty toward target_k: up when too many experts run, down (through zero) when too few."""
         if self.target_k is None:
             return
-        step = self.controller_rate * max(abs(float(self.k_penalty)), self.controller_floor)
+        step = max(self.controller_rate * abs(float(self.k_penalty)), self.controller_floor)
         self.k_penalty += step if mean_k > self.target_k else -step
 
 

@@ -1,0 +1,190 @@
+"""Model parity and routing behaviour on tiny configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamoe.config import ModelConfig, preset, tiny
+from dynamoe.errors import DynamoeError
+from dynamoe.model import MoE, Transformer, reference_dispatch
+from dynamoe.model.dispatch import LocalDispatcher, sort_pairs_by_expert
+from dynamoe.model.layers import DenseFFN
+from dynamoe.model.router import DynamicRouter, build_router
+
+ROUTERS = ["topk", "dynamic", "topp", "relu"]
+
+
+def test_one_expert_moe_equals_dense_ffn() -> None:
+    cfg = tiny(n_experts=1, top_k=1, k_max=1, router="topk")
+    torch.manual_seed(0)
+    moe, dense = MoE(cfg), DenseFFN(cfg.dim, cfg.expert_dim)
+    torch.nn.init.normal_(moe.experts.w_gate_up, std=0.1)
+    torch.nn.init.normal_(moe.experts.w_down, std=0.1)
+    dense.w_gate_up.data.copy_(moe.experts.w_gate_up[0])
+    dense.w_down.data.copy_(moe.experts.w_down[0])
+    x = torch.randn(2, 5, cfg.dim)
+    y_moe, routing = moe(x)
+    assert torch.equal(routing.k_T, torch.ones(10, dtype=torch.long))
+    torch.testing.assert_close(y_moe, dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_one_with_full_k_max_selects_every_expert() -> None:
+    cfg = tiny(router="dynamic", n_experts=8, k_max=8, threshold=1.0, target_k=4.0)
+    router = build_router(cfg)
+    routing = router(torch.randn(50, cfg.dim))
+    assert torch.equal(routing.k_T, torch.full((50,), 8))
+    assert torch.equal(routing.experts_TK.sort(-1).values, torch.arange(8).expand(50, 8))
+
+
+@pytest.mark.parametrize("k_min", [1, 2])
+def test_near_zero_temperature_selects_exactly_k_min(k_min: int) -> None:
+    cfg = tiny(router="dynamic", k_min=k_min, temperature_min=1e-4, target_k=4.0)
+    router: DynamicRouter = build_router(cfg)  # type: ignore[assignment]
+    router.temperature_scale = 1e-3  # drives the softmax to one-hot
+    torch.nn.init.normal_(router.gate.weight, std=1.0)
+    routing = router(torch.randn(64, cfg.dim))
+    assert torch.equal(routing.k_T, torch.full((64,), k_min))
+
+
+def test_high_temperature_gives_many_experts_and_low_gives_few() -> None:
+    cfg = tiny(router="dynamic", target_k=4.0, threshold=0.9)
+    router: DynamicRouter = build_router(cfg)  # type: ignore[assignment]
+    torch.nn.init.normal_(router.gate.weight, std=0.5)
+    h = torch.randn(200, cfg.dim)
+    router.temperature_scale = 0.05
+    sharp = router(h).k_T.float().mean()
+    router.temperature_scale = 20.0
+    flat = router(h).k_T.float().mean()
+    assert sharp < 2.0 < 6.0 < flat
+
+
+@pytest.mark.parametrize("router_name", ROUTERS)
+def test_fast_dispatch_equals_per_token_reference(router_name: str) -> None:
+    torch.manual_seed(1)
+    moe = MoE(tiny(router=router_name))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(37, moe.experts.dim, requires_grad=True)
+    routing = moe.router(x)
+    fast = LocalDispatcher()(x, routing, moe.experts)
+    slow = reference_dispatch(x, routing, moe.experts)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    params = [x, moe.experts.w_gate_up, moe.router.gate.weight]
+    grad_fast = torch.autograd.grad(fast.square().sum(), params, retain_graph=True)
+    grad_slow = torch.autograd.grad(slow.square().sum(), params)
+    for a, b in zip(grad_fast, grad_slow):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # fp32 summation order differs
+
+
+@pytest.mark.parametrize("router_name", ROUTERS)
+def test_dispatch_runs_exactly_the_selected_pairs(router_name: str) -> None:
+    torch.manual_seed(2)
+    router = build_router(tiny(router=router_name))
+    routing = router(torch.randn(40, 64))
+    token_P, weight_P, tokens_per_expert = sort_pairs_by_expert(routing, router.n_experts)
+    assert sum(tokens_per_expert) == int(routing.k_T.sum()) == token_P.numel()
+    assert torch.equal(torch.bincount(token_P, minlength=40), routing.k_T)
+
+
+@pytest.mark.parametrize("router_name", ["dynamic", "topp"])
+def test_threshold_router_selects_smallest_set_reaching_the_mass(router_name: str) -> None:
+    cfg = tiny(router=router_name, k_max=8, threshold=0.6, target_k=3.0)
+    router = build_router(cfg)
+    torch.nn.init.normal_(router.gate.weight, std=0.3)
+    h = torch.randn(100, cfg.dim)
+    routing = router(h)
+    temperature = router.temperature(h)
+    probs = (router.gate(h).float() / temperature).softmax(-1)
+    for t in range(100):
+        sorted_p = probs[t].sort(descending=True).values
+        k = int(routing.k_T[t])
+        assert sorted_p[:k].sum() >= 0.6 - 1e-6 or k == cfg.k_max
+        assert k == 1 or sorted_p[: k - 1].sum() < 0.6
+    torch.testing.assert_close(routing.weights_TK.sum(-1), torch.ones(100))
+    assert torch.all(routing.weights_TK[~routing.mask_TK] == 0)
+
+
+def test_topk_router_is_mixtral_style() -> None:
+    router = build_router(tiny(router="topk", top_k=2))
+    h = torch.randn(30, 64)
+    routing = router(h)
+    probs = router.gate(h).softmax(-1)
+    top_p, top_e = probs.topk(2, dim=-1)
+    assert torch.equal(routing.experts_TK, top_e)
+    torch.testing.assert_close(routing.weights_TK, top_p / top_p.sum(-1, keepdim=True))
+
+
+def test_relu_router_uses_experts_with_positive_gates() -> None:
+    router = build_router(tiny(router="relu", k_max=8, n_experts=8))
+    h = torch.randn(30, 64)
+    routing = router(h)
+    positive = (router.gate(h) > 0).sum(-1)
+    assert torch.equal(routing.k_T, positive)
+
+
+def test_controller_moves_penalty_toward_target_and_through_zero() -> None:
+    router = build_router(tiny(router="dynamic", target_k=3.0))
+    router.update_controller(6.0)
+    assert float(router.k_penalty) == pytest.approx(router.controller_floor)
+    for _ in range(20):
+        router.update_controller(6.0)
+    first = float(router.k_penalty)
+    router.update_controller(6.0)
+    assert float(router.k_penalty) == pytest.approx(first * 1.2)
+    for _ in range(30):
+        router.update_controller(1.0)
+    assert float(router.k_penalty) < 0  # too few experts: the penalty becomes a reward
+
+
+def test_static_router_has_no_controller() -> None:
+    router = build_router(tiny(router="topk"))
+    router.update_controller(8.0)
+    assert float(router.k_penalty) == 0.0
+
+
+@pytest.mark.parametrize("router_name", ROUTERS + ["dense"])
+def test_cached_decoding_equals_full_forward(router_name: str) -> None:
+    torch.manual_seed(3)
+    cfg = tiny(ffn="dense") if router_name == "dense" else tiny(router=router_name)
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(idx).logits
+        model.setup_caches(batch_size=2, max_len=cfg.max_seq_len)
+        prefill = model(idx[:, :7], input_pos_T=torch.arange(7)).logits
+        steps = [model(idx[:, t:t + 1], input_pos_T=torch.tensor([t])).logits for t in range(7, 12)]
+        model.clear_caches()
+    cached = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_baseline_has_the_active_size_of_top_k() -> None:
+    cfg = tiny(ffn="dense", top_k=2)
+    model = Transformer(cfg)
+    assert model.layers[0].ffn.w_down.shape == (2 * cfg.expert_dim, cfg.dim)
+    assert model.routers() == []
+
+
+def test_loss_includes_router_aux_losses() -> None:
+    model = Transformer(tiny(router="dynamic"))
+    idx = torch.randint(0, 512, (2, 16))
+    out = model(idx, idx)
+    assert len(out.routings) == 2
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    assert out.aux_loss.item() > 0
+
+
+def test_config_round_trip_and_validation(tmp_path) -> None:
+    cfg = tiny(router="relu", target_k=2.0)
+    cfg.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == cfg
+    with pytest.raises(DynamoeError, match="target_k"):
+        tiny(target_k=9.0)
+    with pytest.raises(DynamoeError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(DynamoeError, match="unknown model config field"):
+        ModelConfig.from_dict({"dimension": 3})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DynamoeError, match="not valid JSON"):
+        ModelConfig.load(tmp_path / "bad.json")
