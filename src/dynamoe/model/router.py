@@ -56,7 +56,9 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
-        logits_TE = self.gate(h_TD).float()  # fp32: softmax and cumulative sums are precision-sensitive
+        logits_TE = self.gate(h_TD)
+        # At least fp32: the softmax and the cumulative sums decide k and are precision-sensitive.
+        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
         experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE)
         mask_TK = torch.arange(experts_TK.shape[1], device=h_TD.device)[None, :] < k_T[:, None]
         balance = self.balance_loss(experts_TK, mask_TK, probs_TE)
@@ -72,8 +74,7 @@ class Router(nn.Module):
 
     def balance_loss(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
         """Switch-style loss over the selected pairs, so it stays meaningful when k varies per token."""
-        counts_E = torch.zeros(self.n_experts, device=probs_TE.device).index_add_(
-            0, experts_TK[mask_TK], torch.ones_like(experts_TK[mask_TK], dtype=torch.float32))
+        counts_E = torch.bincount(experts_TK[mask_TK], minlength=self.n_experts).to(probs_TE.dtype)
         share_E = counts_E / counts_E.sum().clamp(min=1.0)
         return self.n_experts * (share_E * probs_TE.mean(0)).sum()
 
@@ -138,7 +139,8 @@ class DynamicRouter(TopPRouter):
         nn.init.constant_(self.temperature_head.bias, math.log(math.expm1(1.0 - self.temperature_min)))
 
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor:
-        raw_T1 = self.temperature_head(h_TD).float()
+        raw_T1 = self.temperature_head(h_TD)
+        raw_T1 = raw_T1.to(torch.promote_types(raw_T1.dtype, torch.float32))
         temperature_T1 = (F.softplus(raw_T1) + self.temperature_min).clamp(max=self.temperature_max)
         return temperature_T1 * self.temperature_scale
 
