@@ -1,0 +1,184 @@
+"""Token shards on disk: one flat memory-mapped token file per split, plus a per-document index."""
+
+from __future__ import annotations
+
+import json
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from dynamoe.data.documents import Document
+from dynamoe.data.tokenizer import eos_id
+from dynamoe.errors import DynamoeError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val", "test")
+# Documents per encode_batch call: enough to keep the Rust threads busy, few enough to stream.
+_ENCODE_BATCH = 256
+_REBUILD_HINT = "rebuild it with `dynamoe data build --force`"
+_REQUIRED_META = ("domains", "vocab_size", "dtype")
+
+SplitCounts = dict[str, dict[str, int]]  # domain -> {"documents": n, "tokens": n, "bytes": n}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def tokens_path(data_dir: Path, split: str) -> Path:
+    """Where a split's flat token file lives."""
+    return Path(data_dir) / f"{split}.bin"
+
+
+def index_path(data_dir: Path, split: str) -> Path:
+    """Where a split's [n_docs, 3] (start, length, domain) index lives."""
+    return Path(data_dir) / f"{split}.docs.npy"
+
+
+def write_split(
+    out_dir: Path, split: str, documents: Iterable[Document], tokenizer: Tokenizer, domains: list[str]
+) -> SplitCounts:
+    """Tokenize documents into {split}.bin (each followed by EOS) and {split}.docs.npy; return per-domain counts."""
+    domain_index = {domain: index for index, domain in enumerate(domains)}
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    eos = eos_id(tokenizer)
+    rows: list[tuple[int, int, int]] = []
+    counts = {domain: {"documents": 0, "tokens": 0, "bytes": 0} for domain in domains}
+    offset = 0
+    with open(tokens_path(out_dir, split), "wb") as out:
+        for batch in _batches(documents, _ENCODE_BATCH):
+            encodings = tokenizer.encode_batch([document.text for document in batch], add_special_tokens=False)
+            ids_per_document = [encoding.ids for encoding in encodings]
+            flat = np.fromiter(chain.from_iterable(ids + [eos] for ids in ids_per_document), dtype=dtype)
+            out.write(flat.tobytes())
+            for document, ids in zip(batch, ids_per_document):
+                length = len(ids) + 1
+                rows.append((offset, length, _domain_number(domain_index, document.domain)))
+                offset += length
+                _count(counts[document.domain], length, document)
+    np.save(index_path(out_dir, split), np.array(rows, dtype=np.int64).reshape(-1, 3))
+    return counts
+
+
+def read_meta(data_dir: Path) -> dict[str, Any]:
+    """The meta.json of a built corpus, or a DynamoeError saying how to build one."""
+    data_dir = Path(data_dir)
+    path = data_dir / META_FILE
+    if not path.is_file():
+        raise DynamoeError(f"no built corpus in {data_dir} (no {META_FILE}): run `dynamoe data build` first")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DynamoeError(f"{path} is unreadable: {_REBUILD_HINT}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise DynamoeError(f"{data_dir} holds a corpus of another format (need version {FORMAT_VERSION}): {_REBUILD_HINT}")
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise DynamoeError(f"{path} lacks {', '.join(missing)}: {_REBUILD_HINT}")
+    return meta
+
+
+class TokenDataset:
+    """One split of a built corpus: random training windows and per-domain tokens, read from a memmap."""
+
+    def __init__(self, data_dir: Path, split: str) -> None:
+        if split not in SPLITS:
+            raise DynamoeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        meta = read_meta(data_dir)
+        self.split = split
+        self.domains: list[str] = list(meta["domains"])
+        self.vocab_size = int(meta["vocab_size"])
+        self.docs = _load_index(index_path(data_dir, split))
+        self.tokens = _load_tokens(tokens_path(data_dir, split), np.dtype(meta["dtype"]))
+        indexed = int(self.docs[:, 1].sum())
+        if len(self.tokens) != indexed:
+            raise DynamoeError(
+                f"{tokens_path(data_dir, split)} has {len(self.tokens)} tokens but its index says {indexed}: {_REBUILD_HINT}"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the split, end-of-text tokens included."""
+        return len(self.tokens)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, int64 [batch_size, seq_len], from windows chosen by (seed, step) alone."""
+        if min(step, seed) < 0 or min(batch_size, seq_len) < 1:
+            raise DynamoeError(
+                f"need step, seed >= 0 and batch_size, seq_len >= 1, got {step}, {seed}, {batch_size}, {seq_len}"
+            )
+        window = seq_len + 1
+        if self.n_tokens < window:
+            raise DynamoeError(
+                f"the {self.split} split has {self.n_tokens} tokens, fewer than seq_len + 1 = {window}: "
+                "use a shorter seq_len or build a bigger corpus"
+            )
+        # Seeding with (seed, step) rather than carrying a generator along means a resumed run
+        # replays exactly the batches it would have seen, with no sampler state to save.
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, self.n_tokens - window + 1, size=batch_size)
+        rows = np.asarray(self.tokens[starts[:, None] + np.arange(window)], dtype=np.int64)
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def domain_tokens(self, domain: str) -> np.ndarray:
+        """The tokens of one domain's documents, concatenated in document order (EOS tokens included)."""
+        if domain not in self.domains:
+            raise DynamoeError(f"domain {domain!r} is not in this corpus: it has {', '.join(self.domains)}")
+        rows = self.docs[self.docs[:, 2] == self.domains.index(domain)]
+        pieces = [self.tokens[start : start + length] for start, length in rows[:, :2]]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.tokens.dtype)
+
+
+def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    """Consecutive lists of up to size items."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _domain_number(domain_index: dict[str, int], domain: str) -> int:
+    """The position of a document's domain in the domains list."""
+    if domain not in domain_index:
+        raise DynamoeError(f"a document has domain {domain!r}, which is not among {', '.join(domain_index)}")
+    return domain_index[domain]
+
+
+def _count(counts: dict[str, int], n_tokens: int, document: Document) -> None:
+    """Add one document to its domain's counts."""
+    counts["documents"] += 1
+    counts["tokens"] += n_tokens
+    counts["bytes"] += len(document.text.encode("utf-8"))
+
+
+def _load_index(path: Path) -> np.ndarray:
+    """A split's document index, checked to be an [n, 3] integer array."""
+    if not path.is_file():
+        raise DynamoeError(f"{path} is missing: run `dynamoe data build` first")
+    try:
+        index = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        raise DynamoeError(f"{path} is unreadable: {_REBUILD_HINT}") from None
+    if index.ndim != 2 or index.shape[1] != 3 or index.dtype.kind != "i":
+        raise DynamoeError(f"{path} is not a document index: {_REBUILD_HINT}")
+    return index
+
+
+def _load_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A split's tokens memory-mapped read-only, so a corpus larger than RAM costs nothing to open."""
+    if not path.is_file():
+        raise DynamoeError(f"{path} is missing: run `dynamoe data build` first")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)  # mmap refuses empty files
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except ValueError:  # a size that is not a whole number of tokens: a truncated write
+        raise DynamoeError(f"{path} is truncated: {_REBUILD_HINT}") from None

@@ -1,0 +1,76 @@
+"""Byte-level BPE that encodes any text, splits numbers into single digits, and decodes back exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dynamoe.errors import DynamoeError
+
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+MIN_VOCAB_SIZE = 256 + 1  # every byte plus the end-of-text token
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+    """A byte-level BPE tokenizer with vocab_size entries (fewer if the texts run out of merges)."""
+    check_vocab_size(vocab_size)
+    tokenizer = Tokenizer(models.BPE())
+    # Single digits make every number spell out the same way, which arithmetic needs; no prefix
+    # space and no normalizer, so that decoding gives back exactly the text that was encoded.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    # The whole byte alphabet, seen in the corpus or not, so that any text can be encoded.
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _literal_special_tokens(tokenizer)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Raise a DynamoeError when vocab_size cannot hold every byte and the end-of-text token."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise DynamoeError(
+            f"vocab_size must be an integer of at least {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), got {vocab_size!r}"
+        )
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer saved at path (a tokenizer.json, or a corpus folder holding one)."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DynamoeError(f"no tokenizer at {file}: run `dynamoe data build` first")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as error:  # the Rust side raises a bare Exception for every kind of bad file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DynamoeError(f"{file} is not a valid tokenizer ({reason}): rebuild with `dynamoe data build --force`") from None
+    eos_id(tokenizer)
+    return _literal_special_tokens(tokenizer)
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The id of the end-of-text token that separates documents."""
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise DynamoeError(
+            f"the tokenizer has no {EOS_TOKEN} token, so dynamoe did not make it: rebuild with `dynamoe data build --force`"
+        )
+    return token_id
+
+
+def _literal_special_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """Make text that spells out <|endoftext|> encode as plain bytes, so only the shard writer adds EOS."""
+    # Without this, a document quoting the token would gain a document boundary and lose the text
+    # on decoding. The setting is not saved in tokenizer.json, so loading sets it again.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
