@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: a second thread buys little and suffers most from a busy machine
 
 
 @pytest.fixture(scope="session")

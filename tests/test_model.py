@@ -39,7 +39,7 @@ def test_threshold_one_with_full_k_max_selects_every_expert() -> None:
 
 @pytest.mark.parametrize("k_min", [1, 2])
 def test_near_zero_temperature_selects_exactly_k_min(k_min: int) -> None:
-    cfg = tiny(router="dynamic", k_min=k_min, temperature_min=1e-4, target_k=4.0)
+    cfg = tiny(router="dynamic", k_min=k_min, temperature_min=1e-4, target_k=3.0)
     router: DynamicRouter = build_router(cfg)  # type: ignore[assignment]
     router.temperature_scale = 1e-3  # drives the softmax to one-hot
     torch.nn.init.normal_(router.gate.weight, std=1.0)
@@ -123,18 +123,18 @@ def test_relu_router_uses_experts_with_positive_gates() -> None:
     assert torch.equal(routing.k_T, positive)
 
 
-def test_controller_moves_penalty_toward_target_and_through_zero() -> None:
-    router = build_router(tiny(router="dynamic", target_k=3.0))
-    router.update_controller(6.0)
-    assert float(router.k_penalty) == pytest.approx(router.controller_floor)
-    for _ in range(20):
-        router.update_controller(6.0)
-    first = float(router.k_penalty)
-    router.update_controller(6.0)
-    assert float(router.k_penalty) == pytest.approx(first * 1.2)
-    for _ in range(30):
+def test_controller_moves_penalty_toward_target_through_zero_and_stays_bounded() -> None:
+    router = build_router(tiny(router="dynamic", target_k=3.0, controller_rate=0.01, controller_limit=0.5))
+    router.update_controller(5.0)  # two experts too many
+    assert float(router.k_penalty) == pytest.approx(0.02)
+    router.update_controller(2.0)  # one too few: the penalty falls, proportionally
+    assert float(router.k_penalty) == pytest.approx(0.01)
+    for _ in range(10):
         router.update_controller(1.0)
     assert float(router.k_penalty) < 0  # too few experts: the penalty becomes a reward
+    for _ in range(1000):
+        router.update_controller(8.0)  # an unreachable target must not wind the penalty up
+    assert float(router.k_penalty) == pytest.approx(0.5)
 
 
 def test_static_router_has_no_controller() -> None:
@@ -181,6 +181,8 @@ def test_config_round_trip_and_validation(tmp_path) -> None:
     assert ModelConfig.load(tmp_path / "config.json") == cfg
     with pytest.raises(DynamoeError, match="target_k"):
         tiny(target_k=9.0)
+    with pytest.raises(DynamoeError, match="cannot be reached"):
+        tiny(router="dynamic", n_experts=8, threshold=0.5, target_k=4.0)
     with pytest.raises(DynamoeError, match="unknown preset"):
         preset("huge")
     with pytest.raises(DynamoeError, match="unknown model config field"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -43,8 +44,8 @@ class ModelConfig:
     temperature_min: float = 0.05  # the learned temperature is softplus(.) + temperature_min ...
     temperature_max: float = 10.0  # ... clamped at temperature_max
     target_k: float | None = 3.0  # mean experts/token the controller aims at (None: no control)
-    controller_rate: float = 0.2  # relative change of the k penalty per step
-    controller_floor: float = 1e-4  # smallest step of the k penalty, so it can change sign
+    controller_rate: float = 0.003  # k penalty change per step and per expert of error (mean_k - target_k)
+    controller_limit: float = 1.0  # the k penalty stays within [-limit, limit]
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
     z_loss_coef: float = 1e-3  # router z-loss
 
@@ -81,10 +82,16 @@ class ModelConfig:
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
+        need(self.controller_rate >= 0 and self.controller_limit >= 0, "controller_rate and controller_limit must be >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
                  f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "
                  "choose a target between them")
+            if self.router in ("dynamic", "topp"):
+                reachable = min(self.k_max, math.ceil(self.threshold * self.n_experts - 1e-9))
+                need(self.target_k < reachable or self.target_k == self.k_min,
+                     f"target_k={self.target_k} cannot be reached: threshold {self.threshold} over {self.n_experts} "
+                     f"experts selects at most {reachable} (only for a perfectly flat softmax); raise threshold or lower target_k")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

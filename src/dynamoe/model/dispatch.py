@@ -38,7 +38,9 @@ class LocalDispatcher:
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         token_P, weight_P, tokens_per_expert = sort_pairs_by_expert(routing, experts.n_experts)
-        x_PD = x_TD[token_P]
+        # index_select, not x_TD[token_P]: its backward adds repeated rows in a fixed order, so
+        # training is bit-reproducible (and resumes exactly) on CPU.
+        x_PD = x_TD.index_select(0, token_P)
         outputs = []
         start = 0
         for expert, count in enumerate(tokens_per_expert):

@@ -46,7 +46,7 @@ class Router(nn.Module):
         self.threshold = cfg.threshold
         self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
         self.target_k = cfg.target_k if self.uses_controller else None
-        self.controller_rate, self.controller_floor = cfg.controller_rate, cfg.controller_floor
+        self.controller_rate, self.controller_limit = cfg.controller_rate, cfg.controller_limit
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         # The penalty on the differentiable measure of k; a buffer so checkpoints carry it.
         self.register_buffer("k_penalty", torch.zeros(()))
@@ -80,11 +80,14 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_controller(self, mean_k: float) -> None:
-        """Nudge the k penalty toward target_k: up when too many experts run, down (through zero) when too few."""
+        """One integral step of the k penalty: up while too many experts run, down (through zero) while too few.
+
+        Bounded, so that a target the router cannot reach does not wind the penalty up without limit.
+        """
         if self.target_k is None:
             return
-        step = max(self.controller_rate * abs(float(self.k_penalty)), self.controller_floor)
-        self.k_penalty += step if mean_k > self.target_k else -step
+        step = self.controller_rate * (mean_k - self.target_k)
+        self.k_penalty.copy_((self.k_penalty + step).clamp(-self.controller_limit, self.controller_limit))
 
 
 class TopKRouter(Router):

@@ -1,0 +1,258 @@
+"""Checkpoints: one folder per saved step, written atomically, loaded without unpickling code.
+
+A run folder looks like this::
+
+    run_dir/
+      ckpt-0000400/   config.json  model.safetensors  tokenizer.json  trainer_state.pt  train_config.json
+      ckpt-0000500/   ...
+      latest          "ckpt-0000500"
+
+A checkpoint is built in a hidden `.tmp-ckpt-*` folder and renamed into place, and `latest` is
+replaced by rename too, so a kill at any moment leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from dynamoe.config import ModelConfig
+from dynamoe.data.tokenizer import TOKENIZER_FILE
+from dynamoe.errors import DynamoeError
+from dynamoe.model import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"
+TRAIN_CONFIG_FILE = "train_config.json"
+LATEST_FILE = "latest"
+TMP_PREFIX = ".tmp-ckpt-"
+# The files a checkpoint folder must hold to be resumable; the tokenizer is copied in for inference.
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE)
+_CKPT_NAME = re.compile(r"ckpt-(\d+)")
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` optimizer steps."""
+    return f"ckpt-{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: Transformer, trainer_state: dict[str, Any],
+                    train_config: dict[str, Any], tokenizer_path: Path, keep: int = 2) -> Path:
+    """Write run_dir/ckpt-{step}, point `latest` at it, then delete all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and hide the checkpoint from other users.
+    tmp = run_dir / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    model.config.save(tmp / CONFIG_FILE)
+    save_file(unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", "step": str(step)})
+    shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+    torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+    (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+
+    final = run_dir / checkpoint_name(step)
+    if final.exists():
+        # Left by a run killed after this rename but before `latest` moved on; `latest` still
+        # names an older, complete checkpoint, so replacing this one is safe.
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(run_dir)
+    _write_latest(run_dir, final.name)
+    _prune(run_dir, step, keep)
+    return final
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once: safetensors refuses tied weights saved under two names."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete ckpt-* folder, else None."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name and _is_complete(run_dir / name):
+            return run_dir / name
+    complete = {d: s for d in run_dir.glob("ckpt-*") if (s := _step_of(d)) is not None and _is_complete(d)}
+    return max(complete, key=complete.__getitem__) if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or the latest checkpoint of a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DynamoeError(f"checkpoint path {path} does not exist; pass a run folder or one of its ckpt-* folders")
+    if path.is_file():
+        raise DynamoeError(f"{path} is a file; pass the checkpoint folder that holds it ({path.parent})")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise DynamoeError(f"{path} is not a checkpoint: it has no {CONFIG_FILE} and no complete ckpt-* folder")
+    return found
+
+
+def load_config(path: Path) -> ModelConfig:
+    """The model config of a checkpoint (or of a run's latest checkpoint)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        return ModelConfig.load(ckpt / CONFIG_FILE)
+    except DynamoeError as e:
+        raise DynamoeError(f"checkpoint {ckpt}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise DynamoeError(f"checkpoint {ckpt}: {CONFIG_FILE} has a field of the wrong type ({e})") from None
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
+    """Build the model a checkpoint describes and load its weights; returned in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt)
+    with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's RNG
+        model = Transformer(cfg)
+    weights = _read_weights(ckpt)
+    _check_weights(ckpt, weights, unique_state_dict(model))
+    # Tied aliases are absent from the file by design; every other key was checked above.
+    model.load_state_dict(weights, strict=False)
+    return model.to(device).eval(), cfg
+
+
+def load_tokenizer_for(path: Path) -> Tokenizer:
+    """The tokenizer saved with a checkpoint (or with a run's latest checkpoint)."""
+    ckpt = resolve_checkpoint(path)
+    file = ckpt / TOKENIZER_FILE
+    if not file.is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {TOKENIZER_FILE}; copy the one from the training data folder into it")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
+        raise DynamoeError(f"{file} is not a valid tokenizer ({e}); copy it again from the training data folder") from None
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Optimizer state, step counters and RNG states, read with weights_only=True (no code runs)."""
+    ckpt = resolve_checkpoint(path)
+    file = ckpt / TRAINER_STATE_FILE
+    if not file.is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {TRAINER_STATE_FILE}, so it cannot be resumed; "
+                           "resume from another checkpoint or start a new run")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle opcode, disallowed global: all mean corrupt
+        raise DynamoeError(f"{file} is corrupt or unreadable ({type(e).__name__}); resume from an older checkpoint") from None
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise DynamoeError(f"{file} does not hold a dynamoe trainer state; resume from an older checkpoint")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step could draw from, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"],
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]}})
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    file = ckpt / WEIGHTS_FILE
+    if not file.is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {WEIGHTS_FILE}; it is incomplete, use another checkpoint")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DynamoeError(f"{file} is corrupt or truncated ({e}); use another checkpoint") from None
+
+
+def _check_weights(ckpt: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Name the first missing key, unexpected key or shape mismatch between the file and config.json."""
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise DynamoeError(f"checkpoint {ckpt}: weight {missing[0]} is missing from {WEIGHTS_FILE} "
+                           f"but {CONFIG_FILE} implies it; the config does not match the weights")
+    unexpected = [name for name in weights if name not in expected]
+    if unexpected:
+        raise DynamoeError(f"checkpoint {ckpt}: {WEIGHTS_FILE} has weight {unexpected[0]} that {CONFIG_FILE} "
+                           "does not imply; the config does not match the weights")
+    for name, tensor in expected.items():
+        if weights[name].shape != tensor.shape:
+            raise DynamoeError(f"checkpoint {ckpt}: weight {name} has shape {list(weights[name].shape)} "
+                               f"but {CONFIG_FILE} implies {list(tensor.shape)}; the config does not match the weights")
+
+
+def _write_latest(run_dir: Path, name: str) -> None:
+    tmp = run_dir / f"{LATEST_FILE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / LATEST_FILE)
+    _fsync(run_dir)
+
+
+def _prune(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the checkpoint of `step` and the keep-1 before it; sweep folders left by killed saves."""
+    # Later checkpoints can only be leftovers of a killed run; the save of their step replaces them.
+    older = {d: s for d in run_dir.glob("ckpt-*") if (s := _step_of(d)) is not None and s < step}
+    for old in sorted(older, key=older.__getitem__)[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _step_of(folder: Path) -> int | None:
+    match = _CKPT_NAME.fullmatch(folder.name)
+    return int(match.group(1)) if match and folder.is_dir() else None
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder entry to disk, so a rename never exposes unwritten data after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

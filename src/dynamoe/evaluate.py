@@ -1,0 +1,148 @@
+"""Evaluation: perplexity per domain, experts/token per layer and per domain, and the histogram of k."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dynamoe.errors import DynamoeError
+from dynamoe.model import Transformer
+
+
+@dataclass
+class DomainReport:
+    """What one domain's held-out tokens cost the model."""
+
+    domain: str
+    tokens: int
+    loss: float  # mean next-token cross-entropy (nats)
+    perplexity: float
+    mean_k: float | None  # experts/token over all MoE layers; None for a dense model
+    mean_k_per_layer: list[float] = field(default_factory=list)
+    k_histogram: list[int] = field(default_factory=list)  # k_histogram[k]: tokens x layers that used k experts
+
+
+@dataclass
+class EvalReport:
+    """Per-domain results plus the token-weighted total."""
+
+    domains: list[DomainReport]
+    total: DomainReport
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def k_shares(self) -> list[float]:
+        """Fraction of (token, layer) decisions that used each k, over all domains."""
+        counts = np.array(self.total.k_histogram, dtype=np.float64)
+        return (counts / max(counts.sum(), 1.0)).tolist()
+
+
+class _Accumulator:
+    """Running sums for one domain."""
+
+    def __init__(self, n_layers: int, k_slots: int) -> None:
+        self.tokens = 0
+        self.loss_sum = 0.0
+        self.k_sum_per_layer = np.zeros(n_layers)
+        self.k_histogram = np.zeros(k_slots + 1, dtype=np.int64)
+
+    def add(self, token_losses: torch.Tensor, k_per_layer: list[torch.Tensor]) -> None:
+        self.tokens += token_losses.numel()
+        self.loss_sum += float(token_losses.double().sum())
+        for layer, k_T in enumerate(k_per_layer):
+            self.k_sum_per_layer[layer] += float(k_T.sum())
+            self.k_histogram += np.bincount(k_T.cpu().numpy(), minlength=self.k_histogram.size)[: self.k_histogram.size]
+
+    def merge(self, other: "_Accumulator") -> None:
+        self.tokens += other.tokens
+        self.loss_sum += other.loss_sum
+        self.k_sum_per_layer += other.k_sum_per_layer
+        self.k_histogram += other.k_histogram
+
+    def report(self, domain: str, has_routing: bool) -> DomainReport:
+        loss = self.loss_sum / max(self.tokens, 1)
+        per_layer = (self.k_sum_per_layer / max(self.tokens, 1)).tolist() if has_routing else []
+        return DomainReport(domain, self.tokens, loss, math.exp(min(loss, 50.0)),
+                            float(np.mean(per_layer)) if has_routing else None, per_layer,
+                            self.k_histogram.tolist() if has_routing else [])
+
+
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (input, target) windows covering at most max_tokens predictions."""
+    usable = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+    n_windows = max(usable // seq_len, 0)
+    if n_windows == 0:
+        raise DynamoeError(f"only {len(tokens)} tokens to evaluate; need at least {seq_len + 1} per domain")
+    span = torch.from_numpy(np.asarray(tokens[: n_windows * seq_len + 1], dtype=np.int64))
+    return span[:-1].view(n_windows, seq_len), span[1:].view(n_windows, seq_len)
+
+
+@torch.no_grad()
+def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray], *, seq_len: int | None = None,
+                    max_tokens: int | None = 50_000, batch_size: int = 8, progress: bool = True) -> EvalReport:
+    """Perplexity and routing statistics of `model` on each domain's token stream."""
+    cfg = model.config
+    seq_len = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_moe_layers = len(model.routers())
+    k_slots = cfg.k_max if cfg.router != "topk" else cfg.top_k
+    total = _Accumulator(n_moe_layers, k_slots)
+    reports = []
+    for domain, tokens in tokens_by_domain.items():
+        x_all, y_all = windows(tokens, seq_len, max_tokens)
+        acc = _Accumulator(n_moe_layers, k_slots)
+        for start in tqdm(range(0, len(x_all), batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
+            x, y = x_all[start:start + batch_size].to(device), y_all[start:start + batch_size].to(device)
+            out = model(x)
+            token_losses = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            acc.add(token_losses, [r.k_T for r in out.routings])
+        reports.append(acc.report(domain, n_moe_layers > 0))
+        total.merge(acc)
+    model.train(was_training)
+    return EvalReport(reports, total.report("all", n_moe_layers > 0))
+
+
+def split_tokens_by_domain(data_dir: Path, split: str = "test") -> dict[str, np.ndarray]:
+    """Each domain's tokens from a built corpus split."""
+    from dynamoe.data import TokenDataset
+
+    dataset = TokenDataset(Path(data_dir), split)
+    return {domain: dataset.domain_tokens(domain) for domain in dataset.domains}
+
+
+def user_tokens_by_domain(path: Path, tokenizer) -> dict[str, np.ndarray]:
+    """Tokenize the user's files (txt, folders, JSONL) with the checkpoint's tokenizer, grouped by domain."""
+    from dynamoe.data import eos_id, user_documents
+
+    eos = eos_id(tokenizer)
+    grouped: dict[str, list[int]] = {}
+    for document in user_documents(Path(path)):
+        grouped.setdefault(document.domain, []).extend(tokenizer.encode(document.text).ids + [eos])
+    return {domain: np.asarray(ids, dtype=np.int64) for domain, ids in grouped.items()}
+
+
+def format_report(report: EvalReport, title: str = "") -> str:
+    """A readable table: one row per domain, then the k histogram."""
+    has_k = report.total.mean_k is not None
+    lines = [title] if title else []
+    header = f"{'domain':<10} {'tokens':>8} {'loss':>7} {'ppl':>9}" + (f" {'mean k':>7}  k per layer" if has_k else "")
+    lines += [header, "-" * len(header)]
+    for row in [*report.domains, report.total]:
+        line = f"{row.domain:<10} {row.tokens:>8} {row.loss:>7.4f} {row.perplexity:>9.2f}"
+        if has_k:
+            line += f" {row.mean_k:>7.2f}  " + " ".join(f"{k:.2f}" for k in row.mean_k_per_layer)
+        lines.append(line)
+    if has_k:
+        shares = report.k_shares()
+        lines.append("k histogram (share of token-layer decisions): " +
+                     "  ".join(f"k={k}: {share:.1%}" for k, share in enumerate(shares) if share > 0))
+    return "\n".join(lines)

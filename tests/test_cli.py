@@ -1,0 +1,87 @@
+"""The command line: bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dynamoe.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("\r")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dynamoe: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_checkpoint(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "eval", tmp_path / "nowhere")
+    assert_one_line_error(code, err, "nowhere")
+
+
+def test_folder_that_is_not_a_checkpoint(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert_one_line_error(code, err)
+
+
+def test_unknown_preset(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", tiny_corpus, "--out", tmp_path / "run", "--preset", "gigantic")
+    assert_one_line_error(code, err, "gigantic")
+
+
+def test_target_k_outside_range(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", tiny_corpus, "--out", tmp_path / "run", "--preset", "tiny",
+                           "--target-k", "12")
+    assert_one_line_error(code, err, "target_k")
+
+
+def test_missing_corpus(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "nodata", "--out", tmp_path / "run", "--preset", "tiny")
+    assert_one_line_error(code, err, "data build")
+
+
+@pytest.mark.parametrize("content", [b"", b"caf\xe9 au lait\n"], ids=["empty", "not-utf8"])
+def test_bad_user_data_file(capsys, tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    code, _, err = run_cli(capsys, "data", "build", "--data", bad, "--out", tmp_path / "corpus", "--vocab-size", "300")
+    assert_one_line_error(code, err, "bad.txt")
+
+
+def test_train_eval_round_trip_through_the_cli(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", tiny_corpus, "--out", run, "--preset", "tiny", "--steps", "3",
+                           "--batch-size", "2", "--save-every", "3", "--eval-every", "3", "--warmup-steps", "1")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", run, "--corpus", tiny_corpus, "--max-tokens", "256", "--json")
+    assert code == 0, err
+    import json
+
+    report = json.loads(out)
+    assert {d["domain"] for d in report["domains"]} == {"prose", "code", "math"}
+    assert report["total"]["mean_k"] > 0
+    # Training again into a folder that holds a run, without --resume, is refused rather than overwriting it.
+    code, _, err = run_cli(capsys, "train", "--data", tiny_corpus, "--out", run, "--preset", "tiny", "--steps", "3")
+    assert_one_line_error(code, err, "--resume")
+
+
+def test_config_weights_mismatch(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--data", tiny_corpus, "--out", run, "--preset", "tiny", "--steps", "1",
+                   "--batch-size", "1", "--save-every", "1", "--eval-every", "1", "--warmup-steps", "1")[0] == 0
+    checkpoint = next(run.glob("ckpt-*"))
+    config = checkpoint / "config.json"
+    config.write_text(config.read_text().replace('"dim": 64', '"dim": 128'))
+    code, _, err = run_cli(capsys, "eval", checkpoint, "--corpus", tiny_corpus)
+    assert_one_line_error(code, err)

@@ -1,0 +1,227 @@
+"""The training loop: learning, exact resumes (in process and after kill -9), NaN skips, the k controller."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dynamoe.train as train_module
+from dynamoe.checkpoint import load_model, load_trainer_state
+from dynamoe.config import tiny
+from dynamoe.errors import DynamoeError
+from dynamoe.model import Transformer
+from dynamoe.train import TrainConfig, lr_at, model_config_for_data, train
+
+
+def config(data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:
+    """Small and quiet: batch 8 of 64 tokens, every step logged, two val batches at the end."""
+    settings: dict[str, Any] = dict(data_dir=data_dir, out_dir=out_dir, steps=8, batch_size=8, warmup_steps=2,
+                                    save_every=2, log_every=1, eval_every=0, eval_batches=2, progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def read_log(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def same_steps(log: list[dict[str, Any]], reference: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
+    """Assert the records of matching steps agree exactly on keys."""
+    by_step = {record["step"]: record for record in reference}
+    for record in log:
+        for key in keys:
+            assert record[key] == by_step[record["step"]][key], (record["step"], key)
+
+
+EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "mean_k_per_layer", "tokens")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 uninterrupted steps: the reference the resumed runs must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny(), config(tiny_corpus, out, decay_steps=8))
+    return out
+
+
+def test_config_round_trip_and_validation(tmp_path: Path) -> None:
+    cfg = TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", steps=10, betas=(0.8, 0.9), min_lr=1e-4)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(DynamoeError, match="unknown train config field.*colour"):
+        TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    for bad, fragment in [(dict(steps=0), "steps=0"), (dict(min_lr=1.0), "min_lr=1.0"),
+                          (dict(device="toaster"), "device='toaster'"), (dict(betas=(0.9, 1.0)), "betas"),
+                          (dict(grad_clip=-1.0), "grad_clip")]:
+        with pytest.raises(DynamoeError, match=fragment):
+            TrainConfig(data_dir=tmp_path, **bad)
+
+
+def test_lr_schedule(tmp_path: Path) -> None:
+    cfg = TrainConfig(data_dir=tmp_path, steps=100, lr=1e-3, warmup_steps=10)
+    assert lr_at(1, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(step, cfg) for step in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    extended = TrainConfig(data_dir=tmp_path, steps=200, lr=1e-3, warmup_steps=10, decay_steps=100)
+    assert [lr_at(s, extended) for s in range(1, 101)] == [lr_at(s, cfg) for s in range(1, 101)]
+    assert lr_at(150, extended) == pytest.approx(1e-4)
+
+
+def test_training_lowers_the_loss(tiny_corpus: Path, tmp_path: Path) -> None:
+    summary = train(tiny(), config(tiny_corpus, tmp_path, steps=30, warmup_steps=5, save_every=100, eval_every=10))
+    log = read_log(tmp_path)
+    losses = [record["loss"] for record in log]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, losses
+    val = [record["val_loss"] for record in log if "val_loss" in record]
+    assert len(val) == 3 and val[-1] < val[0], val
+    assert summary.step == 30 and summary.nan_skips == 0
+    assert summary.val_loss == val[-1] and summary.train_loss == losses[-1]
+    assert summary.tokens_seen == 30 * 8 * 64 and summary.tokens_per_s > 0
+    assert summary.checkpoint == tmp_path / "ckpt-0000030" and (tmp_path / "tb").is_dir()
+    assert summary.mean_k is not None and 1 <= summary.mean_k <= 8 and len(summary.mean_k_per_layer) == 2
+    assert [record["step"] for record in log] == list(range(1, 31))
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    # The first half stops at step 4 on the 8-step schedule (decay_steps), as a kill at step 4 would.
+    train(tiny(), config(tiny_corpus, tmp_path, steps=4, decay_steps=8))
+    summary = train(tiny(), config(tiny_corpus, tmp_path, decay_steps=8), resume=True)
+    log, reference = read_log(tmp_path), read_log(straight_run)
+    assert [record["step"] for record in log] == list(range(1, 9))
+    same_steps(log, reference, EXACT_KEYS)
+    assert summary.step == 8 and summary.tokens_seen == 8 * 8 * 64
+    resumed, expected = load_file(summary.checkpoint / "model.safetensors"), load_file(straight_run / "ckpt-0000008" / "model.safetensors")
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+KILLED_RUN = """
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from dynamoe.config import tiny
+from dynamoe.data import TokenDataset
+from dynamoe.train import TrainConfig, train
+
+batch = TokenDataset.batch
+def slow_batch(self, *args):  # time to kill it mid-run; the batches themselves are unchanged
+    time.sleep(0.25)
+    return batch(self, *args)
+TokenDataset.batch = slow_batch
+train(tiny(), TrainConfig.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+def test_resume_after_kill_9(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    cfg = config(tiny_corpus, tmp_path, decay_steps=8)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(cfg.to_dict()), str(torch.get_num_threads())],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "latest").exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint appeared within 60 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_trainer_state(tmp_path)["step"]
+    assert killed_at < 8
+
+    train(tiny(), cfg, resume=True)
+    log, reference = read_log(tmp_path), read_log(straight_run)
+    assert [record["step"] for record in log] == list(range(1, 9))  # lines logged past the checkpoint were dropped
+    same_steps(log, reference, EXACT_KEYS)
+
+
+def test_nan_loss_skips_the_step(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = Transformer.forward
+    calls = 0
+
+    def poisoned_forward(self: Transformer, *args: Any) -> Any:
+        nonlocal calls
+        out = forward(self, *args)
+        if self.training:
+            calls += 1
+            if calls == 3:  # the loss of optimizer step 3
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned_forward)
+    summary = train(tiny(), config(tiny_corpus, tmp_path, steps=5, save_every=1, keep_checkpoints=5))
+    log = read_log(tmp_path)
+    assert [record["skipped"] for record in log] == [False, False, True, False, False]
+    assert log[2]["loss"] is None and log[2]["nan_skips"] == 1
+    assert all(math.isfinite(record["loss"]) for record in log if not record["skipped"])
+    assert summary.nan_skips == 1 and math.isfinite(summary.train_loss)
+
+    def weights(step: int) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / f"ckpt-{step:07d}" / "model.safetensors")
+
+    before, after, next_step = weights(2), weights(3), weights(4)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # k_penalty buffers included
+    assert not all(torch.equal(after[name], next_step[name]) for name in after)
+    states = [load_trainer_state(tmp_path / f"ckpt-{step:07d}") for step in (2, 3)]
+    assert states[0]["optimizer"]["state"][0]["step"] == states[1]["optimizer"]["state"][0]["step"] == 2
+    assert states[1]["nan_skips"] == 1
+
+
+def test_persistent_nans_stop_training(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = Transformer.forward
+
+    def always_nan(self: Transformer, *args: Any) -> Any:
+        out = forward(self, *args)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", always_nan)
+    monkeypatch.setattr(train_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    with pytest.raises(DynamoeError, match="3 steps in a row up to step 3 had a non-finite loss"):
+        train(tiny(), config(tiny_corpus, tmp_path, steps=10))
+    assert [record["skipped"] for record in read_log(tmp_path)] == [True, True, True]
+
+
+def test_refuses_to_overwrite_or_mix_runs(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    with pytest.raises(DynamoeError, match="already holds a checkpoint.*--resume.*--out"):
+        train(tiny(), config(tiny_corpus, straight_run))
+    with pytest.raises(DynamoeError, match="nothing to resume"):
+        train(tiny(), config(tiny_corpus, tmp_path), resume=True)
+    with pytest.raises(DynamoeError, match="trained with dim=64 but dim=32 was asked for"):
+        train(tiny(dim=32), config(tiny_corpus, straight_run, steps=9), resume=True)
+    with pytest.raises(DynamoeError, match="already at step 8 >= steps=8"):
+        train(tiny(), config(tiny_corpus, straight_run), resume=True)
+    assert load_model(straight_run)[1] == tiny()
+
+
+def test_vocab_must_match_data(tiny_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(DynamoeError, match="vocab_size=1000 but the tokenizer .* has 512 tokens"):
+        train(tiny(vocab_size=1000), config(tiny_corpus, tmp_path))
+    assert model_config_for_data(tiny(vocab_size=1000), tiny_corpus) == tiny()
+    with pytest.raises(DynamoeError, match="seq_len=128 exceeds the model's max_seq_len=64"):
+        train(tiny(), config(tiny_corpus, tmp_path, seq_len=128))
+
+
+@pytest.mark.parametrize("target_k", [2.0, 3.0])
+def test_controller_reaches_target_k(tiny_corpus: Path, tmp_path: Path, target_k: float) -> None:
+    summary = train(tiny(target_k=target_k), config(tiny_corpus, tmp_path, steps=150, warmup_steps=10,
+                                                    save_every=1000, eval_batches=0))
+    trajectory = [record["mean_k"] for record in read_log(tmp_path)]
+    last = sum(trajectory[-20:]) / 20
+    assert abs(last - target_k) <= 0.1 * target_k, \
+        f"mean k of the last 20 steps is {last:.2f}; every 10th step: {[round(k, 2) for k in trajectory[::10]]}"
+    assert summary.mean_k == pytest.approx(last)
