@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from dynamoe.config import ModelConfig
-from dynamoe.data.tokenizer import TOKENIZER_FILE
+from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
 
@@ -145,13 +145,9 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Transfor
 def load_tokenizer_for(path: Path) -> Tokenizer:
     """The tokenizer saved with a checkpoint (or with a run's latest checkpoint)."""
     ckpt = resolve_checkpoint(path)
-    file = ckpt / TOKENIZER_FILE
-    if not file.is_file():
+    if not (ckpt / TOKENIZER_FILE).is_file():
         raise DynamoeError(f"checkpoint {ckpt} has no {TOKENIZER_FILE}; copy the one from the training data folder into it")
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
-        raise DynamoeError(f"{file} is not a valid tokenizer ({e}); copy it again from the training data folder") from None
+    return load_tokenizer(ckpt / TOKENIZER_FILE)
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

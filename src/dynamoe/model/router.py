@@ -134,6 +134,10 @@ class DynamicRouter(TopPRouter):
         super().__init__(cfg)
         self.temperature_min, self.temperature_max = cfg.temperature_min, cfg.temperature_max
         self.temperature_head = nn.Linear(cfg.dim, 1)
+        # Adam moves every weight by about lr per step whatever the gradient's size, so a plain linear
+        # head would shift the temperature by ~lr * sqrt(dim) * |h| per step and k would swing between
+        # 1 and k_max. Scaling the head's input by 1/sqrt(dim) makes that shift ~lr * |h_i|.
+        self.temperature_input_scale = cfg.dim ** -0.5
         self.temperature_scale = 1.0  # inference-time dial: >1 flattens (more experts), <1 sharpens
 
     def reset_temperature_head(self) -> None:
@@ -142,7 +146,7 @@ class DynamicRouter(TopPRouter):
         nn.init.constant_(self.temperature_head.bias, math.log(math.expm1(1.0 - self.temperature_min)))
 
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor:
-        raw_T1 = self.temperature_head(h_TD)
+        raw_T1 = self.temperature_head(h_TD * self.temperature_input_scale)
         raw_T1 = raw_T1.to(torch.promote_types(raw_T1.dtype, torch.float32))
         temperature_T1 = (F.softplus(raw_T1) + self.temperature_min).clamp(max=self.temperature_max)
         return temperature_T1 * self.temperature_scale
