@@ -123,18 +123,19 @@ def test_relu_router_uses_experts_with_positive_gates() -> None:
     assert torch.equal(routing.k_T, positive)
 
 
-def test_controller_moves_penalty_toward_target_through_zero_and_stays_bounded() -> None:
-    router = build_router(tiny(router="dynamic", target_k=3.0, controller_rate=0.01, controller_limit=0.5))
-    router.update_controller(5.0)  # two experts too many
+def test_pi_controller_moves_penalty_toward_target_through_zero_and_stays_bounded() -> None:
+    router = build_router(tiny(router="dynamic", target_k=3.0, controller_kp=0.1, controller_ki=0.01, controller_limit=0.5))
+    router.update_controller(5.0)  # two experts too many: integral 0.02, plus 0.1 * 2
+    assert float(router.k_penalty) == pytest.approx(0.22)
+    router.update_controller(3.0)  # on target: only the integral remains
     assert float(router.k_penalty) == pytest.approx(0.02)
-    router.update_controller(2.0)  # one too few: the penalty falls, proportionally
-    assert float(router.k_penalty) == pytest.approx(0.01)
     for _ in range(10):
         router.update_controller(1.0)
     assert float(router.k_penalty) < 0  # too few experts: the penalty becomes a reward
     for _ in range(1000):
-        router.update_controller(8.0)  # an unreachable target must not wind the penalty up
-    assert float(router.k_penalty) == pytest.approx(0.5)
+        router.update_controller(8.0)  # an unreachable target must not wind the integral up
+    assert float(router.k_penalty_integral) == pytest.approx(0.5)
+    assert float(router.k_penalty) == pytest.approx(0.5 + 0.1 * 5)
 
 
 def test_static_router_has_no_controller() -> None:

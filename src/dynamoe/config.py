@@ -44,8 +44,10 @@ class ModelConfig:
     temperature_min: float = 0.05  # the learned temperature is softplus(.) + temperature_min ...
     temperature_max: float = 10.0  # ... clamped at temperature_max
     target_k: float | None = 3.0  # mean experts/token the controller aims at (None: no control)
-    controller_rate: float = 0.003  # k penalty change per step and per expert of error (mean_k - target_k)
-    controller_limit: float = 1.0  # the k penalty stays within [-limit, limit]
+    # PI controller of the k penalty, per expert of error (mean_k - target_k).
+    controller_kp: float = 0.03  # proportional gain: damps the oscillation an integral alone would cause
+    controller_ki: float = 0.003  # integral gain, per optimizer step
+    controller_limit: float = 1.0  # bound of the integral term
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
     z_loss_coef: float = 1e-3  # router z-loss
 
@@ -82,7 +84,7 @@ class ModelConfig:
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
-        need(self.controller_rate >= 0 and self.controller_limit >= 0, "controller_rate and controller_limit must be >= 0")
+        need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
                  f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "

@@ -46,10 +46,11 @@ class Router(nn.Module):
         self.threshold = cfg.threshold
         self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
         self.target_k = cfg.target_k if self.uses_controller else None
-        self.controller_rate, self.controller_limit = cfg.controller_rate, cfg.controller_limit
+        self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         # The penalty on the differentiable measure of k; a buffer so checkpoints carry it.
         self.register_buffer("k_penalty", torch.zeros(()))
+        self.register_buffer("k_penalty_integral", torch.zeros(()))
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost."""
@@ -80,14 +81,18 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_controller(self, mean_k: float) -> None:
-        """One integral step of the k penalty: up while too many experts run, down (through zero) while too few.
+        """One step of the PI controller on the k penalty: up while too many experts run, down while too few.
 
-        Bounded, so that a target the router cannot reach does not wind the penalty up without limit.
+        Under Adam the router moves at about the same speed whatever the penalty's size, so k responds
+        to the penalty like an integrator; an integral term alone then oscillates, and the proportional
+        term damps it. The integral is bounded, so an unreachable target cannot wind it up.
         """
         if self.target_k is None:
             return
-        step = self.controller_rate * (mean_k - self.target_k)
-        self.k_penalty.copy_((self.k_penalty + step).clamp(-self.controller_limit, self.controller_limit))
+        error = mean_k - self.target_k
+        limit = self.controller_limit
+        self.k_penalty_integral.copy_((self.k_penalty_integral + self.controller_ki * error).clamp(-limit, limit))
+        self.k_penalty.copy_(self.k_penalty_integral + self.controller_kp * error)
 
 
 class TopKRouter(Router):
