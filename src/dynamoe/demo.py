@@ -29,9 +29,9 @@ class DemoProfile:
     eval_tokens: int  # per domain
 
 
-FULL = DemoProfile("full", bytes_per_domain=1_500_000, vocab_size=8192, steps=240, batch_size=8, seq_len=256,
+FULL = DemoProfile("full", bytes_per_domain=1_500_000, vocab_size=8192, steps=300, batch_size=8, seq_len=256,
                    lr=3e-3, warmup_steps=30, eval_tokens=16_384)
-QUICK = DemoProfile("quick", bytes_per_domain=150_000, vocab_size=4096, steps=50, batch_size=4, seq_len=128,
+QUICK = DemoProfile("quick", bytes_per_domain=400_000, vocab_size=4096, steps=100, batch_size=4, seq_len=128,
                     lr=3e-3, warmup_steps=10, eval_tokens=2_048)
 TARGET_K = 3.0
 

@@ -74,14 +74,22 @@ class _Accumulator:
                             self.k_histogram.tolist() if has_routing else [])
 
 
-def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping (input, target) windows covering at most max_tokens predictions."""
-    usable = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
-    n_windows = max(usable // seq_len, 0)
-    if n_windows == 0:
-        raise DynamoeError(f"only {len(tokens)} tokens to evaluate; need at least {seq_len + 1} per domain")
-    span = torch.from_numpy(np.asarray(tokens[: n_windows * seq_len + 1], dtype=np.int64))
-    return span[:-1].view(n_windows, seq_len), span[1:].view(n_windows, seq_len)
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) batches of non-overlapping windows covering at most max_tokens predictions.
+
+    Full windows are batched; a shorter remainder gets a batch of its own, so short texts count too.
+    """
+    predictions = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
+    if predictions < 1:
+        raise DynamoeError(f"a domain has {len(tokens)} token(s); evaluation needs at least 2")
+    span = torch.from_numpy(np.asarray(tokens[: predictions + 1], dtype=np.int64))
+    n_full = predictions // seq_len
+    x_full = span[: n_full * seq_len].view(n_full, seq_len)
+    y_full = span[1: n_full * seq_len + 1].view(n_full, seq_len)
+    batches = [(x_full[i:i + batch_size], y_full[i:i + batch_size]) for i in range(0, n_full, batch_size)]
+    if predictions % seq_len:
+        batches.append((span[n_full * seq_len:-1][None], span[n_full * seq_len + 1:][None]))
+    return batches
 
 
 @torch.no_grad()
@@ -98,10 +106,9 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
     total = _Accumulator(n_moe_layers, k_slots)
     reports = []
     for domain, tokens in tokens_by_domain.items():
-        x_all, y_all = windows(tokens, seq_len, max_tokens)
         acc = _Accumulator(n_moe_layers, k_slots)
-        for start in tqdm(range(0, len(x_all), batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
-            x, y = x_all[start:start + batch_size].to(device), y_all[start:start + batch_size].to(device)
+        for x, y in tqdm(windows(tokens, seq_len, max_tokens, batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
+            x, y = x.to(device), y.to(device)
             out = model(x)
             token_losses = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none")
             acc.add(token_losses, [r.k_T for r in out.routings])
