@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dynamoe.config import ModelConfig, small
+from dynamoe.config import ModelConfig, preset
 from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
 
 
@@ -27,6 +27,7 @@ class DemoProfile:
     lr: float
     warmup_steps: int
     eval_tokens: int  # per domain
+    preset: str = "small"
 
 
 FULL = DemoProfile("full", bytes_per_domain=1_500_000, vocab_size=8192, steps=300, batch_size=8, seq_len=256,
@@ -40,13 +41,14 @@ def demo_models(profile: DemoProfile) -> dict[str, ModelConfig]:
     """Static top-k at k = target and the dynamic router aimed at the same mean k."""
     common = dict(vocab_size=profile.vocab_size, max_seq_len=profile.seq_len)
     return {
-        f"static top-{int(TARGET_K)}": small(router="topk", top_k=int(TARGET_K), **common),
-        f"dynamic (target k={TARGET_K:g})": small(router="dynamic", target_k=TARGET_K, **common),
+        f"static top-{int(TARGET_K)}": preset(profile.preset, router="topk", top_k=int(TARGET_K), **common),
+        f"dynamic (target k={TARGET_K:g})": preset(profile.preset, router="dynamic", target_k=TARGET_K, **common),
     }
 
 
 def train_or_reuse(name: str, model_cfg: ModelConfig, profile: DemoProfile, data_dir: Path, run_dir: Path) -> dict:
     """Train one demo model, resume it if it was interrupted, or reuse it if it is complete."""
+    from dynamoe.checkpoint import latest_checkpoint
     from dynamoe.train import TrainConfig, train
 
     summary_path = run_dir / "summary.json"
@@ -58,7 +60,7 @@ def train_or_reuse(name: str, model_cfg: ModelConfig, profile: DemoProfile, data
     train_cfg = TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
                             lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
                             eval_every=profile.steps, seed=0)
-    resume = (run_dir / "latest").exists()
+    resume = latest_checkpoint(run_dir) is not None
     print(f"[demo] {'resuming' if resume else 'training'} {name} ({profile.steps} steps of "
           f"{profile.batch_size}x{profile.seq_len} tokens)")
     result = train(model_cfg, train_cfg, resume=resume)
@@ -89,22 +91,23 @@ def k_variety(report: EvalReport, min_share: float = 0.05) -> list[int]:
     return [k for k, share in enumerate(report.k_shares()) if share >= min_share]
 
 
-def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root: Path = Path("data")) -> dict:
+def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root: Path = Path("data"),
+             profile: DemoProfile | None = None) -> dict:
     """Build the corpus, train both models (or reuse them), evaluate, print and save the comparison."""
     from dynamoe.data import build_corpus
 
-    profile = QUICK if quick else FULL
+    profile = profile or (QUICK if quick else FULL)
     started = time.perf_counter()
     data_dir = build_corpus(data_root / f"demo-{profile.name}", vocab_size=profile.vocab_size,
                             bytes_per_domain=profile.bytes_per_domain, seed=0)
+    from dynamoe.checkpoint import load_model
+
     tokens = split_tokens_by_domain(data_dir, "test")
     reports: dict[str, EvalReport] = {}
     summaries: dict[str, dict] = {}
     for name, model_cfg in demo_models(profile).items():
         run_dir = out_root / profile.name / name.split(" (")[0].replace(" ", "-")
         summaries[name] = train_or_reuse(name, model_cfg, profile, data_dir, run_dir)
-        from dynamoe.checkpoint import load_model
-
         model, _ = load_model(run_dir)
         reports[name] = evaluate_tokens(model, tokens, max_tokens=profile.eval_tokens)
     wall = time.perf_counter() - started

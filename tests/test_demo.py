@@ -1,0 +1,29 @@
+"""The main job, end to end on the tiny preset: trains both models, compares them, then reuses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynamoe.demo import DemoProfile, run_demo
+
+TINY = DemoProfile("tiny", bytes_per_domain=40_000, vocab_size=512, steps=4, batch_size=2, seq_len=32, lr=3e-3,
+                   warmup_steps=1, eval_tokens=64, preset="tiny")
+
+
+def test_demo_runs_end_to_end_and_reuses_trained_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = run_demo(out_root=tmp_path / "runs", data_root=tmp_path / "data", profile=TINY)
+    out = capsys.readouterr().out
+    assert set(results["models"]) == {"static top-3", "dynamic (target k=3)"}
+    static = results["models"]["static top-3"]["eval"]["total"]
+    dynamic = results["models"]["dynamic (target k=3)"]["eval"]["total"]
+    assert static["mean_k"] == 3.0 and 1.0 <= dynamic["mean_k"] <= 8.0
+    assert {"ppl prose", "ppl code", "ppl math", "mean k all", "train tokens/s"} <= {line[:22].strip() for line in out.splitlines()}
+    saved = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert saved["models"]["static top-3"]["eval"]["total"]["perplexity"] == pytest.approx(static["perplexity"])
+
+    again = run_demo(out_root=tmp_path / "runs", data_root=tmp_path / "data", profile=TINY)
+    assert capsys.readouterr().out.count("[demo] reusing") == 2
+    assert again["models"]["dynamic (target k=3)"]["eval"] == results["models"]["dynamic (target k=3)"]["eval"]
