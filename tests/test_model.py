@@ -8,7 +8,7 @@ import torch
 from dynamoe.config import ModelConfig, preset, tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import MoE, Transformer, reference_dispatch
-from dynamoe.model.dispatch import LocalDispatcher, sort_pairs_by_expert
+from dynamoe.model.dispatch import decode_dispatch, grouped_dispatch, sort_pairs_by_expert
 from dynamoe.model.layers import DenseFFN
 from dynamoe.model.router import DynamicRouter, build_router
 
@@ -59,15 +59,16 @@ def test_high_temperature_gives_many_experts_and_low_gives_few() -> None:
     assert sharp < 2.0 < 6.0 < flat
 
 
+@pytest.mark.parametrize("dispatch", [grouped_dispatch, decode_dispatch])
 @pytest.mark.parametrize("router_name", ROUTERS)
-def test_fast_dispatch_equals_per_token_reference(router_name: str) -> None:
+def test_fast_dispatch_equals_per_token_reference(router_name: str, dispatch) -> None:
     torch.manual_seed(1)
     moe = MoE(tiny(router=router_name)).double()  # float64, so only real differences show
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(37, moe.experts.dim, dtype=torch.float64, requires_grad=True)
     routing = moe.router(x)
-    fast = LocalDispatcher()(x, routing, moe.experts)
+    fast = dispatch(x, routing, moe.experts)
     slow = reference_dispatch(x, routing, moe.experts)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     params = [x, moe.experts.w_gate_up, moe.router.gate.weight]

@@ -33,24 +33,49 @@ def sort_pairs_by_expert(routing: Routing, n_experts: int) -> tuple[torch.Tensor
     return order_P // K, routing.weights_TK.flatten()[order_P], tokens_per_expert
 
 
+DECODE_MAX_TOKENS = 1  # up to this many tokens, the per-token decode path beats grouping by expert
+
+
+def decode_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    """Few tokens (decoding): loop over each token's selected experts only, on views of the stacked weights.
+
+    Expert ids and counts come to the host in one transfer; nothing is sorted or gathered.
+    """
+    host = torch.cat([routing.k_T[:, None], routing.experts_TK], dim=1).tolist()  # the one host sync
+    rows = []
+    for t, (k, *expert_ids) in enumerate(host):
+        y_1D = torch.zeros_like(x_TD[t:t + 1])
+        for j in range(k):
+            y_1D = y_1D + experts.forward_expert(expert_ids[j], x_TD[t:t + 1]) * routing.weights_TK[t, j]
+        rows.append(y_1D)
+    return torch.cat(rows)
+
+
+def grouped_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    """Many tokens (training, prefill): pairs sorted by expert, one contiguous matmul chain per non-empty expert."""
+    token_P, weight_P, tokens_per_expert = sort_pairs_by_expert(routing, experts.n_experts)
+    # index_select, not x_TD[token_P]: its backward adds repeated rows in a fixed order, so
+    # training is bit-reproducible (and resumes exactly) on CPU.
+    x_PD = x_TD.index_select(0, token_P)
+    outputs = []
+    start = 0
+    for expert, count in enumerate(tokens_per_expert):
+        if count:
+            outputs.append(experts.forward_expert(expert, x_PD[start:start + count]))
+            start += count
+    if not outputs:
+        return torch.zeros_like(x_TD)
+    y_PD = torch.cat(outputs) * weight_P[:, None]
+    return torch.zeros_like(x_TD).index_add_(0, token_P, y_PD)
+
+
 class LocalDispatcher:
-    """Runs only the selected pairs: one contiguous matmul chain per non-empty expert."""
+    """Runs only the selected pairs, by the path that suits the number of tokens."""
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-        token_P, weight_P, tokens_per_expert = sort_pairs_by_expert(routing, experts.n_experts)
-        # index_select, not x_TD[token_P]: its backward adds repeated rows in a fixed order, so
-        # training is bit-reproducible (and resumes exactly) on CPU.
-        x_PD = x_TD.index_select(0, token_P)
-        outputs = []
-        start = 0
-        for expert, count in enumerate(tokens_per_expert):
-            if count:
-                outputs.append(experts.forward_expert(expert, x_PD[start:start + count]))
-                start += count
-        if not outputs:
-            return torch.zeros_like(x_TD)
-        y_PD = torch.cat(outputs) * weight_P[:, None]
-        return torch.zeros_like(x_TD).index_add_(0, token_P, y_PD)
+        if x_TD.shape[0] <= DECODE_MAX_TOKENS:
+            return decode_dispatch(x_TD, routing, experts)
+        return grouped_dispatch(x_TD, routing, experts)
 
 
 def reference_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
