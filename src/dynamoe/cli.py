@@ -62,6 +62,43 @@ def evaluate(checkpoint: Path, data: Path | None = None, corpus: Path = DEFAULT_
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, title=str(checkpoint)))
 
 
+def generate(checkpoint: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+             top_k: int = 0, seed: int = 0, stop: list[str] | None = None, show_experts: bool = False,
+             color: str = "auto", device: str = "cpu") -> None:
+    """Continue a prompt with a checkpoint, printing the text as it is decoded."""
+    import os
+    import time
+
+    from dynamoe.checkpoint import load_model, load_tokenizer_for
+    from dynamoe.data.tokenizer import eos_id
+    from dynamoe.generate import SamplingConfig, experts_legend, paint, stream
+
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
+    model, cfg = load_model(checkpoint, device=device)
+    tokenizer = load_tokenizer_for(checkpoint)
+    if show_experts and not model.routers():
+        raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
+    events = stream(model, tokenizer.encode(prompt).ids, max_new_tokens, sampling, stop_ids={eos_id(tokenizer)},
+                    stop=stop or (), decode=tokenizer.decode)
+    colour = show_experts and (color == "always" or (color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    experts: list[float] = []
+    tokens, finish, started = 0, "length", time.perf_counter()
+    for event in events:
+        # Flushed per token: the point of streaming is to see each token as soon as it exists.
+        sys.stdout.write(paint(event.text, event.experts) if colour and event.experts is not None else event.text)
+        sys.stdout.flush()
+        tokens += 1
+        experts += [] if event.experts is None else [event.experts]
+        finish = event.finish_reason or finish
+    elapsed = time.perf_counter() - started
+    print()
+    if show_experts:
+        print(experts_legend(experts, cfg.k_max, colour))
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; finished: {finish}]", file=sys.stderr)
+
+
 def demo(quick: bool = False, out: Path = Path("runs/demo"), data_root: Path = Path("data")) -> None:
     """The main job: build the corpus, train static top-k and dynamic models, compare them side by side."""
     from dynamoe.demo import run_demo
@@ -117,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=50_000, help="per domain")
     ev.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
     ev.add_argument("--device", default="cpu")
+
+    gen = command("generate", generate, "continue a prompt, streaming the text")
+    gen.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 keeps every token")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens; 0 keeps all")
+    gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    gen.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="end when the text contains STR (not shown)")
+    gen.add_argument("--show-experts", action="store_true", help="colour each token by the experts it used")
+    gen.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour of --show-experts; auto: on a terminal")
+    gen.add_argument("--device", default="cpu")
 
     dm = command("demo", demo, "the main job: static top-k against dynamic, side by side")
     dm.add_argument("--quick", action="store_true", help="a smaller run in about 3 minutes")

@@ -52,10 +52,12 @@ class KVCache(nn.Module):
         self.register_buffer("k_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos_T: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new positions and return the whole cache."""
-        self.k_BHSd[:, :, input_pos_T] = k_BHTd
-        self.v_BHSd[:, :, input_pos_T] = v_BHTd
+    def update(self, input_pos_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's new positions and return the whole cache."""
+        rows_B1 = torch.arange(k_BHTd.shape[0], device=k_BHTd.device)[:, None]
+        # Rows and positions indexed together come first, so the new entries go in as (B, T, H, d).
+        self.k_BHSd[rows_B1, :, input_pos_BT] = k_BHTd.transpose(1, 2)
+        self.v_BHSd[rows_B1, :, input_pos_BT] = v_BHTd.transpose(1, 2)
         return self.k_BHSd, self.v_BHSd
 
 
@@ -72,19 +74,19 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
-                input_pos_T: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_Td, sin_Td), apply_rope(k, cos_Td, sin_Td)
-        if self.kv_cache is None or input_pos_T is None:
+        if self.kv_cache is None or input_pos_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            k, v = self.kv_cache.update(input_pos_T, k, v)
-            # A query at position p sees every cached key at position <= p.
-            mask_TS = torch.arange(k.shape[2], device=x_BTD.device)[None, :] <= input_pos_T[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, enable_gqa=self.n_kv_heads != self.n_heads)
+            k, v = self.kv_cache.update(input_pos_BT, k, v)
+            # A query at position p sees every cached key of its own row at position <= p.
+            mask_B1TS = (torch.arange(k.shape[2], device=x_BTD.device) <= input_pos_BT[..., None])[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -39,8 +39,8 @@ class Block(nn.Module):
         self.ffn: MoE | DenseFFN = MoE(cfg) if cfg.ffn == "moe" else DenseFFN(cfg.dim, cfg.dense_hidden)
 
     def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
-                input_pos_T: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_T)
+                input_pos_BT: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_BT)
         if isinstance(self.ffn, MoE):
             y_BTD, routing = self.ffn(self.ffn_norm(x_BTD))
             return x_BTD + y_BTD, routing
@@ -97,17 +97,22 @@ class Transformer(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 input_pos_T: torch.Tensor | None = None) -> ModelOutput:
-        T = idx_BT.shape[1]
+        """input_pos_T: positions of this call's tokens, (T,) shared by every row or (B, T) one row each."""
+        B, T = idx_BT.shape
+        input_pos_BT = None
         if input_pos_T is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
             cos_Td, sin_Td = self.rope_cos[:T], self.rope_sin[:T]
         else:
-            cos_Td, sin_Td = self.rope_cos[input_pos_T], self.rope_sin[input_pos_T]
+            # Rows at their own positions let prompts of different lengths decode as one batch.
+            input_pos_BT = input_pos_T.expand(B, T)
+            # (B, 1, T, d): broadcasts over heads as the shared (T, d) tables do.
+            cos_Td, sin_Td = self.rope_cos[input_pos_BT][:, None], self.rope_sin[input_pos_BT][:, None]
         x_BTD = self.tok_embeddings(idx_BT)
         routings: list[Routing] = []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_T)
+            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_BT)
             if routing is not None:
                 routings.append(routing)
         logits_BTV = self.output(self.norm(x_BTD))
