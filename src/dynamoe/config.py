@@ -72,7 +72,10 @@ class ModelConfig:
             if not ok:
                 raise DynamoeError(f"invalid model config: {message}")
 
-        need(self.vocab_size > 0 and self.dim > 0 and self.n_layers > 0, "vocab_size, dim and n_layers must be positive")
+        need(min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len, self.expert_dim) >= 1,
+             "vocab_size, dim, n_layers, n_heads, max_seq_len and expert_dim must be positive")
+        need(self.kv_heads >= 1 and self.norm_eps > 0 and self.rope_theta > 0, "n_kv_heads, norm_eps and rope_theta must be positive")
+        need(self.dense_dim is None or self.dense_dim >= 1, f"dense_dim={self.dense_dim} must be positive")
         need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         need(self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
@@ -91,7 +94,7 @@ class ModelConfig:
                  "choose a target between them")
             if self.router in ("dynamic", "topp"):
                 reachable = min(self.k_max, math.ceil(self.threshold * self.n_experts - 1e-9))
-                need(self.target_k < reachable or self.target_k == self.k_min,
+                need(self.target_k < reachable or self.target_k == self.k_min or self.threshold >= 1.0,
                      f"target_k={self.target_k} cannot be reached: threshold {self.threshold} over {self.n_experts} "
                      f"experts selects at most {reachable} (only for a perfectly flat softmax); raise threshold or lower target_k")
 

@@ -16,6 +16,12 @@ class Experts(nn.Module):
         self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal init; Transformer.reset_parameters rescales the output projections by depth."""
+        nn.init.normal_(self.w_gate_up, std=std)
+        nn.init.normal_(self.w_down, std=std)
 
     def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Run one expert on the rows routed to it."""

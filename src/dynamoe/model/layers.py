@@ -103,6 +103,12 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal init; Transformer.reset_parameters rescales the output projection by depth."""
+        nn.init.normal_(self.w_gate_up, std=std)
+        nn.init.normal_(self.w_down, std=std)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return swiglu(x_BTD, self.w_gate_up, self.w_down)

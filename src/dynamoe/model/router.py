@@ -35,6 +35,9 @@ class Routing:
         return slots[None, :] < self.k_T[:, None]
 
 
+Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 class Router(nn.Module):
     """Shared machinery: the gate, balance and z losses, and the compute controller."""
 
@@ -45,14 +48,15 @@ class Router(nn.Module):
         self.n_experts, self.k_min, self.k_max = cfg.n_experts, cfg.k_min, cfg.k_max
         self.threshold = cfg.threshold
         self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
-        self.target_k = cfg.target_k if self.uses_controller else None
-        self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
-        # The penalty on the differentiable measure of k; a buffer so checkpoints carry it.
-        self.register_buffer("k_penalty", torch.zeros(()))
-        self.register_buffer("k_penalty_integral", torch.zeros(()))
+        self.target_k = cfg.target_k if self.uses_controller else None
+        if self.target_k is not None:
+            self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit
+            # The penalty on the differentiable measure of k; buffers, so checkpoints carry the controller.
+            self.register_buffer("k_penalty", torch.zeros(()))
+            self.register_buffer("k_penalty_integral", torch.zeros(()))
 
-    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost."""
         raise NotImplementedError
 
@@ -61,21 +65,30 @@ class Router(nn.Module):
         # At least fp32: the softmax and the cumulative sums decide k and are precision-sensitive.
         logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
         experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE)
-        mask_TK = torch.arange(experts_TK.shape[1], device=h_TD.device)[None, :] < k_T[:, None]
-        balance = self.balance_loss(experts_TK, mask_TK, probs_TE)
+        routing = Routing(experts_TK, weights_TK.type_as(h_TD), k_T, torch.zeros((), device=h_TD.device),
+                          {"mean_k": k_T.float().mean().detach()})
+        if torch.is_grad_enabled():  # the auxiliary losses only matter for training; inference skips their cost
+            routing.aux_loss = self.aux_loss(routing, logits_TE, probs_TE, cost_T)
+        return routing
+
+    def aux_loss(self, routing: Routing, logits_TE: torch.Tensor, probs_TE: torch.Tensor, cost_T: torch.Tensor | None) -> torch.Tensor:
+        """Balance loss + z-loss + the controller's penalty on the soft cost; records each in routing.stats."""
+        balance = self.balance_loss(routing, probs_TE)
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        routing.stats.update(balance_loss=balance.detach(), z_loss=z_loss.detach())
         aux = self.balance_coef * balance + self.z_loss_coef * z_loss
-        stats = {"mean_k": k_T.float().mean().detach(), "balance_loss": balance.detach(), "z_loss": z_loss.detach()}
         if cost_T is not None:
             cost = cost_T.mean()
-            stats["soft_k"] = cost.detach()
+            routing.stats["soft_k"] = cost.detach()
             if self.target_k is not None:
                 aux = aux + self.k_penalty * cost
-        return Routing(experts_TK, weights_TK.type_as(h_TD), k_T, aux, stats)
+        return aux
 
-    def balance_loss(self, experts_TK: torch.Tensor, mask_TK: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    def balance_loss(self, routing: Routing, probs_TE: torch.Tensor) -> torch.Tensor:
         """Switch-style loss over the selected pairs, so it stays meaningful when k varies per token."""
-        counts_E = torch.bincount(experts_TK[mask_TK], minlength=self.n_experts).to(probs_TE.dtype)
+        # scatter_add_ on the mask rather than bincount of the selected ids: no host synchronisation.
+        counts_E = torch.zeros(self.n_experts, device=probs_TE.device, dtype=probs_TE.dtype).scatter_add_(
+            0, routing.experts_TK.flatten(), routing.mask_TK.flatten().to(probs_TE.dtype))
         share_E = counts_E / counts_E.sum().clamp(min=1.0)
         return self.n_experts * (share_E * probs_TE.mean(0)).sum()
 
@@ -104,7 +117,7 @@ class TopKRouter(Router):
         super().__init__(cfg)
         self.top_k = cfg.top_k
 
-    def select(self, h_TD, logits_TE):
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
@@ -119,7 +132,7 @@ class TopPRouter(Router):
         """Softmax temperature per token; fixed at 1 here."""
         return 1.0
 
-    def select(self, h_TD, logits_TE):
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = (logits_TE / self.temperature(h_TD)).softmax(dim=-1)
         sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
         # An expert is needed while the mass before it is still below the threshold.
@@ -163,7 +176,7 @@ class ReLURouter(Router):
     A token whose gates are all zero uses no expert (k = 0), as in ReMoE; k_min does not apply.
     """
 
-    def select(self, h_TD, logits_TE):
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         gates_TE = F.relu(logits_TE)
         weights_TK, experts_TK = gates_TE.topk(self.k_max, dim=-1)
         k_T = (weights_TK > 0).sum(-1)
