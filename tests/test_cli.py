@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,6 @@ def test_train_eval_round_trip_through_the_cli(capsys, tiny_corpus: Path, tmp_pa
     assert code == 0, err
     code, out, err = run_cli(capsys, "eval", run, "--corpus", tiny_corpus, "--max-tokens", "256", "--json")
     assert code == 0, err
-    import json
-
     report = json.loads(out)
     assert {d["domain"] for d in report["domains"]} == {"prose", "code", "math"}
     assert report["total"]["mean_k"] > 0
@@ -85,3 +84,39 @@ def test_config_weights_mismatch(capsys, tiny_corpus: Path, tmp_path: Path) -> N
     config.write_text(config.read_text().replace('"dim": 64', '"dim": 128'))
     code, _, err = run_cli(capsys, "eval", checkpoint, "--corpus", tiny_corpus)
     assert_one_line_error(code, err)
+
+
+def test_parser_defaults_come_from_the_signatures_and_train_config() -> None:
+    import dataclasses
+
+    from dynamoe.cli import build_parser
+    from dynamoe.train import TrainConfig
+
+    args = build_parser().parse_args(["train"])
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in vars(args) and field.default is not dataclasses.MISSING:
+            assert getattr(args, field.name) == field.default, field.name
+    args = build_parser().parse_args(["eval", "ckpt", "--json", "--max-tokens", "7"])
+    assert args.as_json is True and args.max_tokens == 7 and args.checkpoint == Path("ckpt")
+    args = build_parser().parse_args(["generate", "ckpt", "--prompt", "hi", "--stop", "a", "b", "--stop", "c"])
+    assert args.stop == ["a", "b", "c"]
+
+
+def test_model_overrides_are_typed() -> None:
+    from dynamoe.cli import parse_model_overrides
+    from dynamoe.errors import DynamoeError
+
+    assert parse_model_overrides(["n_experts=4", "threshold=0.6", "tie_embeddings=true", "target_k=none"]) == {
+        "n_experts": 4, "threshold": 0.6, "tie_embeddings": True, "target_k": None}
+    for bad, fragment in [("n_experts=four", "not a valid int"), ("width=3", "KEY one of"), ("router=magic", "choose one of")]:
+        with pytest.raises(DynamoeError, match=fragment):
+            parse_model_overrides([bad])
+
+
+def test_train_with_model_overrides(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", tiny_corpus, "--out", tmp_path / "run", "--preset", "tiny",
+                           "--model", "n_experts=4", "k_max=4", "--target-k", "1.5", "--steps", "1", "--batch-size", "1",
+                           "--no-progress", "--eval-batches", "0", "--warmup-steps", "1")
+    assert code == 0, err
+    config = json.loads((next((tmp_path / "run").glob("ckpt-*")) / "config.json").read_text())
+    assert config["n_experts"] == 4 and config["k_max"] == 4 and config["target_k"] == 1.5

@@ -1,21 +1,44 @@
-"""Command-line interface: one typed function per subcommand; bad input ends in a one-line error."""
+"""Command-line interface: one typed function per subcommand, and the parser is built from their signatures.
+
+Each parameter's annotation is `Annotated[type, "help"]` (plus an optional "--flag" when the flag name
+differs from the parameter's); defaults come from the signature, so nothing is written twice. Bad input
+ends in a one-line error and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import os
 import sys
+import time
+import types
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
+from dynamoe.config import PRESETS, ROUTERS, ModelConfig
 from dynamoe.errors import DynamoeError
+from dynamoe.train import TrainConfig
 
 DEFAULT_DATA = Path("data/corpus")
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
+Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
 
 
-def data_build(out: Path = DEFAULT_DATA, data: Path | None = None, vocab_size: int = 8192,
-               bytes_per_domain: int = 3_000_000, seed: int = 0, force: bool = False) -> None:
-    """Build the tokenizer and token shards: the built-in corpus, or the user's files with --data."""
+def data_build(
+    out: Annotated[Path, "output folder"] = DEFAULT_DATA,
+    data: Annotated[Path | None, "your own .txt file, folder, or .jsonl (text, optional domain) instead of the built-in corpus"] = None,
+    vocab_size: Annotated[int, "BPE vocabulary size"] = 8192,
+    bytes_per_domain: Annotated[int, "cap on each built-in domain"] = 3_000_000,
+    seed: Annotated[int, "seed of the splits and the math generator"] = 0,
+    force: Annotated[bool, "rebuild even if a build with the same arguments exists"] = False,
+) -> None:
+    """Build the tokenizer and token shards: the built-in corpus (prose, code, math), or your files."""
     from dynamoe.data import build_corpus
 
     path = build_corpus(out, data=data, vocab_size=vocab_size, bytes_per_domain=bytes_per_domain, seed=seed, force=force)
@@ -23,37 +46,69 @@ def data_build(out: Path = DEFAULT_DATA, data: Path | None = None, vocab_size: i
     print(f"corpus ready at {path} (domains: {', '.join(meta['domains'])}; vocabulary {meta['vocab_size']})")
 
 
-def train(data: Path = DEFAULT_DATA, out: Path = Path("runs/model"), preset: str = "small", router: str = "dynamic",
-          target_k: float | None = None, top_k: int | None = None, ffn: str = "moe", steps: int = 500,
-          batch_size: int = 8, grad_accum: int = 1, seq_len: int | None = None, lr: float = 3e-3,
-          warmup_steps: int = 50, seed: int = 0, save_every: int = 100, eval_every: int = 100,
-          device: str = "auto", resume: bool = False) -> None:
+def train(
+    data: Annotated[Path, "built corpus folder"] = DEFAULT_DATA,
+    out: Annotated[Path, "run folder for checkpoints and logs"] = Path("runs/model"),
+    preset: Annotated[str, f"model size: {', '.join(PRESETS)}"] = "small",
+    router: Annotated[Literal["topk", "dynamic", "topp", "relu"], "routing rule"] = "dynamic",
+    ffn: Annotated[Literal["moe", "dense"], "dense: the baseline with top-k's active size"] = "moe",
+    target_k: Annotated[float | None, "mean experts/token the controller aims at (preset default: 3)"] = None,
+    top_k: Annotated[int | None, "experts per token of the static router (preset default: 2)"] = None,
+    seq_len: Annotated[int | None, "context length (default: the preset's)"] = None,
+    model: Annotated[list[str] | None, "more model config fields as KEY=VALUE, e.g. n_experts=32 threshold=0.6"] = None,
+    steps: Annotated[int, "optimizer steps"] = TRAIN_DEFAULTS["steps"],
+    batch_size: Annotated[int, "sequences per micro-batch"] = TRAIN_DEFAULTS["batch_size"],
+    grad_accum: Annotated[int, "micro-batches per optimizer step"] = TRAIN_DEFAULTS["grad_accum"],
+    lr: Annotated[float, "peak learning rate"] = TRAIN_DEFAULTS["lr"],
+    min_lr: Annotated[float | None, "end of the cosine (default: lr / 10)"] = None,
+    warmup_steps: Annotated[int, "linear warm-up steps"] = TRAIN_DEFAULTS["warmup_steps"],
+    decay_steps: Annotated[int | None, "step where the cosine ends (default: --steps); fix it to extend a run"] = None,
+    weight_decay: Annotated[float, "AdamW weight decay on matrices"] = TRAIN_DEFAULTS["weight_decay"],
+    grad_clip: Annotated[float, "max gradient norm; 0 disables clipping"] = TRAIN_DEFAULTS["grad_clip"],
+    seed: Annotated[int, "seed of the initialisation and the batches"] = TRAIN_DEFAULTS["seed"],
+    save_every: Annotated[int, "checkpoint every N steps (and at the end)"] = TRAIN_DEFAULTS["save_every"],
+    log_every: Annotated[int, "log every N steps"] = TRAIN_DEFAULTS["log_every"],
+    eval_every: Annotated[int, "validation loss every N steps; 0: only at the end"] = TRAIN_DEFAULTS["eval_every"],
+    eval_batches: Annotated[int, "validation batches; 0: no validation"] = TRAIN_DEFAULTS["eval_batches"],
+    device: Device = "auto",
+    progress: Annotated[bool, "show a progress bar"] = True,
+    resume: Annotated[bool, "continue the run in --out from its latest checkpoint"] = False,
+) -> None:
     """Train a model on a built corpus; --resume continues exactly where the run in --out stopped."""
     from dynamoe import train as training
     from dynamoe.config import preset as make_preset
 
-    overrides: dict = {"router": router, "ffn": ffn}
-    if target_k is not None:
-        overrides["target_k"] = target_k
-    if top_k is not None:
-        overrides["top_k"] = top_k
-    if seq_len is not None:
-        overrides["max_seq_len"] = seq_len
+    overrides = {**parse_model_overrides(model or []), "router": router, "ffn": ffn}
+    for name, value in (("target_k", target_k), ("top_k", top_k), ("max_seq_len", seq_len)):
+        if value is not None:
+            overrides[name] = value
     model_cfg = training.model_config_for_data(make_preset(preset, **overrides), data)
-    train_cfg = training.TrainConfig(data_dir=data, out_dir=out, steps=steps, batch_size=batch_size,
-                                     grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                                     save_every=save_every, eval_every=eval_every, device=device)
+    train_cfg = TrainConfig(data_dir=data, out_dir=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                            lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                            weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, save_every=save_every,
+                            log_every=log_every, eval_every=eval_every, eval_batches=eval_batches, device=device,
+                            progress=progress)
     summary = training.train(model_cfg, train_cfg, resume=resume)
     print(f"trained {summary.step} steps; checkpoint {summary.checkpoint}")
 
 
-def evaluate(checkpoint: Path, data: Path | None = None, corpus: Path = DEFAULT_DATA, split: str = "test",
-             max_tokens: int = 50_000, as_json: bool = False, device: str = "cpu") -> None:
-    """Perplexity per domain and routing statistics of a checkpoint, on a corpus split or the user's files."""
+def evaluate(
+    checkpoint: Checkpoint,
+    data: Annotated[Path | None, "your own .txt file, folder or .jsonl to evaluate on"] = None,
+    corpus: Annotated[Path, "built corpus whose split to evaluate on"] = DEFAULT_DATA,
+    split: Annotated[Literal["train", "val", "test"], "corpus split"] = "test",
+    max_tokens: Annotated[int, "tokens per domain at most"] = 50_000,
+    as_json: Annotated[bool, "machine-readable output", "--json"] = False,
+    device: Device = "auto",
+) -> None:
+    """Perplexity per domain, experts/token per layer and domain, and the histogram of k."""
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.evaluate import evaluate_tokens, format_report, split_tokens_by_domain, user_tokens_by_domain
+    from dynamoe.train import resolve_device
 
-    model, _ = load_model(checkpoint, device=device)
+    if max_tokens < 1:
+        raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
+    model, _ = load_model(checkpoint, device=resolve_device(device))
     if data is not None:
         tokens = user_tokens_by_domain(data, load_tokenizer_for(checkpoint))
     else:
@@ -62,19 +117,27 @@ def evaluate(checkpoint: Path, data: Path | None = None, corpus: Path = DEFAULT_
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, title=str(checkpoint)))
 
 
-def generate(checkpoint: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
-             top_k: int = 0, seed: int = 0, stop: list[str] | None = None, show_experts: bool = False,
-             color: str = "auto", device: str = "cpu") -> None:
+def generate(
+    checkpoint: Checkpoint,
+    prompt: Annotated[str, "the text to continue"],
+    max_new_tokens: Annotated[int, "tokens to generate at most"] = 128,
+    temperature: Annotated[float, "0: greedy"] = 0.8,
+    top_p: Annotated[float, "nucleus sampling mass; 1 keeps every token"] = 0.95,
+    top_k: Annotated[int, "sample among the k most probable tokens; 0 keeps all"] = 0,
+    seed: Annotated[int, "the same seed gives the same text"] = 0,
+    stop: Annotated[list[str] | None, "end when the text contains one of these (not shown)"] = None,
+    show_experts: Annotated[bool, "colour each token by the experts it used"] = False,
+    color: Annotated[Literal["auto", "always", "never"], "colour of --show-experts; auto: on a terminal"] = "auto",
+    device: Device = "auto",
+) -> None:
     """Continue a prompt with a checkpoint, printing the text as it is decoded."""
-    import os
-    import time
-
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.data.tokenizer import eos_id
     from dynamoe.generate import SamplingConfig, experts_legend, paint, stream
+    from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
-    model, cfg = load_model(checkpoint, device=device)
+    model, cfg = load_model(checkpoint, device=resolve_device(device))
     tokenizer = load_tokenizer_for(checkpoint)
     if show_experts and not model.routers():
         raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
@@ -99,79 +162,106 @@ def generate(checkpoint: Path, prompt: str, max_new_tokens: int = 128, temperatu
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; finished: {finish}]", file=sys.stderr)
 
 
-def demo(quick: bool = False, out: Path = Path("runs/demo"), data_root: Path = Path("data")) -> None:
+def demo(
+    quick: Annotated[bool, "the 3-minute profile: a smaller corpus and budget"] = False,
+    out: Annotated[Path, "where the runs and results go"] = Path("runs/demo"),
+    data_root: Annotated[Path, "where the corpus goes"] = Path("data"),
+) -> None:
     """The main job: build the corpus, train static top-k and dynamic models, compare them side by side."""
     from dynamoe.demo import run_demo
 
     run_demo(quick=quick, out_root=out, data_root=data_root)
 
 
+COMMANDS: dict[str, Callable[..., None]] = {
+    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "demo": demo,
+}
+
+
+def parse_model_overrides(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to ModelConfig fields, each value converted to its field's type."""
+    hints = typing.get_type_hints(ModelConfig)
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
+            raise DynamoeError(f"--model {item!r}: expected KEY=VALUE with KEY one of: {known}")
+        overrides[key] = _convert(text, hints[key], f"--model {key}")
+    return overrides
+
+
+def _convert(text: str, annotation: Any, where: str) -> Any:
+    """Parse text as a value of annotation (bool, int, float, str, Literal, or X | None)."""
+    if _is_union(annotation):  # X | None
+        if text.lower() == "none":
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    target = annotation
+    if typing.get_origin(target) is Literal:
+        if text not in typing.get_args(target):
+            raise DynamoeError(f"{where}={text!r}: choose one of {', '.join(typing.get_args(target))}")
+        return text
+    try:
+        if target is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        return target(text)
+    except ValueError:
+        raise DynamoeError(f"{where}={text!r} is not a valid {getattr(target, '__name__', target)}") from None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _add_parameter(parser: argparse.ArgumentParser, parameter: inspect.Parameter, annotation: Any) -> None:
+    """One argparse argument from one annotated parameter."""
+    base, *meta = typing.get_args(annotation) if typing.get_origin(annotation) is Annotated else (annotation,)
+    help_text = next((m for m in meta if not m.startswith("--")), None)
+    flag = next((m for m in meta if m.startswith("--")), "--" + parameter.name.replace("_", "-"))
+    if _is_union(base):  # X | None: the flag is optional, its type is X
+        base = next(a for a in typing.get_args(base) if a is not type(None))
+    if parameter.default is inspect.Parameter.empty and base is Path:
+        parser.add_argument(parameter.name, type=Path, help=help_text)
+        return
+    kwargs: dict[str, Any] = {"dest": parameter.name, "help": help_text}
+    if parameter.default is inspect.Parameter.empty:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = parameter.default
+        if parameter.default is not None and parameter.default is not False and help_text is not None:
+            kwargs["help"] = f"{help_text} (default: %(default)s)"
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction if parameter.default else "store_true"
+    elif typing.get_origin(base) is list:
+        kwargs.update(nargs="+", action="extend", type=typing.get_args(base)[0], metavar="VALUE")
+    elif typing.get_origin(base) is Literal:
+        kwargs["choices"] = typing.get_args(base)
+    else:
+        kwargs["type"] = base
+    parser.add_argument(flag, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subparser per command function."""
-    parser = argparse.ArgumentParser(prog="dynamoe", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, function: Callable, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=function.__doc__)
+    """The argument parser: one subparser per command function, arguments from its signature."""
+    parser = argparse.ArgumentParser(prog="dynamoe", description="Mixture-of-Experts LMs with dynamic routing.")
+    groups: dict[str, argparse._SubParsersAction] = {"": parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
+    for name, function in COMMANDS.items():
+        *parents, leaf = name.split()
+        prefix = ""
+        for parent in parents:  # nested commands such as `data build`
+            if parent not in groups:
+                sub = groups[prefix].add_parser(parent, help=f"{parent} commands")
+                groups[parent] = sub.add_subparsers(dest=f"{parent}_command", required=True, metavar="ACTION")
+            prefix = parent
+        summary = (function.__doc__ or "").splitlines()[0]
+        sub = groups[prefix].add_parser(leaf, help=summary, description=summary)
         sub.set_defaults(function=function)
-        return sub
-
-    data = commands.add_parser("data", help="corpus commands").add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    build = data.add_parser("build", help="build the tokenizer and token shards", description=data_build.__doc__)
-    build.set_defaults(function=data_build)
-    build.add_argument("--out", type=Path, default=DEFAULT_DATA, help="output folder (default: %(default)s)")
-    build.add_argument("--data", type=Path, help="your own .txt / folder / .jsonl instead of the built-in corpus")
-    build.add_argument("--vocab-size", type=int, default=8192)
-    build.add_argument("--bytes-per-domain", type=int, default=3_000_000, help="cap per built-in domain")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
-
-    tr = command("train", train, "train a model")
-    tr.add_argument("--data", type=Path, default=DEFAULT_DATA, help="built corpus folder (default: %(default)s)")
-    tr.add_argument("--out", type=Path, default=Path("runs/model"), help="run folder for checkpoints and logs")
-    tr.add_argument("--preset", default="small", help="tiny, small or base")
-    tr.add_argument("--router", default="dynamic", choices=["topk", "dynamic", "topp", "relu"])
-    tr.add_argument("--ffn", default="moe", choices=["moe", "dense"], help="dense: the baseline of top-k's active size")
-    tr.add_argument("--target-k", type=float, help="mean experts/token the controller aims at (default 3)")
-    tr.add_argument("--top-k", type=int, help="experts per token of the static router (default 2)")
-    tr.add_argument("--steps", type=int, default=500)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--seq-len", type=int, help="context length (default: the preset's)")
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--warmup-steps", type=int, default=50)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--save-every", type=int, default=100)
-    tr.add_argument("--eval-every", type=int, default=100)
-    tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-
-    ev = command("eval", evaluate, "evaluate a checkpoint")
-    ev.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
-    ev.add_argument("--data", type=Path, help="your own .txt / folder / .jsonl to evaluate on")
-    ev.add_argument("--corpus", type=Path, default=DEFAULT_DATA, help="built corpus whose split to use")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ev.add_argument("--max-tokens", type=int, default=50_000, help="per domain")
-    ev.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
-    ev.add_argument("--device", default="cpu")
-
-    gen = command("generate", generate, "continue a prompt, streaming the text")
-    gen.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
-    gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 keeps every token")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens; 0 keeps all")
-    gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
-    gen.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="end when the text contains STR (not shown)")
-    gen.add_argument("--show-experts", action="store_true", help="colour each token by the experts it used")
-    gen.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="colour of --show-experts; auto: on a terminal")
-    gen.add_argument("--device", default="cpu")
-
-    dm = command("demo", demo, "the main job: static top-k against dynamic, side by side")
-    dm.add_argument("--quick", action="store_true", help="a smaller run in about 3 minutes")
-    dm.add_argument("--out", type=Path, default=Path("runs/demo"))
-    dm.add_argument("--data-root", type=Path, default=Path("data"))
+        hints = typing.get_type_hints(function, include_extras=True)
+        for parameter in inspect.signature(function).parameters.values():
+            _add_parameter(sub, parameter, hints[parameter.name])
     return parser
 
 
@@ -179,10 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dynamoe` command."""
     args = vars(build_parser().parse_args(argv))
     function = args.pop("function")
-    for key in ("command", "data_command"):
-        args.pop(key, None)
+    parameters = inspect.signature(function).parameters
     try:
-        function(**args)
+        function(**{key: value for key, value in args.items() if key in parameters})
     except DynamoeError as error:
         print(f"dynamoe: error: {error}", file=sys.stderr)
         return 2
@@ -190,7 +279,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dynamoe: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
