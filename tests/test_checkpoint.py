@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynamoe.checkpoint import (latest_checkpoint, load_config, load_model, load_tokenizer_for, load_trainer_state,
-                                resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from dynamoe.checkpoint import (check_same_tokenizer, latest_checkpoint, load_config, load_model, load_tokenizer_for,
+                                load_train_config, load_trainer_state, resolve_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 from dynamoe.config import ModelConfig, tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
@@ -33,7 +34,8 @@ def test_round_trip_is_exact(tmp_path: Path, tiny_corpus: Path, cfg: ModelConfig
     torch.manual_seed(0)
     model = Transformer(cfg)
     for router in model.routers():  # buffers must travel too, not just parameters
-        router.k_penalty.fill_(0.123)
+        if router.target_k is not None:
+            router.k_penalty.fill_(0.123)
     state = {"step": 1, "optimizer": {}, "rng": rng_state()}
     ckpt = save_checkpoint(tmp_path, 1, model, state, {}, tiny_corpus / "tokenizer.json")
 
@@ -92,6 +94,35 @@ def test_tokenizer_travels_with_checkpoint(tmp_path: Path, tiny_corpus: Path) ->
     tokenizer = load_tokenizer_for(tmp_path)
     text = "To be, or not to be: 1 + 2 = 3"
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_tokenizer_identity_is_checked_against_a_corpus(tmp_path: Path, tiny_corpus: Path) -> None:
+    _save(tmp_path / "run", tiny_corpus, 1)
+    check_same_tokenizer(tmp_path / "run", tiny_corpus)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    tokenizer = json.loads((tiny_corpus / "tokenizer.json").read_text())
+    (corpus / "tokenizer.json").write_text(json.dumps(tokenizer, indent=4))  # same tokenizer, other formatting
+    check_same_tokenizer(tmp_path / "run", corpus)
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (corpus / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(DynamoeError, match=r"ckpt-0000001 was trained with a different tokenizer than corpus .*corpus; "
+                                           "evaluate on the corpus it was trained on"):
+        check_same_tokenizer(tmp_path / "run", corpus)
+    with pytest.raises(DynamoeError, match="no tokenizer at .*dynamoe data build"):
+        check_same_tokenizer(tmp_path / "run", tmp_path / "nowhere")
+
+
+def test_train_config_travels_with_checkpoint(tmp_path: Path, tiny_corpus: Path) -> None:
+    ckpt, _ = _save(tmp_path, tiny_corpus, 1)
+    assert load_train_config(tmp_path) == {"note": "test"}
+    (ckpt / "train_config.json").write_text("[1, 2")
+    with pytest.raises(DynamoeError, match="train_config.json is corrupt"):
+        load_train_config(ckpt)
+    (ckpt / "train_config.json").unlink()
+    with pytest.raises(DynamoeError, match="has no train_config.json"):
+        load_train_config(ckpt)
 
 
 def test_rng_state_survives_trainer_state(tmp_path: Path, tiny_corpus: Path) -> None:

@@ -27,3 +27,17 @@ def test_demo_runs_end_to_end_and_reuses_trained_models(tmp_path: Path, capsys: 
     again = run_demo(out_root=tmp_path / "runs", data_root=tmp_path / "data", profile=TINY)
     assert capsys.readouterr().out.count("[demo] reusing") == 2
     assert again["models"]["dynamic (target k=3)"]["eval"] == results["models"]["dynamic (target k=3)"]["eval"]
+    runs = tmp_path / "runs" / "tiny"
+    assert sorted(path.name for path in runs.iterdir() if path.is_dir()) == ["dynamic", "static"]
+    assert not list(runs.glob("*/*.tmp"))
+
+
+def test_demo_retrains_a_finished_run_whose_summary_is_corrupt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_demo(out_root=tmp_path / "runs", data_root=tmp_path / "data", profile=TINY)
+    summary = tmp_path / "runs" / "tiny" / "static" / "summary.json"
+    summary.write_text('{"step": 4, "model_con')  # cut short
+    capsys.readouterr()
+    run_demo(out_root=tmp_path / "runs", data_root=tmp_path / "data", profile=TINY)
+    out = capsys.readouterr().out
+    assert out.count("[demo] reusing") == 1 and "training it again from scratch" in out
+    assert json.loads(summary.read_text())["step"] == 4

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from dynamoe.config import tiny
+from dynamoe.data import build_corpus, load_tokenizer, user_documents
+from dynamoe.data.shards import index_path, token_dtype, tokens_path, write_split
 from dynamoe.errors import DynamoeError
-from dynamoe.evaluate import evaluate_tokens, format_report, windows
+from dynamoe.evaluate import evaluate_tokens, format_report, split_tokens_by_domain, user_tokens_by_domain, windows
 from dynamoe.model import Transformer
 
 
 @pytest.mark.parametrize("n_tokens, max_tokens", [(50, None), (33, None), (5, None), (200, 70)])
 def test_windows_predict_every_token_once(n_tokens: int, max_tokens: int | None) -> None:
     tokens = np.arange(n_tokens)
-    batches = windows(tokens, seq_len=16, max_tokens=max_tokens, batch_size=2)
+    batches = windows(tokens, seq_len=16, max_tokens=max_tokens, batch_size=2, domain="text")
     inputs = torch.cat([x.flatten() for x, _ in batches])
     targets = torch.cat([y.flatten() for _, y in batches])
     expected = min(n_tokens - 1, max_tokens or n_tokens)
@@ -27,8 +31,37 @@ def test_windows_predict_every_token_once(n_tokens: int, max_tokens: int | None)
 
 
 def test_windows_reject_a_domain_without_a_prediction() -> None:
-    with pytest.raises(DynamoeError, match="at least 2"):
-        windows(np.arange(1), seq_len=16, max_tokens=None, batch_size=2)
+    with pytest.raises(DynamoeError, match="domain 'poetry' has 1 token.*at least 2"):
+        windows(np.arange(1), seq_len=16, max_tokens=None, batch_size=2, domain="poetry")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_split_tokens_leave_out_domains_without_held_out_documents(tmp_path: Path) -> None:
+    records = [{"text": f"story {n}: once upon a time", "domain": "stories"} for n in range(6)]
+    records += [{"text": f"rare note {n}", "domain": "rare"} for n in range(2)]  # too few to hold any out
+    corpus = build_corpus(tmp_path / "corpus", data=_write_jsonl(tmp_path / "data.jsonl", records), vocab_size=300,
+                          progress=False)
+    assert list(split_tokens_by_domain(corpus, "test")) == ["stories"]
+    assert list(split_tokens_by_domain(corpus, "train")) == ["stories", "rare"]
+
+
+def test_user_tokens_are_the_tokens_a_build_stores(tiny_corpus: Path, tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": "To be, or not to be"}, {"text": "x = 1\n", "domain": "code"},
+                                                  {"text": "quoting <|endoftext|> in the middle"}])
+    tokenizer = load_tokenizer(tiny_corpus)
+    domains = ["user", "code"]
+    write_split(tmp_path, "test", user_documents(data), tokenizer, domains)
+    stored = np.fromfile(tokens_path(tmp_path, "test"), dtype=token_dtype(tokenizer.get_vocab_size()))
+    index = np.load(index_path(tmp_path, "test"))
+    tokens = user_tokens_by_domain(data, tokenizer)
+    assert list(tokens) == domains
+    for number, domain in enumerate(domains):
+        expected = np.concatenate([stored[start:start + length] for start, length, _ in index[index[:, 2] == number]])
+        assert np.array_equal(tokens[domain], expected)
 
 
 def test_report_matches_direct_loss_and_routing() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import dynamoe.train as train_module
-from dynamoe.checkpoint import load_model, load_trainer_state
+from dynamoe.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
@@ -59,11 +60,17 @@ def test_config_round_trip_and_validation(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(DynamoeError, match="unknown train config field.*colour"):
         TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    (tmp_path / "notes.txt").write_text("not a run folder")
     for bad, fragment in [(dict(steps=0), "steps=0"), (dict(min_lr=1.0), "min_lr=1.0"),
                           (dict(device="toaster"), "device='toaster'"), (dict(betas=(0.9, 1.0)), "betas"),
-                          (dict(grad_clip=-1.0), "grad_clip")]:
+                          (dict(grad_clip=-1.0), "grad_clip"), (dict(lr=math.inf), "lr=inf"),
+                          (dict(min_lr=math.nan), "min_lr=nan"), (dict(weight_decay=math.inf), "weight_decay=inf"),
+                          (dict(seed=-1), r"seed=-1 must be in \[0, 2\*\*32\)"), (dict(seed=2**32), "seed=4294967296"),
+                          (dict(out_dir=tmp_path / "notes.txt"), "notes.txt is a file"),
+                          (dict(out_dir=tmp_path / "notes.txt" / "run"), "notes.txt is a file")]:
         with pytest.raises(DynamoeError, match=fragment):
             TrainConfig(data_dir=tmp_path, **bad)
+    assert TrainConfig(data_dir=tmp_path, seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_lr_schedule(tmp_path: Path) -> None:
@@ -204,8 +211,95 @@ def test_refuses_to_overwrite_or_mix_runs(tiny_corpus: Path, tmp_path: Path, str
     with pytest.raises(DynamoeError, match="trained with dim=64 but dim=32 was asked for"):
         train(tiny(dim=32), config(tiny_corpus, straight_run, steps=9), resume=True)
     with pytest.raises(DynamoeError, match="already at step 8 >= steps=8"):
-        train(tiny(), config(tiny_corpus, straight_run), resume=True)
+        train(tiny(), config(tiny_corpus, straight_run, decay_steps=8), resume=True)
     assert load_model(straight_run)[1] == tiny()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(lr=1e-3), "trained with lr=0.003 but lr=0.001 was asked for"),
+    (dict(batch_size=4), "trained with batch_size=8 but batch_size=4"),
+    (dict(seed=1), "trained with seed=0 but seed=1"),
+    (dict(betas=(0.8, 0.95)), r"trained with betas=\[0.9, 0.95\] but betas=\[0.8, 0.95\]"),
+    (dict(decay_steps=None), "trained with decay_steps=8 but decay_steps=None"),
+])
+def test_resume_refuses_a_changed_trajectory(tiny_corpus: Path, straight_run: Path, change: dict[str, Any],
+                                             message: str) -> None:
+    with pytest.raises(DynamoeError, match=f"{message}.*same training settings"):
+        train(tiny(), config(tiny_corpus, straight_run, **{"steps": 9, "decay_steps": 8, **change}), resume=True)
+
+
+def test_resume_may_change_steps_and_bookkeeping(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    summary = train(tiny(), config(tiny_corpus, run, steps=9, decay_steps=8, save_every=5, log_every=3,
+                                   eval_every=1, eval_batches=1, keep_checkpoints=1), resume=True)
+    assert summary.step == 9 and summary.checkpoint == run / "ckpt-0000009"
+
+
+def test_resume_refuses_another_tokenizer(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    tokenizer = json.loads((corpus / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, different ids
+    (corpus / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(DynamoeError, match="different tokenizer than corpus .*corpus; resume with the corpus it was"):
+        train(tiny(), config(corpus, straight_run, steps=9, decay_steps=8), resume=True)
+
+
+@pytest.mark.parametrize(("max_seq_len", "seq_len", "split", "tokens"), [(8192, 7000, "val", 6094),
+                                                                         (65536, 60000, "train", 57620)])
+def test_every_split_read_must_hold_a_window(tiny_corpus: Path, tmp_path: Path, max_seq_len: int, seq_len: int,
+                                             split: str, tokens: int) -> None:
+    with pytest.raises(DynamoeError, match=f"the {split} split of .* has {tokens} tokens, fewer than seq_len \\+ 1 "
+                                           f"= {seq_len + 1}: use a smaller --seq-len"):
+        train(tiny(max_seq_len=max_seq_len), config(tiny_corpus, tmp_path, seq_len=seq_len))
+    assert list(tmp_path.iterdir()) == []  # failed before log.jsonl, tb/ or a checkpoint
+
+
+def test_last_step_is_saved_before_the_final_evaluation(tiny_corpus: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_eval(*args: Any) -> float:
+        raise RuntimeError("out of memory during evaluation")
+
+    monkeypatch.setattr(train_module, "evaluate_loss", failing_eval)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny(), config(tiny_corpus, tmp_path, steps=3, save_every=100))
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-0000003"
+
+
+def test_a_skipped_last_step_is_an_error(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = Transformer.forward
+    calls = 0
+
+    def poisoned_last_step(self: Transformer, *args: Any) -> Any:
+        nonlocal calls
+        out = forward(self, *args)
+        if self.training:
+            calls += 1
+            if calls == 3:  # the loss of optimizer step 3, the last
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned_last_step)
+    with pytest.raises(DynamoeError, match=r"last step \(3\) had a non-finite loss .* --resume from .*ckpt-0000003"):
+        train(tiny(), config(tiny_corpus, tmp_path, steps=3))
+
+
+def test_non_finite_weights_are_never_saved(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = train_module.train_step
+
+    def corrupting_step(model: Transformer, *args: Any) -> Any:
+        result = step(model, *args)
+        if args[3] == 4:  # optimizer step 4: an update that went to infinity without a non-finite loss
+            with torch.no_grad():
+                model.output.weight[0, 0] = math.inf
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", corrupting_step)
+    with pytest.raises(DynamoeError, match=r"weight output.weight is not finite after step 4.*--resume from .*ckpt-0000002"):
+        train(tiny(), config(tiny_corpus, tmp_path, steps=6))
+    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-0000002"
 
 
 def test_vocab_must_match_data(tiny_corpus: Path, tmp_path: Path) -> None:

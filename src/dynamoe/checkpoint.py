@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from dynamoe.config import ModelConfig
-from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_digest
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
 
@@ -144,10 +144,32 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Transfor
 
 def load_tokenizer_for(path: Path) -> Tokenizer:
     """The tokenizer saved with a checkpoint (or with a run's latest checkpoint)."""
+    return load_tokenizer(_tokenizer_file(path))
+
+
+def check_same_tokenizer(checkpoint: Path, data_dir: Path,
+                         fix: str = "evaluate on the corpus it was trained on, or on text files with --data") -> None:
+    """Raise a DynamoeError unless a checkpoint was trained with the tokenizer of the corpus in data_dir."""
+    file = _tokenizer_file(checkpoint)
+    # Token ids only mean the same text under the same tokenizer; a mix-up gives plausible but wrong numbers.
+    if tokenizer_digest(file) != tokenizer_digest(Path(data_dir)):
+        raise DynamoeError(f"checkpoint {file.parent} was trained with a different tokenizer than corpus {data_dir}; {fix}")
+
+
+def load_train_config(path: Path) -> dict[str, Any]:
+    """The training settings saved with a checkpoint (or with a run's latest checkpoint), as a dict."""
     ckpt = resolve_checkpoint(path)
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        raise DynamoeError(f"checkpoint {ckpt} has no {TOKENIZER_FILE}; copy the one from the training data folder into it")
-    return load_tokenizer(ckpt / TOKENIZER_FILE)
+    file = ckpt / TRAIN_CONFIG_FILE
+    if not file.is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {TRAIN_CONFIG_FILE}, so a resume cannot be checked against it; "
+                           "resume from another checkpoint or start a new run")
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise DynamoeError(f"{file} is corrupt or unreadable; resume from an older checkpoint")
+    return settings
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -188,6 +210,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]}})
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _tokenizer_file(path: Path) -> Path:
+    """The tokenizer.json of a checkpoint (or of a run's latest checkpoint), which must exist."""
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {TOKENIZER_FILE}; copy the one from the training data folder into it")
+    return ckpt / TOKENIZER_FILE
 
 
 def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dynamoe.checkpoint import latest_checkpoint, load_config, load_model, load_trainer_state
 from dynamoe.config import ModelConfig, preset
+from dynamoe.data import build_corpus
+from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
+from dynamoe.train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -35,38 +42,49 @@ FULL = DemoProfile("full", bytes_per_domain=1_500_000, vocab_size=8192, steps=30
 QUICK = DemoProfile("quick", bytes_per_domain=400_000, vocab_size=4096, steps=100, batch_size=4, seq_len=128,
                     lr=3e-3, warmup_steps=10, eval_tokens=2_048)
 TARGET_K = 3.0
+STATIC, DYNAMIC = "static", "dynamic"  # the models' keys, which also name their run folders
+SUMMARY_FILE = "summary.json"
 
 
-def demo_models(profile: DemoProfile) -> dict[str, ModelConfig]:
-    """Static top-k at k = target and the dynamic router aimed at the same mean k."""
+@dataclass(frozen=True)
+class DemoModel:
+    """One model of the comparison: its column title and its config."""
+
+    title: str
+    config: ModelConfig
+
+
+def demo_models(profile: DemoProfile) -> dict[str, DemoModel]:
+    """Static top-k at k = target and the dynamic router aimed at the same mean k, under stable keys."""
     common = dict(vocab_size=profile.vocab_size, max_seq_len=profile.seq_len)
-    return {
-        f"static top-{int(TARGET_K)}": preset(profile.preset, router="topk", top_k=int(TARGET_K), **common),
-        f"dynamic (target k={TARGET_K:g})": preset(profile.preset, router="dynamic", target_k=TARGET_K, **common),
-    }
+    static = preset(profile.preset, router="topk", top_k=int(TARGET_K), **common)
+    dynamic = preset(profile.preset, router="dynamic", target_k=TARGET_K, **common)
+    return {STATIC: DemoModel(f"static top-{int(TARGET_K)}", static),
+            DYNAMIC: DemoModel(f"dynamic (target k={TARGET_K:g})", dynamic)}
 
 
-def train_or_reuse(name: str, model_cfg: ModelConfig, profile: DemoProfile, data_dir: Path, run_dir: Path) -> dict:
+def train_or_reuse(model: DemoModel, profile: DemoProfile, data_dir: Path, run_dir: Path) -> dict[str, Any]:
     """Train one demo model, resume it if it was interrupted, or reuse it if it is complete."""
-    from dynamoe.checkpoint import latest_checkpoint
-    from dynamoe.train import TrainConfig, train
-
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("model_config") == model_cfg.to_dict() and summary.get("step") == profile.steps:
-            print(f"[demo] reusing {name} from {run_dir}")
-            return summary
+    summary_path = run_dir / SUMMARY_FILE
+    summary = _read_summary(summary_path)
+    if summary and summary.get("model_config") == model.config.to_dict() and summary.get("step") == profile.steps:
+        print(f"[demo] reusing {model.title} from {run_dir}")
+        return summary
+    ckpt = latest_checkpoint(run_dir)
+    resume = ckpt is not None and _resumable(ckpt, model.config, profile.steps)
+    if ckpt is not None and not resume:
+        # The demo owns its run folders; one it can neither reuse nor resume (finished but without
+        # a summary, or another config) would otherwise block training for good.
+        print(f"[demo] {run_dir} holds a run the demo can neither reuse nor resume; training it again from scratch")
+        shutil.rmtree(run_dir)
     train_cfg = TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
                             lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
                             eval_every=profile.steps, seed=0)
-    resume = latest_checkpoint(run_dir) is not None
-    print(f"[demo] {'resuming' if resume else 'training'} {name} ({profile.steps} steps of "
+    print(f"[demo] {'resuming' if resume else 'training'} {model.title} ({profile.steps} steps of "
           f"{profile.batch_size}x{profile.seq_len} tokens)")
-    result = train(model_cfg, train_cfg, resume=resume)
-    summary = {**asdict(result), "model_config": model_cfg.to_dict()}
-    summary = json.loads(json.dumps(summary, default=str))
-    summary_path.write_text(json.dumps(summary, indent=2))
+    result = train(model.config, train_cfg, resume=resume)
+    summary = {**asdict(result), "checkpoint": str(result.checkpoint), "model_config": model.config.to_dict()}
+    _write_json(summary_path, summary)
     return summary
 
 
@@ -94,25 +112,20 @@ def k_variety(report: EvalReport, min_share: float = 0.05) -> list[int]:
 def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root: Path = Path("data"),
              profile: DemoProfile | None = None) -> dict:
     """Build the corpus, train both models (or reuse them), evaluate, print and save the comparison."""
-    from dynamoe.data import build_corpus
-
     profile = profile or (QUICK if quick else FULL)
     started = time.perf_counter()
     data_dir = build_corpus(data_root / f"demo-{profile.name}", vocab_size=profile.vocab_size,
                             bytes_per_domain=profile.bytes_per_domain, seed=0)
-    from dynamoe.checkpoint import load_model
-
     tokens = split_tokens_by_domain(data_dir, "test")
+    models = demo_models(profile)
     reports: dict[str, EvalReport] = {}
     summaries: dict[str, dict] = {}
-    for name, model_cfg in demo_models(profile).items():
-        run_dir = out_root / profile.name / name.split(" (")[0].replace(" ", "-")
-        summaries[name] = train_or_reuse(name, model_cfg, profile, data_dir, run_dir)
-        model, _ = load_model(run_dir)
-        reports[name] = evaluate_tokens(model, tokens, max_tokens=profile.eval_tokens)
+    for key, model in models.items():
+        run_dir = out_root / profile.name / key
+        summaries[model.title] = train_or_reuse(model, profile, data_dir, run_dir)
+        reports[model.title] = evaluate_tokens(load_model(run_dir)[0], tokens, max_tokens=profile.eval_tokens)
     wall = time.perf_counter() - started
-    dynamic_name = list(reports)[-1]
-    dynamic = reports[dynamic_name]
+    dynamic = reports[models[DYNAMIC].title]
     used = k_variety(dynamic)
     table = side_by_side(reports, summaries)
     shares = "  ".join(f"k={k}: {s:.1%}" for k, s in enumerate(dynamic.k_shares()) if s > 0)
@@ -130,7 +143,31 @@ def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root:
     }
     out_dir = out_root / profile.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _write_json(out_dir / "results.json", results)
     (out_dir / "results.md").write_text(f"```\n{table}\n\ndynamic k histogram: {shares}\n```\n")
     print(f"results written to {out_dir}/results.json and results.md")
     return results
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's saved summary, or None when it is missing or unreadable (so the run is trained again)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _resumable(ckpt: Path, model_cfg: ModelConfig, steps: int) -> bool:
+    """True when a checkpoint of model_cfg stopped short of steps and can be read."""
+    try:
+        return load_config(ckpt) == model_cfg and int(load_trainer_state(ckpt)["step"]) < steps
+    except DynamoeError:
+        return False  # an unreadable checkpoint cannot be resumed either
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from dynamoe.data import TokenDataset, encode_documents, user_documents
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
 
@@ -74,14 +77,16 @@ class _Accumulator:
                             self.k_histogram.tolist() if has_routing else [])
 
 
-def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, target) batches of non-overlapping windows covering at most max_tokens predictions.
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None, batch_size: int,
+            domain: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) batches of non-overlapping windows covering at most max_tokens predictions of a domain.
 
     Full windows are batched; a shorter remainder gets a batch of its own, so short texts count too.
     """
     predictions = len(tokens) - 1 if max_tokens is None else min(len(tokens) - 1, max_tokens)
     if predictions < 1:
-        raise DynamoeError(f"a domain has {len(tokens)} token(s); evaluation needs at least 2")
+        raise DynamoeError(f"domain {domain!r} has {len(tokens)} token(s), but evaluation needs at least 2: "
+                           "give it more text")
     span = torch.from_numpy(np.asarray(tokens[: predictions + 1], dtype=np.int64))
     n_full = predictions // seq_len
     x_full = span[: n_full * seq_len].view(n_full, seq_len)
@@ -107,7 +112,8 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
     reports = []
     for domain, tokens in tokens_by_domain.items():
         acc = _Accumulator(n_moe_layers, k_slots)
-        for x, y in tqdm(windows(tokens, seq_len, max_tokens, batch_size), desc=f"eval {domain}", disable=not progress, leave=False):
+        batches = windows(tokens, seq_len, max_tokens, batch_size, domain)
+        for x, y in tqdm(batches, desc=f"eval {domain}", disable=not progress, leave=False):
             x, y = x.to(device), y.to(device)
             out = model(x)
             token_losses = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none")
@@ -119,22 +125,20 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
 
 
 def split_tokens_by_domain(data_dir: Path, split: str = "test") -> dict[str, np.ndarray]:
-    """Each domain's tokens from a built corpus split."""
-    from dynamoe.data import TokenDataset
-
+    """Each domain's tokens from a built corpus split; domains with no documents in the split are left out."""
     dataset = TokenDataset(Path(data_dir), split)
-    return {domain: dataset.domain_tokens(domain) for domain in dataset.domains}
+    # A domain of fewer than 3 documents is all in train, with nothing held out to evaluate.
+    tokens = {domain: dataset.domain_tokens(domain) for domain in dataset.domains}
+    return {domain: domain_tokens for domain, domain_tokens in tokens.items() if len(domain_tokens)}
 
 
-def user_tokens_by_domain(path: Path, tokenizer) -> dict[str, np.ndarray]:
-    """Tokenize the user's files (txt, folders, JSONL) with the checkpoint's tokenizer, grouped by domain."""
-    from dynamoe.data import eos_id, user_documents
-
-    eos = eos_id(tokenizer)
-    grouped: dict[str, list[int]] = {}
+def user_tokens_by_domain(path: Path, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """Tokenize the user's files (txt, folders, JSONL) exactly as a corpus build would, grouped by domain."""
+    texts: dict[str, list[str]] = {}
     for document in user_documents(Path(path)):
-        grouped.setdefault(document.domain, []).extend(tokenizer.encode(document.text).ids + [eos])
-    return {domain: np.asarray(ids, dtype=np.int64) for domain, ids in grouped.items()}
+        texts.setdefault(document.domain, []).append(document.text)
+    return {domain: np.fromiter(chain.from_iterable(encode_documents(tokenizer, domain_texts)), dtype=np.int64)
+            for domain, domain_texts in texts.items()}
 
 
 def format_report(report: EvalReport, title: str = "") -> str:

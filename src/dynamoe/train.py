@@ -26,8 +26,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dynamoe.checkpoint import (latest_checkpoint, load_model, load_trainer_state, rng_state, save_checkpoint,
-                                set_rng_state)
+from dynamoe.checkpoint import (check_same_tokenizer, latest_checkpoint, load_model, load_train_config,
+                                load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from dynamoe.config import ModelConfig
 from dynamoe.data import TokenDataset
 from dynamoe.data.tokenizer import TOKENIZER_FILE
@@ -36,6 +36,9 @@ from dynamoe.model import Transformer
 
 MAX_CONSECUTIVE_SKIPS = 20  # this many non-finite steps in a row means the run has diverged
 K_WINDOW = 20  # the summary's mean experts/token averages this many final steps
+# The settings that shape the trajectory a resume must continue; the rest may change between runs.
+TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "decay_steps",
+                     "weight_decay", "betas", "grad_clip", "seed")
 
 
 @dataclass
@@ -92,16 +95,23 @@ class TrainConfig:
         need(self.steps >= 1, f"steps={self.steps} must be at least 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.seq_len is None or self.seq_len >= 1, f"seq_len={self.seq_len} must be at least 1")
-        need(self.lr > 0, f"lr={self.lr} must be positive")
-        need(0 <= self.lr_floor <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
+        need(math.isfinite(self.lr_floor) and 0 <= self.lr_floor <= self.lr,
+             f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         need(self.decay_steps is None or self.decay_steps >= 1, f"decay_steps={self.decay_steps} must be at least 1")
-        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay={self.weight_decay} must be finite and >= 0")
         need(all(0 <= b < 1 for b in self.betas), f"betas={self.betas} must both be in [0, 1)")
         need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         need(self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be at least 1")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         need(self.eval_every >= 0 and self.eval_batches >= 0, "eval_every and eval_batches must be >= 0")
+        # _start hands the seed to np.random.seed, which takes 32 bits.
+        need(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
+        blocker = next((path for path in (self.out_dir, *self.out_dir.parents) if path.exists() and not path.is_dir()),
+                       None)
+        need(blocker is None, f"out_dir={self.out_dir} cannot be a folder because {blocker} is a file; choose another --out")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -237,7 +247,12 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: Token
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False) -> TrainSummary:
-    """Train a model on train_cfg.data_dir into train_cfg.out_dir; resume=True continues its latest checkpoint."""
+    """Train a model on train_cfg.data_dir into train_cfg.out_dir; resume=True continues its latest checkpoint.
+
+    A resume must keep the model config, the tokenizer and the TRAJECTORY_FIELDS of the saved run;
+    steps, saving, logging, evaluation, device and progress may change. Raising steps without a fixed
+    decay_steps stretches the cosine to the new end, so the resumed steps differ from a longer run's.
+    """
     return _train(model_cfg, train_cfg, resolve_device(train_cfg.device), resume)
 
 
@@ -245,7 +260,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
     started = time.perf_counter()
     train_data = TokenDataset(cfg.data_dir, "train")
     val_data = TokenDataset(cfg.data_dir, "val") if cfg.eval_batches else None
-    seq_len = _check_fits(model_cfg, cfg, train_data)
+    seq_len = _check_fits(model_cfg, cfg, [train_data] if val_data is None else [train_data, val_data])
     model, optimizer, counters = _start(model_cfg, cfg, device, resume)
     first_step, tokens_per_step = counters.step + 1, cfg.batch_size * cfg.grad_accum * seq_len
 
@@ -269,6 +284,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                 recent_k.append(result.mean_k_per_layer)
 
             last = step == cfg.steps
+            if last:
+                # Before the final evaluation, so that nothing failing after the last step can cost the run.
+                ckpt = _save(model, optimizer, counters, cfg)
             val_loss = None
             if val_data is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
                 val_loss = evaluate_loss(model, val_data, cfg, seq_len, device)
@@ -280,11 +298,10 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             bar.set_postfix(_postfix(result, tokens_per_step / elapsed, counters), refresh=False)
 
             if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                saved = latest_checkpoint(cfg.out_dir)
-                restart = f"--resume from {saved}" if saved else "start again (no checkpoint was saved)"
                 raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {step} had "
-                                   f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {restart}")
-            if step % cfg.save_every == 0 or last:
+                                   f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
+            # Saved after the step's log line, so a resume from it never lacks that line.
+            if step % cfg.save_every == 0 and not last:
                 ckpt = _save(model, optimizer, counters, cfg)
     finally:
         bar.close()
@@ -292,6 +309,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
         log.close()
 
     assert result is not None and ckpt is not None  # _start guarantees at least one step
+    if result.skipped:
+        raise DynamoeError(f"the last step ({counters.step}) had a non-finite loss or gradient and was skipped, so the "
+                           f"run did not end on a trained step; lower --lr, then --resume from {ckpt} with more --steps")
     mean_k_per_layer = np.mean(recent_k, axis=0).tolist() if recent_k else []
     return TrainSummary(step=counters.step, train_loss=result.loss, val_loss=val_loss,
                         tokens_per_s=(counters.step - first_step + 1) * tokens_per_step / train_time,
@@ -301,15 +321,19 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                         tokens_seen=counters.tokens_seen)
 
 
-def _check_fits(model_cfg: ModelConfig, cfg: TrainConfig, data: TokenDataset) -> int:
-    """The sequence length to train at, after checking the model can read this data at it."""
-    if data.vocab_size != model_cfg.vocab_size:
+def _check_fits(model_cfg: ModelConfig, cfg: TrainConfig, splits: list[TokenDataset]) -> int:
+    """The sequence length to train at, after checking the model can read every split it will at that length."""
+    vocab_size = splits[0].vocab_size
+    if vocab_size != model_cfg.vocab_size:
         raise DynamoeError(f"the model has vocab_size={model_cfg.vocab_size} but the tokenizer in {cfg.data_dir} has "
-                           f"{data.vocab_size} tokens; set vocab_size={data.vocab_size} (model_config_for_data does it)")
+                           f"{vocab_size} tokens; set vocab_size={vocab_size} (model_config_for_data does it)")
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise DynamoeError(f"seq_len={seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}; "
                            "lower seq_len or raise max_seq_len")
+    # Checked up front: a val split too short for one window would otherwise fail at the first evaluation.
+    for data in splits:
+        data.check_window(seq_len)
     return seq_len
 
 
@@ -331,14 +355,13 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         return model, build_optimizer(model, cfg), Counters()
 
     model, saved_cfg = load_model(existing, device)
-    if saved_cfg != model_cfg:
-        name = next(f.name for f in dataclasses.fields(ModelConfig) if getattr(saved_cfg, f.name) != getattr(model_cfg, f.name))
-        raise DynamoeError(f"cannot resume {existing}: it was trained with {name}={getattr(saved_cfg, name)!r} but "
-                           f"{name}={getattr(model_cfg, name)!r} was asked for; resume with the same model config "
-                           "or use another --out")
+    _check_unchanged(existing, "model config", dataclasses.asdict(saved_cfg), dataclasses.asdict(model_cfg))
+    current = cfg.to_dict()
+    _check_unchanged(existing, "training settings", load_train_config(existing),
+                     {name: current[name] for name in TRAJECTORY_FIELDS})
+    check_same_tokenizer(existing, cfg.data_dir, "resume with the corpus it was trained on, or use another --out")
     state = load_trainer_state(existing)
     optimizer = build_optimizer(model, cfg)
-    configured = [{"weight_decay": g["weight_decay"], "betas": g["betas"]} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state["optimizer"])
         counters = Counters(**{f.name: int(state[f.name]) for f in dataclasses.fields(Counters)})
@@ -346,19 +369,43 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DynamoeError(f"{existing}/trainer_state.pt does not fit this model ({type(e).__name__}: {e}); "
                            "resume from an older checkpoint") from None
-    # The hyper-parameters of this run's config win over the saved ones (lr is set every step).
-    for group, settings in zip(optimizer.param_groups, configured):
-        group.update(settings)
     if counters.step >= cfg.steps:
         raise DynamoeError(f"{existing} is already at step {counters.step} >= steps={cfg.steps}; "
                            "raise --steps to train further")
     return model.train(), optimizer, counters
 
 
+def _check_unchanged(ckpt: Path, kind: str, saved: dict[str, Any], asked: dict[str, Any]) -> None:
+    """Raise a DynamoeError naming the first of asked's fields whose value differs from the saved run's."""
+    for name, value in asked.items():
+        old = saved.get(name, "missing")
+        if old != value:
+            raise DynamoeError(f"cannot resume {ckpt}: it was trained with {name}={old!r} but {name}={value!r} was "
+                               f"asked for; resume with the same {kind} or use another --out")
+
+
+def _restart(cfg: TrainConfig) -> str:
+    """How to carry on after a failure: from the latest checkpoint, or from scratch."""
+    saved = latest_checkpoint(cfg.out_dir)
+    return f"--resume from {saved}" if saved else "start again (no checkpoint was saved)"
+
+
 def _save(model: Transformer, optimizer: torch.optim.Optimizer, counters: Counters, cfg: TrainConfig) -> Path:
+    """Checkpoint the run after counters.step, refusing non-finite weights that would push out good checkpoints."""
+    bad = _first_non_finite(model)
+    if bad is not None:
+        raise DynamoeError(f"weight {bad} is not finite after step {counters.step}, so it was not saved; "
+                           f"lower --lr or lengthen warm-up, then {_restart(cfg)}")
     state = {**dataclasses.asdict(counters), "optimizer": optimizer.state_dict(), "rng": rng_state()}
     return save_checkpoint(cfg.out_dir, counters.step, model, state, cfg.to_dict(),
                            cfg.data_dir / TOKENIZER_FILE, keep=cfg.keep_checkpoints)
+
+
+def _first_non_finite(model: Transformer) -> str | None:
+    """The name of the first weight or buffer holding a NaN or infinity, if any."""
+    tensors = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).tolist()  # one host sync
+    return next((name for name, ok in zip(tensors, finite) if not ok), None)
 
 
 def _open_log(path: Path, last_step: int) -> TextIO:

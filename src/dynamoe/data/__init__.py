@@ -4,7 +4,8 @@ from dynamoe.data.build import build_corpus
 from dynamoe.data.documents import Document, code_documents, prose_documents, user_documents
 from dynamoe.data.mathgen import check_answer, generate_problem, math_documents
 from dynamoe.data.shards import TokenDataset
-from dynamoe.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, train_tokenizer
+from dynamoe.data.tokenizer import (EOS_TOKEN, encode_documents, eos_id, load_tokenizer, tokenizer_digest,
+                                    train_tokenizer)
 
 __all__ = [
     "Document",
@@ -17,6 +18,8 @@ __all__ = [
     "train_tokenizer",
     "load_tokenizer",
     "eos_id",
+    "encode_documents",
+    "tokenizer_digest",
     "EOS_TOKEN",
     "TokenDataset",
     "build_corpus",

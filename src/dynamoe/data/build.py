@@ -166,7 +166,7 @@ def _swap_in(staging: Path, target: Path) -> None:
 def _build_into(folder: Path, arguments: _Arguments, progress: bool) -> None:
     """Write tokenizer.json, the three splits and meta.json (last, so that it marks completion) into folder."""
     by_domain = _collect(arguments, progress)
-    documents = _split_documents(by_domain, arguments.splits, arguments.seed)
+    documents = _split_documents(by_domain, arguments.splits, arguments.seed, _more_text_hint(arguments))
     sizes = ", ".join(f"{split} {len(_concatenated(documents[split]))}" for split in SPLITS)
     _report(progress, f"split: {sizes} documents")
 
@@ -223,27 +223,33 @@ def _math_docs_for(target_bytes: int, arguments: _Arguments) -> int:
     return max(1, round(target_bytes * len(sample) / _count_bytes(sample)))
 
 
+def _more_text_hint(arguments: _Arguments) -> str:
+    """How to get more documents: more user text, or a bigger budget for the built-in corpus."""
+    if arguments.data is not None:
+        return "give more text (plain text is cut every ~8 KB)"
+    return "raise --bytes-per-domain (built-in documents are up to 8-16 KB each)"
+
+
 def _split_documents(
-    by_domain: dict[str, list[Document]], fractions: tuple[float, float, float], seed: int
+    by_domain: dict[str, list[Document]], fractions: tuple[float, float, float], seed: int, hint: str
 ) -> SplitDocuments:
     """Each domain's documents shuffled with a fixed seed and cut into train, val and test."""
     documents: SplitDocuments = {split: {} for split in SPLITS}
     for domain, domain_documents in by_domain.items():
         # Seeding per domain keeps one domain's split unchanged when another domain changes.
         rng = random.Random(f"{seed}:{domain}")
-        for split, part in zip(SPLITS, _split_domain(domain, domain_documents, fractions, rng)):
+        for split, part in zip(SPLITS, _split_domain(domain, domain_documents, fractions, rng, hint)):
             documents[split][domain] = part
     empty = [split for split in SPLITS if not _concatenated(documents[split])]
     if empty:
         raise DynamoeError(
-            f"too few documents for a {' and '.join(empty)} split: a domain needs at least 3 documents "
-            "(plain text is cut every ~8 KB), so give more text"
+            f"too few documents for a {' and '.join(empty)} split: a domain needs at least 3 documents, so {hint}"
         )
     return documents
 
 
 def _split_domain(
-    domain: str, documents: list[Document], fractions: tuple[float, float, float], rng: random.Random
+    domain: str, documents: list[Document], fractions: tuple[float, float, float], rng: random.Random, hint: str
 ) -> tuple[list[Document], list[Document], list[Document]]:
     """(train, val, test) of one domain, with at least one val and one test document when it has 3 or more."""
     count = len(documents)
@@ -254,7 +260,7 @@ def _split_domain(
     n_val = max(1, round(count * fractions[1]))
     n_test = max(1, round(count * fractions[2]))
     if count - n_val - n_test < 1:
-        raise DynamoeError(f"domain {domain!r} has {count} documents, too few for splits {fractions}: give more text")
+        raise DynamoeError(f"domain {domain!r} has {count} documents, too few for splits {fractions}: {hint}")
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
     return _in_source_order(documents, train), _in_source_order(documents, val), _in_source_order(documents, test)
 

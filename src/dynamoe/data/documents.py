@@ -184,7 +184,21 @@ def _jsonl_document(where: str, line: str) -> Document:
     domain = record.get("domain", USER_DOMAIN)
     if not isinstance(domain, str) or not domain.strip():
         raise DynamoeError(f'{where}: "domain" must be a non-empty string (or left out for "{USER_DOMAIN}")')
+    _check_unicode(where, "text", record["text"])
+    _check_unicode(where, "domain", domain)
     return Document(record["text"], domain)
+
+
+def _check_unicode(where: str, name: str, value: str) -> None:
+    """Raise a DynamoeError when a JSON string holds a lone surrogate escape, which no UTF-8 text can."""
+    # json.loads accepts "\ud800" on its own; the tokenizer and every writer would choke on it later.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DynamoeError(
+            f'{where}: "{name}" holds a lone surrogate \\u{ord(value[error.start]):04x} at character {error.start}, '
+            "which is not valid Unicode: write the character itself or its full surrogate pair"
+        ) from None
 
 
 def _chunk(text: str, separators: tuple[re.Pattern[str], ...], max_chars: int) -> list[str]:

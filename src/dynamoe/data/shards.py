@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from dynamoe.data.documents import Document
-from dynamoe.data.tokenizer import eos_id
+from dynamoe.data.tokenizer import encode_documents
 from dynamoe.errors import DynamoeError
 
 FORMAT_VERSION = 1
@@ -47,18 +47,15 @@ def write_split(
     """Tokenize documents into {split}.bin (each followed by EOS) and {split}.docs.npy; return per-domain counts."""
     domain_index = {domain: index for index, domain in enumerate(domains)}
     dtype = token_dtype(tokenizer.get_vocab_size())
-    eos = eos_id(tokenizer)
     rows: list[tuple[int, int, int]] = []
     counts = {domain: {"documents": 0, "tokens": 0, "bytes": 0} for domain in domains}
     offset = 0
     with open(tokens_path(out_dir, split), "wb") as out:
         for batch in _batches(documents, _ENCODE_BATCH):
-            encodings = tokenizer.encode_batch([document.text for document in batch], add_special_tokens=False)
-            ids_per_document = [encoding.ids for encoding in encodings]
-            flat = np.fromiter(chain.from_iterable(ids + [eos] for ids in ids_per_document), dtype=dtype)
-            out.write(flat.tobytes())
+            ids_per_document = encode_documents(tokenizer, [document.text for document in batch])
+            out.write(np.fromiter(chain.from_iterable(ids_per_document), dtype=dtype).tobytes())
             for document, ids in zip(batch, ids_per_document):
-                length = len(ids) + 1
+                length = len(ids)
                 rows.append((offset, length, _domain_number(domain_index, document.domain)))
                 offset += length
                 _count(counts[document.domain], length, document)
@@ -81,6 +78,7 @@ def read_meta(data_dir: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
         raise DynamoeError(f"{path} lacks {', '.join(missing)}: {_REBUILD_HINT}")
+    _check_meta_values(path, meta)
     return meta
 
 
@@ -91,6 +89,7 @@ class TokenDataset:
         if split not in SPLITS:
             raise DynamoeError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         meta = read_meta(data_dir)
+        self.data_dir = Path(data_dir)
         self.split = split
         self.domains: list[str] = list(meta["domains"])
         self.vocab_size = int(meta["vocab_size"])
@@ -116,18 +115,22 @@ class TokenDataset:
             raise DynamoeError(
                 f"need step, seed >= 0 and batch_size, seq_len >= 1, got {step}, {seed}, {batch_size}, {seq_len}"
             )
+        self.check_window(seq_len)
         window = seq_len + 1
-        if self.n_tokens < window:
-            raise DynamoeError(
-                f"the {self.split} split has {self.n_tokens} tokens, fewer than seq_len + 1 = {window}: "
-                "use a shorter seq_len or build a bigger corpus"
-            )
         # Seeding with (seed, step) rather than carrying a generator along means a resumed run
         # replays exactly the batches it would have seen, with no sampler state to save.
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_tokens - window + 1, size=batch_size)
         rows = np.asarray(self.tokens[starts[:, None] + np.arange(window)], dtype=np.int64)
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def check_window(self, seq_len: int) -> None:
+        """Raise a DynamoeError unless the split holds at least one window of seq_len + 1 tokens."""
+        if self.n_tokens < seq_len + 1:
+            raise DynamoeError(
+                f"the {self.split} split of {self.data_dir} has {self.n_tokens} tokens, fewer than seq_len + 1 = "
+                f"{seq_len + 1}: use a smaller --seq-len or build a bigger corpus (more data or --bytes-per-domain)"
+            )
 
     def domain_tokens(self, domain: str) -> np.ndarray:
         """The tokens of one domain's documents, concatenated in document order (EOS tokens included)."""
@@ -143,6 +146,19 @@ def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
+
+
+def _check_meta_values(path: Path, meta: dict[str, Any]) -> None:
+    """Raise a DynamoeError when meta.json's vocab_size, dtype or domains cannot describe a corpus."""
+    vocab_size, dtype, domains = meta["vocab_size"], meta["dtype"], meta["domains"]
+    # bool is an int subclass, but `true` is no vocabulary size.
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise DynamoeError(f"{path} has vocab_size={vocab_size!r}, not a positive integer: {_REBUILD_HINT}")
+    expected = token_dtype(vocab_size).name
+    if dtype != expected:
+        raise DynamoeError(f"{path} has dtype={dtype!r} but vocab_size={vocab_size} is stored as {expected!r}: {_REBUILD_HINT}")
+    if not isinstance(domains, list) or not domains or not all(isinstance(domain, str) for domain in domains):
+        raise DynamoeError(f"{path} has domains={domains!r}, not a list of names: {_REBUILD_HINT}")
 
 
 def _domain_number(domain_index: dict[str, int], domain: str) -> int:

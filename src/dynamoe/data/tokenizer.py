@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -56,6 +57,19 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DynamoeError(f"{file} is not a valid tokenizer ({reason}): rebuild with `dynamoe data build --force`") from None
     eos_id(tokenizer)
     return _literal_special_tokens(tokenizer)
+
+
+def tokenizer_digest(path: Path) -> str:
+    """A sha256 of the tokenizer saved at path that changes exactly when its vocabulary, merges or settings do."""
+    # Hashing the re-serialized tokenizer rather than the file's bytes ignores formatting that
+    # differs between `tokenizers` versions but means the same tokenizer.
+    return hashlib.sha256(load_tokenizer(path).to_str().encode("utf-8")).hexdigest()
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids followed by EOS, exactly as the token shards store a document."""
+    eos = eos_id(tokenizer)
+    return [encoding.ids + [eos] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
