@@ -120,3 +120,14 @@ def test_train_with_model_overrides(capsys, tiny_corpus: Path, tmp_path: Path) -
     assert code == 0, err
     config = json.loads((next((tmp_path / "run").glob("ckpt-*")) / "config.json").read_text())
     assert config["n_experts"] == 4 and config["k_max"] == 4 and config["target_k"] == 1.5
+
+
+def test_eval_refuses_a_corpus_with_another_tokenizer(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    from dynamoe.data import build_corpus
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--data", tiny_corpus, "--out", run, "--preset", "tiny", "--steps", "1",
+                   "--batch-size", "1", "--eval-batches", "0", "--warmup-steps", "1", "--no-progress")[0] == 0
+    other = build_corpus(tmp_path / "other", vocab_size=400, bytes_per_domain=40_000, seed=1, progress=False)
+    code, _, err = run_cli(capsys, "eval", run, "--corpus", other)
+    assert_one_line_error(code, err, "different tokenizer")

@@ -19,15 +19,19 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
 
+from dynamoe.bench import BenchSettings
 from dynamoe.config import PRESETS, ROUTERS, ModelConfig
 from dynamoe.errors import DynamoeError
 from dynamoe.train import TrainConfig
 
 DEFAULT_DATA = Path("data/corpus")
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+BENCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchSettings)}
 
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
+Threshold = Annotated[float | None, "compute dial of topp/dynamic routers: the probability mass the chosen experts must "
+                                    "reach, in (0, 1]; lower runs fewer experts (default: the trained value)"]
 
 
 def data_build(
@@ -99,19 +103,23 @@ def evaluate(
     split: Annotated[Literal["train", "val", "test"], "corpus split"] = "test",
     max_tokens: Annotated[int, "tokens per domain at most"] = 50_000,
     as_json: Annotated[bool, "machine-readable output", "--json"] = False,
+    threshold: Threshold = None,
     device: Device = "auto",
 ) -> None:
     """Perplexity per domain, experts/token per layer and domain, and the histogram of k."""
-    from dynamoe.checkpoint import load_model, load_tokenizer_for
+    from dynamoe.checkpoint import check_same_tokenizer, load_model, load_tokenizer_for
     from dynamoe.evaluate import evaluate_tokens, format_report, split_tokens_by_domain, user_tokens_by_domain
     from dynamoe.train import resolve_device
 
     if max_tokens < 1:
         raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
     model, _ = load_model(checkpoint, device=resolve_device(device))
+    if threshold is not None:
+        model.set_routing_threshold(threshold)
     if data is not None:
         tokens = user_tokens_by_domain(data, load_tokenizer_for(checkpoint))
     else:
+        check_same_tokenizer(checkpoint, corpus)
         tokens = split_tokens_by_domain(corpus, split)
     report = evaluate_tokens(model, tokens, max_tokens=max_tokens, progress=not as_json)
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, title=str(checkpoint)))
@@ -128,6 +136,7 @@ def generate(
     stop: Annotated[list[str] | None, "end when the text contains one of these (not shown)"] = None,
     show_experts: Annotated[bool, "colour each token by the experts it used"] = False,
     color: Annotated[Literal["auto", "always", "never"], "colour of --show-experts; auto: on a terminal"] = "auto",
+    threshold: Threshold = None,
     device: Device = "auto",
 ) -> None:
     """Continue a prompt with a checkpoint, printing the text as it is decoded."""
@@ -138,6 +147,8 @@ def generate(
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
     model, cfg = load_model(checkpoint, device=resolve_device(device))
+    if threshold is not None:
+        model.set_routing_threshold(threshold)
     tokenizer = load_tokenizer_for(checkpoint)
     if show_experts and not model.routers():
         raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
@@ -162,6 +173,36 @@ def generate(
     print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; finished: {finish}]", file=sys.stderr)
 
 
+def bench(
+    checkpoints: Annotated[list[Path], "checkpoint or run folders to compare (the first is the reference of the ratios)"],
+    dial: Annotated[list[float] | None, "thresholds to run each topp/dynamic checkpoint at (default: its trained one)"] = None,
+    corpus: Annotated[Path, "built corpus the checkpoints were trained on (its test split)"] = DEFAULT_DATA,
+    out: Annotated[Path, "folder for results.json, results.md and latency_vs_perplexity.png"] = Path("runs/bench"),
+    price_per_hour: Annotated[float, "machine price, USD/hour (for cost per million tokens)"] = BENCH_DEFAULTS["price_per_hour"],
+    decode_tokens: Annotated[int, "timed decode steps per round"] = BENCH_DEFAULTS["decode_tokens"],
+    repeats: Annotated[int, "interleaved rounds over all variants"] = BENCH_DEFAULTS["repeats"],
+    eval_tokens: Annotated[int, "held-out tokens per domain for perplexity"] = BENCH_DEFAULTS["eval_tokens"],
+    batch_sizes: Annotated[list[int] | None, f"batch sizes of the decode throughput runs (default: {' '.join(map(str, BENCH_DEFAULTS['batch_sizes']))})"] = None,
+    threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
+    device: Device = "auto",
+    progress: Annotated[bool, "show a progress bar"] = True,
+) -> None:
+    """Compare checkpoints and dial settings: perplexity, decode latency, throughput, memory, cost."""
+    import torch
+
+    from dynamoe.bench import markdown_table, run_bench
+
+    if threads is not None:
+        if threads < 1:
+            raise DynamoeError(f"--threads={threads} must be at least 1")
+        torch.set_num_threads(threads)
+    settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
+                             batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
+    report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress)
+    print(markdown_table(report.variants))
+    print(f"results written to {out}")
+
+
 def demo(
     quick: Annotated[bool, "the 3-minute profile: a smaller corpus and budget"] = False,
     out: Annotated[Path, "where the runs and results go"] = Path("runs/demo"),
@@ -174,7 +215,7 @@ def demo(
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
-    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "demo": demo,
+    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo,
 }
 
 
@@ -223,8 +264,8 @@ def _add_parameter(parser: argparse.ArgumentParser, parameter: inspect.Parameter
     flag = next((m for m in meta if m.startswith("--")), "--" + parameter.name.replace("_", "-"))
     if _is_union(base):  # X | None: the flag is optional, its type is X
         base = next(a for a in typing.get_args(base) if a is not type(None))
-    if parameter.default is inspect.Parameter.empty and base is Path:
-        parser.add_argument(parameter.name, type=Path, help=help_text)
+    if parameter.default is inspect.Parameter.empty and base in (Path, list[Path]):  # positional: one path or more
+        parser.add_argument(parameter.name, type=Path, nargs="+" if base == list[Path] else None, help=help_text)
         return
     kwargs: dict[str, Any] = {"dest": parameter.name, "help": help_text}
     if parameter.default is inspect.Parameter.empty:

@@ -4,6 +4,7 @@ from dynamoe.model.dispatch import LocalDispatcher, reference_dispatch
 from dynamoe.model.experts import Experts
 from dynamoe.model.moe import MoE
 from dynamoe.model.router import Routing, build_router
-from dynamoe.model.transformer import ModelOutput, Transformer
+from dynamoe.model.transformer import ModelOutput, Transformer, routing_threshold
 
-__all__ = ["Experts", "LocalDispatcher", "MoE", "ModelOutput", "Routing", "Transformer", "build_router", "reference_dispatch"]
+__all__ = ["Experts", "LocalDispatcher", "MoE", "ModelOutput", "Routing", "Transformer", "build_router", "reference_dispatch",
+           "routing_threshold"]

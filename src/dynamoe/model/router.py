@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.config import ModelConfig
+from dynamoe.errors import DynamoeError
 
 SOFT_K_SHARPNESS = 0.05  # width of the sigmoid that turns "mass before expert j < threshold" into a soft count
 
@@ -123,6 +124,14 @@ class TopKRouter(Router):
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         k_T = torch.full((h_TD.shape[0],), self.top_k, dtype=torch.long, device=h_TD.device)
         return experts_TK, weights_TK, k_T, probs_TE, None
+
+
+def check_threshold(threshold: float) -> None:
+    """Raise DynamoeError unless threshold is a probability mass in (0, 1]."""
+    # `not 0 < x <= 1` rather than `x <= 0 or x > 1`, so that NaN is rejected too.
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise DynamoeError(f"routing threshold must be in (0, 1] (the probability mass the selected experts "
+                           f"must reach; lower runs fewer experts), got {threshold!r}")
 
 
 class TopPRouter(Router):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.config import ModelConfig
+from dynamoe.errors import DynamoeError
 from dynamoe.model.layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
 from dynamoe.model.moe import MoE
-from dynamoe.model.router import DynamicRouter, Router, Routing
+from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
 INIT_STD = 0.02
 
@@ -83,6 +86,22 @@ class Transformer(nn.Module):
         """The router of every MoE layer, in depth order."""
         return [block.ffn.router for block in self.layers if isinstance(block.ffn, MoE)]
 
+    def threshold_routers(self) -> list[TopPRouter]:
+        """The routers a routing threshold applies to (topp, dynamic); empty for topk, relu and dense models."""
+        return [router for router in self.routers() if isinstance(router, TopPRouter)]
+
+    def set_routing_threshold(self, threshold: float | None) -> None:
+        """The compute dial: route with this probability mass threshold (None: the trained config.threshold)."""
+        routers = self.threshold_routers()
+        if not routers:
+            kind = f"the {self.config.router} router" if self.routers() else "a dense feed-forward"
+            raise DynamoeError(f"the routing threshold only applies to the topp and dynamic routers, but this model "
+                               f"has {kind}; its compute cannot be dialled")
+        threshold = self.config.threshold if threshold is None else threshold
+        check_threshold(threshold)
+        for router in routers:
+            router.threshold = float(threshold)
+
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Preallocate KV caches for incremental decoding."""
         cfg = self.config
@@ -130,3 +149,15 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """All parameters (tied weights once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+@contextmanager
+def routing_threshold(model: Transformer, threshold: float | None) -> Iterator[Transformer]:
+    """Route with `threshold` inside the block, then restore the threshold in use before it."""
+    routers = model.threshold_routers()
+    previous = routers[0].threshold if routers else None
+    model.set_routing_threshold(threshold)  # raises for a model without a threshold router
+    try:
+        yield model
+    finally:
+        model.set_routing_threshold(previous)
