@@ -44,11 +44,12 @@ def decode_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> t
     host = torch.cat([routing.k_T[:, None], routing.experts_TK], dim=1).tolist()  # the one host sync
     rows = []
     for t, (k, *expert_ids) in enumerate(host):
-        y_1D = torch.zeros_like(x_TD[t:t + 1])
+        x_1D, weights_K1 = x_TD[t:t + 1], routing.weights_TK[t, :, None]
+        y_1D = None
         for j in range(k):
-            y_1D = y_1D + experts.forward_expert(expert_ids[j], x_TD[t:t + 1]) * routing.weights_TK[t, j]
-        rows.append(y_1D)
-    return torch.cat(rows)
+            y_1D = experts.add_weighted_expert(expert_ids[j], x_1D, weights_K1[j], y_1D)
+        rows.append(torch.zeros_like(x_1D) if y_1D is None else y_1D)
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def grouped_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:

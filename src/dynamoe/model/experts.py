@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.model.layers import swiglu
@@ -26,3 +27,12 @@ class Experts(nn.Module):
     def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Run one expert on the rows routed to it."""
         return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert])
+
+    def add_weighted_expert(self, expert: int, x_ND: torch.Tensor, weight_N1: torch.Tensor,
+                            out_ND: torch.Tensor | None) -> torch.Tensor:
+        """out + weight * expert(x), with the weight folded into the down projection's input (fewer kernel calls)."""
+        gate, up = (x_ND @ self.w_gate_up[expert]).chunk(2, dim=-1)
+        hidden_NF = F.silu(gate) * up * weight_N1
+        if out_ND is None:
+            return hidden_NF @ self.w_down[expert]
+        return torch.addmm(out_ND, hidden_NF, self.w_down[expert])

@@ -61,6 +61,11 @@ class KVCache(nn.Module):
         return self.k_BHSd, self.v_BHSd
 
 
+def cache_mask(input_pos_BT: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """(B, 1, T, S): a query at position p sees every cached key of its own row at position <= p."""
+    return (torch.arange(cache_len, device=input_pos_BT.device) <= input_pos_BT[..., None])[:, None]
+
+
 class Attention(nn.Module):
     """Causal multi-head attention (grouped-query when n_kv_heads < n_heads) through SDPA."""
 
@@ -74,7 +79,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
-                input_pos_BT: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos_BT: torch.Tensor | None = None, cache_mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+        """Without input positions: causal attention over x. With them: write to and read from the KV cache,
+        where cache_mask_B1TS (see cache_mask) says which cached positions each query sees."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -84,9 +91,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             k, v = self.kv_cache.update(input_pos_BT, k, v)
-            # A query at position p sees every cached key of its own row at position <= p.
-            mask_B1TS = (torch.arange(k.shape[2], device=x_BTD.device) <= input_pos_BT[..., None])[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

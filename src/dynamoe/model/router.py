@@ -150,7 +150,9 @@ class TopPRouter(Router):
         mask_TK = torch.arange(self.k_max, device=h_TD.device)[None, :] < k_T[:, None]
         kept_TK = sorted_TK * mask_TK
         weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
-        soft_k_T = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS).sum(-1)
+        soft_k_T = None
+        if torch.is_grad_enabled():  # only the training loss uses it
+            soft_k_T = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS).sum(-1)
         return experts_TK, weights_TK, k_T, probs_TE, soft_k_T
 
 

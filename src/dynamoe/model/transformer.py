@@ -13,7 +13,7 @@ from torch import nn
 
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
-from dynamoe.model.layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
+from dynamoe.model.layers import Attention, DenseFFN, KVCache, RMSNorm, cache_mask, rope_tables
 from dynamoe.model.moe import MoE
 from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
@@ -41,9 +41,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: MoE | DenseFFN = MoE(cfg) if cfg.ffn == "moe" else DenseFFN(cfg.dim, cfg.dense_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
-                input_pos_BT: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_BT)
+    def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, input_pos_BT: torch.Tensor | None,
+                cache_mask_B1TS: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_BT, cache_mask_B1TS)
         if isinstance(self.ffn, MoE):
             y_BTD, routing = self.ffn(self.ffn_norm(x_BTD))
             return x_BTD + y_BTD, routing
@@ -118,7 +118,7 @@ class Transformer(nn.Module):
                 input_pos_T: torch.Tensor | None = None) -> ModelOutput:
         """input_pos_T: positions of this call's tokens, (T,) shared by every row or (B, T) one row each."""
         B, T = idx_BT.shape
-        input_pos_BT = None
+        input_pos_BT, cache_mask_B1TS = None, None
         if input_pos_T is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -128,10 +128,13 @@ class Transformer(nn.Module):
             input_pos_BT = input_pos_T.expand(B, T)
             # (B, 1, T, d): broadcasts over heads as the shared (T, d) tables do.
             cos_Td, sin_Td = self.rope_cos[input_pos_BT][:, None], self.rope_sin[input_pos_BT][:, None]
+            cache = self.layers[0].attn.kv_cache
+            if cache is not None:  # one mask for every layer: they share the cache length and positions
+                cache_mask_B1TS = cache_mask(input_pos_BT, cache.k_BHSd.shape[2])
         x_BTD = self.tok_embeddings(idx_BT)
         routings: list[Routing] = []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_BT)
+            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_BT, cache_mask_B1TS)
             if routing is not None:
                 routings.append(routing)
         logits_BTV = self.output(self.norm(x_BTD))
