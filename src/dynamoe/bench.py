@@ -170,12 +170,11 @@ def bytes_per_token(model: Transformer, mean_k_per_layer: Sequence[float]) -> in
     if len(mean_k_per_layer) != len(moe_layers):
         raise ValueError(f"need one mean k per MoE layer ({len(moe_layers)}), got {len(mean_k_per_layer)}")
     expert_weights = {id(p) for moe in moe_layers for p in moe.experts.parameters()}
-    total = 0.0
-    # remove_duplicate=False: with tied embeddings the head still reads the whole table the embedding reads one row of.
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name == "tok_embeddings.weight":
-            total += param[0].nbytes
-        elif id(param) not in expert_weights:
+    embedding = model.tok_embeddings.weight
+    # With tied embeddings the head reads the whole table that the embedding reads one row of.
+    total = float(embedding[0].nbytes + (embedding.nbytes if model.output is None else 0))
+    for name, param in model.named_parameters():
+        if name != "tok_embeddings.weight" and id(param) not in expert_weights:
             total += param.nbytes
     for moe, mean_k in zip(moe_layers, mean_k_per_layer):
         total += mean_k * sum(stacked[0].nbytes for stacked in moe.experts.parameters())  # one expert's slices
@@ -198,7 +197,7 @@ class RouterProbe:
 
     def __init__(self, model: Transformer) -> None:
         routers = model.routers()
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
         self.active = False
         self.seconds = 0.0
         self.tokens = 0  # tokens routed per layer
@@ -288,7 +287,7 @@ def peak_rss_bytes() -> int:
 def measure_round(variant: Variant, workload: Workload, round_index: int, samples: Samples) -> None:
     """One interleaved round of one variant: batch-1 prefill and decode under the router probe, then batched decode."""
     variant.apply()
-    model, device = variant.model, variant.model.output.weight.device
+    model, device = variant.model, variant.model.tok_embeddings.weight.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = workload.single_rows[round_index:round_index + 1]

@@ -194,7 +194,7 @@ def _stream(model: Transformer, rows: list[list[int]], max_new_tokens: int, samp
     so padding never reaches a real token. Finished rows keep decoding (cheaper than reshaping the
     cache) but yield nothing more.
     """
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     lengths_B = torch.tensor([len(row) for row in rows], device=device)
     idx_BT = torch.zeros(len(rows), int(lengths_B.max()), dtype=torch.long, device=device)
     for b, row in enumerate(rows):

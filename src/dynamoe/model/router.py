@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.config import ModelConfig
+from dynamoe.model.layers import Projection
 from dynamoe.errors import DynamoeError
 
 SOFT_K_SHARPNESS = 0.05  # width of the sigmoid that turns "mass before expert j < threshold" into a soft count
@@ -49,7 +50,7 @@ class Router(nn.Module):
         self.n_experts, self.k_min, self.k_max = cfg.n_experts, cfg.k_min, cfg.k_max
         self.threshold = cfg.threshold
         self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.gate = Projection(cfg.dim, cfg.n_experts)
         self.target_k = cfg.target_k if self.uses_controller else None
         if self.target_k is not None:
             self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit

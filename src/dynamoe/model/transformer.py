@@ -13,7 +13,7 @@ from torch import nn
 
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
-from dynamoe.model.layers import Attention, DenseFFN, KVCache, RMSNorm, cache_mask, rope_tables
+from dynamoe.model.layers import Attention, DenseFFN, KVCache, Projection, RMSNorm, cache_mask, rope_tables
 from dynamoe.model.moe import MoE
 from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
@@ -59,9 +59,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        # Tied embeddings reuse the (V, D) embedding as the head; untied, the head is input-major (fast decoding).
+        self.output = None if cfg.tie_embeddings else Projection(cfg.dim, cfg.vocab_size)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -105,7 +104,7 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Preallocate KV caches for incremental decoding."""
         cfg = self.config
-        dtype, device = self.output.weight.dtype, self.output.weight.device
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         for block in self.layers:
             block.attn.kv_cache = KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, dtype, device)
 
@@ -137,12 +136,16 @@ class Transformer(nn.Module):
             x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_BT, cache_mask_B1TS)
             if routing is not None:
                 routings.append(routing)
-        logits_BTV = self.output(self.norm(x_BTD))
+        logits_BTV = self.head(self.norm(x_BTD))
         if targets_BT is None:
             return ModelOutput(logits_BTV, routings=routings)
         lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         aux_loss = sum((r.aux_loss for r in routings), torch.zeros((), device=idx_BT.device))
         return ModelOutput(logits_BTV, lm_loss + aux_loss, lm_loss, aux_loss, routings)
+
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states."""
+        return F.linear(x_BTD, self.tok_embeddings.weight) if self.output is None else self.output(x_BTD)
 
     def update_controllers(self, mean_k_per_layer: list[float]) -> None:
         """One controller step per MoE layer, from that layer's measured mean experts/token."""
