@@ -40,6 +40,11 @@ class Routing:
 Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is in a narrower float type (a Python check: no kernel call on the fp32 path)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class Router(nn.Module):
     """Shared machinery: the gate, balance and z losses, and the compute controller."""
 
@@ -63,13 +68,12 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
-        logits_TE = self.gate(h_TD)
         # At least fp32: the softmax and the cumulative sums decide k and are precision-sensitive.
-        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+        logits_TE = at_least_fp32(self.gate(h_TD))
         experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE)
-        routing = Routing(experts_TK, weights_TK.type_as(h_TD), k_T, torch.zeros((), device=h_TD.device),
-                          {"mean_k": k_T.float().mean().detach()})
-        if torch.is_grad_enabled():  # the auxiliary losses only matter for training; inference skips their cost
+        routing = Routing(experts_TK, weights_TK.type_as(h_TD), k_T, torch.zeros((), device=h_TD.device))
+        if torch.is_grad_enabled():  # losses and statistics only matter for training; decoding skips their cost
+            routing.stats["mean_k"] = k_T.float().mean().detach()
             routing.aux_loss = self.aux_loss(routing, logits_TE, probs_TE, cost_T)
         return routing
 
@@ -138,6 +142,10 @@ def check_threshold(threshold: float) -> None:
 class TopPRouter(Router):
     """Smallest set of top experts whose probability mass reaches the threshold (Huang et al. 2024)."""
 
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("slots_K", torch.arange(cfg.k_max), persistent=False)
+
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor | float:
         """Softmax temperature per token; fixed at 1 here."""
         return 1.0
@@ -148,8 +156,7 @@ class TopPRouter(Router):
         # An expert is needed while the mass before it is still below the threshold.
         mass_before_TK = sorted_TK.cumsum(-1) - sorted_TK
         k_T = (mass_before_TK < self.threshold).sum(-1).clamp(self.k_min, self.k_max)
-        mask_TK = torch.arange(self.k_max, device=h_TD.device)[None, :] < k_T[:, None]
-        kept_TK = sorted_TK * mask_TK
+        kept_TK = sorted_TK * (self.slots_K < k_T[:, None])
         weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
@@ -176,10 +183,11 @@ class DynamicRouter(TopPRouter):
         nn.init.constant_(self.temperature_head.bias, math.log(math.expm1(1.0 - self.temperature_min)))
 
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor:
-        raw_T1 = self.temperature_head(h_TD * self.temperature_input_scale)
-        raw_T1 = raw_T1.to(torch.promote_types(raw_T1.dtype, torch.float32))
+        head = self.temperature_head
+        # bias + scale * (h @ w): the input scaling and the head in one kernel call.
+        raw_T1 = at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.temperature_input_scale))
         temperature_T1 = (F.softplus(raw_T1) + self.temperature_min).clamp(max=self.temperature_max)
-        return temperature_T1 * self.temperature_scale
+        return temperature_T1 if self.temperature_scale == 1.0 else temperature_T1 * self.temperature_scale
 
 
 class ReLURouter(Router):
