@@ -7,9 +7,28 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from dynamoe.errors import DynamoeError
+
+ConfigT = TypeVar("ConfigT")
+
+
+def requirement(what: str) -> Callable[[bool, str], None]:
+    """A check that raises DynamoeError("invalid {what}: message") when its condition is false."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise DynamoeError(f"invalid {what}: {message}")
+    return need
+
+
+def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> ConfigT:
+    """cls(**data), rejecting unknown keys with a message naming them."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise DynamoeError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
 
 RouterName = Literal["topk", "dynamic", "topp", "relu"]
 ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu")
@@ -68,10 +87,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise DynamoeError naming the first inconsistent field."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise DynamoeError(f"invalid model config: {message}")
-
+        need = requirement("model config")
         need(min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len, self.expert_dim) >= 1,
              "vocab_size, dim, n_layers, n_heads, max_seq_len and expert_dim must be positive")
         need(self.kv_heads >= 1 and self.norm_eps > 0 and self.rope_theta > 0, "n_kv_heads, norm_eps and rope_theta must be positive")
@@ -104,11 +120,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from a dict, rejecting unknown keys with a clear message."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DynamoeError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config")
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dynamoe.checkpoint import (check_same_tokenizer, latest_checkpoint, load_model, load_train_config,
                                 load_trainer_state, rng_state, save_checkpoint, set_rng_state)
-from dynamoe.config import ModelConfig
+from dynamoe.config import ModelConfig, dataclass_from_dict, requirement
 from dynamoe.data import TokenDataset
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
@@ -88,10 +88,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise DynamoeError naming the first invalid field."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise DynamoeError(f"invalid train config: {message}")
-
+        need = requirement("train config")
         need(self.steps >= 1, f"steps={self.steps} must be at least 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.seq_len is None or self.seq_len >= 1, f"seq_len={self.seq_len} must be at least 1")
@@ -127,11 +124,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build from a dict, rejecting unknown keys with a clear message."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DynamoeError(f"unknown train config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train config")
 
 
 @dataclass
