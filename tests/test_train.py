@@ -47,6 +47,23 @@ def same_steps(log: list[dict[str, Any]], reference: list[dict[str, Any]], keys:
 EXACT_KEYS = ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "mean_k_per_layer", "tokens")
 
 
+def poison_loss_of_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the training loss of optimizer step `step` (one micro-batch per step) NaN."""
+    forward = Transformer.forward
+    calls = 0
+
+    def poisoned_forward(self: Transformer, *args: Any) -> Any:
+        nonlocal calls
+        out = forward(self, *args)
+        if self.training:
+            calls += 1
+            if calls == step:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned_forward)
+
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 uninterrupted steps: the reference the resumed runs must reproduce."""
@@ -157,19 +174,7 @@ def test_resume_after_kill_9(tiny_corpus: Path, tmp_path: Path, straight_run: Pa
 
 
 def test_nan_loss_skips_the_step(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = Transformer.forward
-    calls = 0
-
-    def poisoned_forward(self: Transformer, *args: Any) -> Any:
-        nonlocal calls
-        out = forward(self, *args)
-        if self.training:
-            calls += 1
-            if calls == 3:  # the loss of optimizer step 3
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(Transformer, "forward", poisoned_forward)
+    poison_loss_of_step(monkeypatch, 3)
     summary = train(tiny(), config(tiny_corpus, tmp_path, steps=5, save_every=1, keep_checkpoints=5))
     log = read_log(tmp_path)
     assert [record["skipped"] for record in log] == [False, False, True, False, False]
@@ -269,19 +274,7 @@ def test_last_step_is_saved_before_the_final_evaluation(tiny_corpus: Path, tmp_p
 
 
 def test_a_skipped_last_step_is_an_error(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    forward = Transformer.forward
-    calls = 0
-
-    def poisoned_last_step(self: Transformer, *args: Any) -> Any:
-        nonlocal calls
-        out = forward(self, *args)
-        if self.training:
-            calls += 1
-            if calls == 3:  # the loss of optimizer step 3, the last
-                out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(Transformer, "forward", poisoned_last_step)
+    poison_loss_of_step(monkeypatch, 3)  # the last step
     with pytest.raises(DynamoeError, match=r"last step \(3\) had a non-finite loss .* --resume from .*ckpt-0000003"):
         train(tiny(), config(tiny_corpus, tmp_path, steps=3))
 

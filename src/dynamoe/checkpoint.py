@@ -156,13 +156,19 @@ def check_same_tokenizer(checkpoint: Path, data_dir: Path,
         raise DynamoeError(f"checkpoint {file.parent} was trained with a different tokenizer than corpus {data_dir}; {fix}")
 
 
+def _resume_file(path: Path, name: str, consequence: str) -> Path:
+    """A file that resuming needs from a checkpoint (or a run's latest one), with a clear error if it is missing."""
+    ckpt = resolve_checkpoint(path)
+    file = ckpt / name
+    if not file.is_file():
+        raise DynamoeError(f"checkpoint {ckpt} has no {name}, so {consequence}; "
+                           "resume from another checkpoint or start a new run")
+    return file
+
+
 def load_train_config(path: Path) -> dict[str, Any]:
     """The training settings saved with a checkpoint (or with a run's latest checkpoint), as a dict."""
-    ckpt = resolve_checkpoint(path)
-    file = ckpt / TRAIN_CONFIG_FILE
-    if not file.is_file():
-        raise DynamoeError(f"checkpoint {ckpt} has no {TRAIN_CONFIG_FILE}, so a resume cannot be checked against it; "
-                           "resume from another checkpoint or start a new run")
+    file = _resume_file(path, TRAIN_CONFIG_FILE, "a resume cannot be checked against it")
     try:
         settings = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -174,11 +180,7 @@ def load_train_config(path: Path) -> dict[str, Any]:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Optimizer state, step counters and RNG states, read with weights_only=True (no code runs)."""
-    ckpt = resolve_checkpoint(path)
-    file = ckpt / TRAINER_STATE_FILE
-    if not file.is_file():
-        raise DynamoeError(f"checkpoint {ckpt} has no {TRAINER_STATE_FILE}, so it cannot be resumed; "
-                           "resume from another checkpoint or start a new run")
+    file = _resume_file(path, TRAINER_STATE_FILE, "it cannot be resumed")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, disallowed global: all mean corrupt
