@@ -69,13 +69,16 @@ class Projection(nn.Module):
     an 8192 x 256 head, one thread).
     """
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
 def cache_mask(input_pos_BT: torch.Tensor, cache_len: int) -> torch.Tensor:
@@ -89,9 +92,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = Projection(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.wk = Projection(cfg.dim, cfg.kv_heads * cfg.head_dim)
-        self.wv = Projection(cfg.dim, cfg.kv_heads * cfg.head_dim)
+        # Queries, keys and values from one fused projection (columns: q heads, k heads, v heads):
+        # batch-1 decoding then reads one matrix per layer in one matvec instead of three.
+        self.qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+        self.wqkv = Projection(cfg.dim, sum(self.qkv_sizes))
         self.wo = Projection(cfg.n_heads * cfg.head_dim, cfg.dim)
         self.kv_cache: KVCache | None = None
 
@@ -100,9 +104,10 @@ class Attention(nn.Module):
         """Without input positions: causal attention over x. With them: write to and read from the KV cache,
         where cache_mask_B1TS (see cache_mask) says which cached positions each query sees."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x_BTD).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_Td, sin_Td), apply_rope(k, cos_Td, sin_Td)
         if self.kv_cache is None or input_pos_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)

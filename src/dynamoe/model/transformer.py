@@ -73,6 +73,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
             elif name.endswith(("wo.weight", "w_down")):
                 nn.init.normal_(param, std=residual_std)
             else:
