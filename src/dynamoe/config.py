@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
@@ -69,13 +69,23 @@ class ModelConfig:
     controller_limit: float = 1.0  # bound of the integral term
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
     z_loss_coef: float = 1e-3  # router z-loss
+    renormalize_topk: bool = True  # topk router: the chosen experts' weights sum to 1 (Mixtral); False keeps softmax probabilities
+
+    # Variants that imported checkpoints need (Qwen-MoE, OLMoE); the defaults are dynamoe's own architecture.
+    attn_head_dim: int | None = None  # None: dim // n_heads; set when heads are wider or narrower (Qwen3-MoE)
+    qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2-MoE)
+    out_bias: bool = False  # bias on the attention output projection
+    qk_norm: Literal["none", "head", "proj"] = "none"  # RMSNorm of queries and keys: per head (Qwen3) or whole projection (OLMoE)
+    clip_qkv: float | None = None  # clamp queries, keys and values to [-clip_qkv, clip_qkv] (OLMoE)
+    dense_layers: list[int] = field(default_factory=list)  # blocks of an MoE model with a dense SwiGLU of dense_hidden
+    shared_expert_dim: int = 0  # hidden size of an always-on expert behind a sigmoid gate in every MoE block; 0: none
 
     def __post_init__(self) -> None:
         self.validate()
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -92,12 +102,21 @@ class ModelConfig:
              "vocab_size, dim, n_layers, n_heads, max_seq_len and expert_dim must be positive")
         need(self.kv_heads >= 1 and self.norm_eps > 0 and self.rope_theta > 0, "n_kv_heads, norm_eps and rope_theta must be positive")
         need(self.dense_dim is None or self.dense_dim >= 1, f"dense_dim={self.dense_dim} must be positive")
-        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        need(self.attn_head_dim is not None or self.dim % self.n_heads == 0,
+             f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set attn_head_dim")
+        need(self.attn_head_dim is None or self.attn_head_dim >= 1, f"attn_head_dim={self.attn_head_dim} must be positive")
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         need(self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         need(self.ffn in ("moe", "dense"), f"ffn must be 'moe' or 'dense', got {self.ffn!r}")
         need(self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         need(self.n_experts >= 1, "n_experts must be at least 1")
+        need(self.qk_norm in ("none", "head", "proj"), f"qk_norm must be 'none', 'head' or 'proj', got {self.qk_norm!r}")
+        need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv={self.clip_qkv} must be positive (or None)")
+        need(isinstance(self.shared_expert_dim, int) and self.shared_expert_dim >= 0,
+             f"shared_expert_dim={self.shared_expert_dim!r} must be an integer >= 0 (0: no shared expert)")
+        need(isinstance(self.dense_layers, list) and all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.dense_layers)
+             and len(set(self.dense_layers)) == len(self.dense_layers),
+             f"dense_layers={self.dense_layers!r} must be a list of distinct block indices in [0, n_layers={self.n_layers})")
         need(1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
         need(1 <= self.k_min <= self.k_max, f"need 1 <= k_min={self.k_min} <= k_max={self.k_max}")
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")

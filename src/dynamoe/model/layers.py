@@ -95,8 +95,15 @@ class Attention(nn.Module):
         # Queries, keys and values from one fused projection (columns: q heads, k heads, v heads):
         # batch-1 decoding then reads one matrix per layer in one matvec instead of three.
         self.qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
-        self.wqkv = Projection(cfg.dim, sum(self.qkv_sizes))
-        self.wo = Projection(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.wqkv = Projection(cfg.dim, sum(self.qkv_sizes), bias=cfg.qkv_bias)
+        self.wo = Projection(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        # Optional RMSNorm of queries and keys: over each head's features ("head", shared by the heads)
+        # or over the whole query and key projections ("proj").
+        q_norm_dim, k_norm_dim = {"none": (0, 0), "head": (cfg.head_dim, cfg.head_dim), "proj": self.qkv_sizes[:2]}[cfg.qk_norm]
+        self.q_norm = RMSNorm(q_norm_dim, cfg.norm_eps) if q_norm_dim else None
+        self.k_norm = RMSNorm(k_norm_dim, cfg.norm_eps) if k_norm_dim else None
+        self.norm_per_head = cfg.qk_norm == "head"
+        self.clip_qkv = cfg.clip_qkv
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor,
@@ -105,9 +112,14 @@ class Attention(nn.Module):
         where cache_mask_B1TS (see cache_mask) says which cached positions each query sees."""
         B, T, _ = x_BTD.shape
         q, k, v = self.wqkv(x_BTD).split(self.qkv_sizes, dim=-1)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.normalize_qk(q, k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos_Td, sin_Td), apply_rope(k, cos_Td, sin_Td)
         if self.kv_cache is None or input_pos_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -115,6 +127,13 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos_BT, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def normalize_qk(self, q_BTHd: torch.Tensor, k_BTHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """QK-norm: RMSNorm of queries and keys per head, or over all heads of the projection at once."""
+        assert self.q_norm is not None and self.k_norm is not None
+        if self.norm_per_head:
+            return self.q_norm(q_BTHd), self.k_norm(k_BTHd)
+        return self.q_norm(q_BTHd.flatten(2)).view_as(q_BTHd), self.k_norm(k_BTHd.flatten(2)).view_as(k_BTHd)
 
 
 def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor) -> torch.Tensor:

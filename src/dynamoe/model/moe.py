@@ -8,7 +8,20 @@ from torch import nn
 from dynamoe.config import ModelConfig
 from dynamoe.model.dispatch import Dispatcher, LocalDispatcher
 from dynamoe.model.experts import Experts
+from dynamoe.model.layers import DenseFFN, Projection
 from dynamoe.model.router import Routing, build_router
+
+
+class SharedExpert(nn.Module):
+    """An expert every token uses, scaled per token by a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.ffn = DenseFFN(dim, hidden)
+        self.gate = Projection(dim, 1)
+
+    def forward(self, h_ND: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(h_ND)) * self.ffn(h_ND)
 
 
 class MoE(nn.Module):
@@ -19,10 +32,13 @@ class MoE(nn.Module):
         self.router = build_router(cfg)
         self.experts = Experts(cfg.n_experts, cfg.dim, cfg.expert_dim)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        self.shared_expert = SharedExpert(cfg.dim, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x_BTD.shape
         h_ND = x_BTD.reshape(B * T, D)
         routing = self.router(h_ND)
         y_ND = self.dispatcher(h_ND, routing, self.experts)
+        if self.shared_expert is not None:
+            y_ND = y_ND + self.shared_expert(h_ND)
         return y_ND.view(B, T, D), routing

@@ -115,18 +115,22 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Static top-k softmax routing, renormalised over the chosen experts (Mixtral)."""
+    """Static top-k softmax routing, renormalised over the chosen experts (Mixtral) or not (Qwen-MoE, OLMoE default).
+
+    Renormalising the top-k probabilities equals a softmax over the chosen experts' logits.
+    """
 
     uses_controller = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.top_k = cfg.top_k
+        self.top_k, self.renormalize = cfg.top_k, cfg.renormalize_topk
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         k_T = torch.full((h_TD.shape[0],), self.top_k, dtype=torch.long, device=h_TD.device)
         return experts_TK, weights_TK, k_T, probs_TE, None
 

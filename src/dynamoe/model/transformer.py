@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,13 @@ class ModelOutput:
 class Block(nn.Module):
     """Pre-norm attention then pre-norm feed-forward, each on a residual."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: MoE | DenseFFN = MoE(cfg) if cfg.ffn == "moe" else DenseFFN(cfg.dim, cfg.dense_hidden)
+        sparse = cfg.ffn == "moe" and index not in cfg.dense_layers
+        self.ffn: MoE | DenseFFN = MoE(cfg) if sparse else DenseFFN(cfg.dim, cfg.dense_hidden)
 
     def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, input_pos_BT: torch.Tensor | None,
                 cache_mask_B1TS: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
@@ -57,13 +58,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, index) for index in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied embeddings reuse the (V, D) embedding as the head; untied, the head is input-major (fast decoding).
         self.output = None if cfg.tie_embeddings else Projection(cfg.dim, cfg.vocab_size)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.compiled_decode: Callable[..., ModelOutput] | None = None  # see compile_decode
         self.reset_parameters()
 
     @torch.no_grad()
@@ -75,7 +77,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(param)
             elif name.endswith(".bias"):
                 nn.init.zeros_(param)
-            elif name.endswith(("wo.weight", "w_down")):
+            elif name.endswith(("wo.weight", "w_down")):  # residual outputs (shared expert included)
                 nn.init.normal_(param, std=residual_std)
             else:
                 nn.init.normal_(param, std=INIT_STD)
@@ -106,9 +108,23 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Preallocate KV caches for incremental decoding."""
         cfg = self.config
+        if self.compiled_decode is not None:  # one cache length for every request: no recompilation per length
+            max_len = cfg.max_seq_len
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         for block in self.layers:
             block.attn.kv_cache = KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, dtype, device)
+
+    def compile_decode(self) -> None:
+        """Decode steps through torch.compile: per layer, attention, norms and router fuse into one compiled graph.
+
+        The MoE dispatch stays eager (a graph break): how many experts run is data-dependent and read on
+        the host once per layer, which a static graph cannot express without running every expert.
+        Prefill and training keep the eager forward.
+        """
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                block.ffn.dispatcher = torch.compiler.disable(block.ffn.dispatcher)
+        self.compiled_decode = torch.compile(self.forward, dynamic=False)
 
     def clear_caches(self) -> None:
         """Drop KV caches (full-sequence forward passes again)."""
