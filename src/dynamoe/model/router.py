@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ class Router(nn.Module):
         self.threshold = cfg.threshold
         self.balance_coef, self.z_loss_coef = cfg.balance_coef, cfg.z_loss_coef
         self.gate = Projection(cfg.dim, cfg.n_experts)
+        # Under data parallelism, dynamoe.parallel sets this to sum the per-expert counts over every rank,
+        # so that the balance loss sees the global batch, as one process training on it would.
+        self.reduce_expert_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.target_k = cfg.target_k if self.uses_controller else None
         if self.target_k is not None:
             self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit
@@ -95,6 +99,8 @@ class Router(nn.Module):
         # scatter_add_ on the mask rather than bincount of the selected ids: no host synchronisation.
         counts_E = torch.zeros(self.n_experts, device=probs_TE.device, dtype=probs_TE.dtype).scatter_add_(
             0, routing.experts_TK.flatten(), routing.mask_TK.flatten().to(probs_TE.dtype))
+        if self.reduce_expert_counts is not None:
+            counts_E = self.reduce_expert_counts(counts_E)
         share_E = counts_E / counts_E.sum().clamp(min=1.0)
         return self.n_experts * (share_E * probs_TE.mean(0)).sum()
 
