@@ -85,7 +85,7 @@ class VariantResult:
     decode_steps: int  # timed steps behind the two latencies
     decode_mean_k: float | None
     decode_mean_k_per_layer: list[float]
-    router_share: float | None  # share of batch-1 decode time spent in the routers
+    router_share: float | None  # share of batch-1 decode time spent in the routers (measured under hooks)
     prefill_tokens_per_s: float
     batch_tokens_per_s: dict[str, float]  # batch size -> decode throughput
     cost_per_million_batch1: float  # USD per million output tokens at batch 1
@@ -139,7 +139,8 @@ class Samples:
     step_seconds: list[float] = field(default_factory=list)
     prefill_tokens_per_s: list[float] = field(default_factory=list)
     batch_tokens_per_s: dict[int, list[float]] = field(default_factory=dict)
-    router_seconds: float = 0.0
+    router_seconds: float = 0.0  # time in the routers during the probed runs ...
+    probed_seconds: float = 0.0  # ... out of this much decode time
     k_sum_per_layer: np.ndarray | None = None
     routed_tokens: int = 0
     cuda_peak_bytes: int = 0
@@ -292,11 +293,15 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
         torch.cuda.reset_peak_memory_stats(device)
     row = workload.single_rows[round_index:round_index + 1]
     P = workload.prompt_tokens
-    with RouterProbe(model) as probe:
-        run = timed_decode(model, row[:, :P], row[:, P:], probe=probe)
+    run = timed_decode(model, row[:, :P], row[:, P:])
     samples.step_seconds += run.step_seconds
     samples.prefill_tokens_per_s.append(P / run.prefill_seconds)
+    # The router share and k come from a second, identical run under the probe: its hooks cost time on
+    # every layer, which would inflate every variant's latency alike and pull the ratios towards 1.
+    with RouterProbe(model) as probe:
+        probed = timed_decode(model, row[:, :P], row[:, P:], probe=probe)
     samples.router_seconds += probe.seconds
+    samples.probed_seconds += sum(probed.step_seconds)
     k_sum = probe.k_sum_L.cpu().numpy().astype(np.float64)
     samples.k_sum_per_layer = k_sum if samples.k_sum_per_layer is None else samples.k_sum_per_layer + k_sum
     samples.routed_tokens += probe.tokens
@@ -327,7 +332,7 @@ def summarize(variant: Variant, samples: Samples, report: EvalReport, settings: 
         eval_mean_k=report.total.mean_k,
         decode_median_ms=median_s * 1e3, decode_p95_ms=float(np.percentile(steps, 95)) * 1e3, decode_steps=len(steps),
         decode_mean_k=float(np.mean(mean_k_per_layer)) if routers else None, decode_mean_k_per_layer=mean_k_per_layer,
-        router_share=samples.router_seconds / float(steps.sum()) if routers else None,
+        router_share=samples.router_seconds / samples.probed_seconds if routers else None,
         prefill_tokens_per_s=float(np.median(samples.prefill_tokens_per_s)),
         batch_tokens_per_s={str(b): v for b, v in batched_s.items()},
         cost_per_million_batch1=cost_per_million(settings.price_per_hour, median_s),
@@ -380,7 +385,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequence[float] = (),
               settings: BenchSettings = BenchSettings(), device: str | torch.device = "auto",
-              progress: bool = True) -> BenchReport:
+              progress: bool = True, compile_decode: bool = False) -> BenchReport:
     """Measure every variant in interleaved rounds; write results.json, results.md and the plot to `out`."""
     if not checkpoints:
         raise DynamoeError("bench needs at least one checkpoint")
@@ -390,6 +395,9 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     models = [load_model(checkpoint, device=torch_device)[0] for checkpoint in checkpoints]
+    if compile_decode:  # compiled during the warm-up round, whose samples are dropped
+        for model in models:
+            model.compile_decode()
     variants = make_variants(checkpoints, models, dial)
     tokens = split_tokens_by_domain(corpus, "test")
     workload = build_workload(tokens, settings, min(m.config.max_seq_len for m in models), torch_device)
@@ -412,7 +420,8 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
 
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
-                                   "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS},
+                                   "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
+                                   "compile_decode": compile_decode},
                          environment(torch_device))
     write_outputs(report, Path(out))
     return report

@@ -124,7 +124,7 @@ def prefill(model: Transformer, idx_BT: torch.Tensor, lengths_B: torch.Tensor) -
 def decode_one_token(model: Transformer, token_B1: torch.Tensor, input_pos_B1: torch.Tensor, sampling: SamplingConfig,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed one token per row at its own position; the next token of each row and the mean experts spent on it."""
-    out = model(token_B1, input_pos_T=input_pos_B1)
+    out = (model.compiled_decode or model)(token_B1, input_pos_T=input_pos_B1)
     experts_B1 = mean_experts(out.routings, *token_B1.shape)
     return sample(out.logits[:, -1], sampling, generator), None if experts_B1 is None else experts_B1[:, 0]
 
