@@ -214,8 +214,33 @@ def demo(
     run_demo(quick=quick, out_root=out, data_root=data_root)
 
 
+def serve(
+    checkpoint: Checkpoint,
+    host: Annotated[str, "address to bind; 0.0.0.0 exposes the server to the network"] = "127.0.0.1",
+    port: Annotated[int, "TCP port"] = 8000,
+    api_key: Annotated[str | None, "require `Authorization: Bearer KEY` (default: $DYNAMOE_API_KEY, else no key)"] = None,
+    model_name: Annotated[str, "the model id clients pass as `model`"] = "dynamoe",
+    threshold: Threshold = None,
+    max_batch_size: Annotated[int, "rows decoded together; 1 serves one request at a time"] = 32,
+    max_queue: Annotated[int, "requests waiting at most; more are refused with 429"] = 256,
+    max_tokens: Annotated[int, "largest max_tokens a request may ask for"] = 1024,
+    max_prompt_tokens: Annotated[int | None, "longest prompt in tokens (default: the model's context)"] = None,
+    max_body_bytes: Annotated[int, "largest request body"] = 1_000_000,
+    timeout: Annotated[float, "seconds a request may wait and run before it is cancelled (504)"] = 300.0,
+    batch_window_ms: Annotated[float, "an idle server waits this long for requests to batch together"] = 5.0,
+    device: Device = "auto",
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, lm-eval's endpoints)."""
+    from dynamoe.serve.app import serve_checkpoint
+
+    serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key or os.environ.get("DYNAMOE_API_KEY"),
+                     model_name=model_name, threshold=threshold, max_batch_size=max_batch_size, max_queue=max_queue,
+                     max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                     timeout=timeout, batch_window_ms=batch_window_ms, device=device)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
-    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo,
+    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo, "serve": serve,
 }
 
 

@@ -1,0 +1,539 @@
+"""The OpenAI-compatible HTTP API: routes, limits, authentication, streaming.
+
+`create_app` wires a loaded model and tokenizer to a batching `Engine` and returns a FastAPI app;
+`run_server` loads a checkpoint and serves it with uvicorn. Each request becomes one engine job (one
+row per prompt and choice); the handler then either collects the job's events into one JSON answer
+or streams them as server-sent events. A request that waits or runs past the timeout is cancelled
+and answered 504; a client that disconnects cancels its job; a full queue answers 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tokenizers import Tokenizer
+
+from dynamoe.data.tokenizer import EOS_TOKEN, eos_id
+from dynamoe.errors import DynamoeError
+from dynamoe.generate import SamplingConfig
+from dynamoe.model import Transformer
+from dynamoe.model.router import check_threshold
+from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
+from dynamoe.serve.engine import (Engine, EngineLimits, Event, Job, JobFailed, NewToken, PromptScored, QueueFull, RowDone,
+                                  Sequence)
+from dynamoe.serve.errors import APIError, error_body, error_response, install_error_handlers
+from dynamoe.serve.metrics import Metrics
+from dynamoe.serve.responses import (DONE_LINE, RowResult, Vocabulary, chat_logprobs, completion_choice,
+                                     completion_logprobs, envelope, new_id, now, sse, usage)
+from dynamoe.serve.schemas import (MAX_SEED, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                                   TokenizeRequest)
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged and counted, never read by anyone
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the server allows and how it answers."""
+
+    model_name: str = "dynamoe"  # the id clients pass as `model` and /v1/models lists
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
+    threshold: float | None = None  # default compute dial (None: the trained threshold)
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = None  # longest prompt in tokens (None: the model's context)
+    max_prompts: int = 64  # prompts in one completions request
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0  # waiting plus running; then the job is cancelled and the answer is 504
+    engine: EngineLimits = field(default_factory=EngineLimits)
+
+    def validate(self) -> None:
+        """Raise DynamoeError naming the first setting out of range."""
+        positive = {"--max-tokens": self.max_tokens_limit, "--max-body-bytes": self.max_body_bytes,
+                    "--max-batch-size": self.engine.max_batch_size, "--max-queue": self.engine.max_queue,
+                    "--max-prompt-tokens": self.max_prompt_tokens or 1}
+        for flag, value in positive.items():
+            if value < 1:
+                raise DynamoeError(f"{flag}={value} must be at least 1")
+        if not self.request_timeout_s > 0:
+            raise DynamoeError(f"--timeout={self.request_timeout_s} must be a positive number of seconds")
+        if not self.engine.batch_window_s >= 0:
+            raise DynamoeError(f"--batch-window-ms={self.engine.batch_window_s * 1000} must be >= 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise DynamoeError("--api-key is empty; pass a key or leave it out")
+
+
+class BodyLimitAndMetrics:
+    """ASGI middleware: refuse bodies over the limit with 413, and count every answer by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, routes: frozenset[str]) -> None:
+        self.app, self.metrics, self.max_body_bytes, self.routes = app, metrics, max_body_bytes, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+        endpoint = scope["path"] if scope["path"] in self.routes else "other"  # bounded label values
+        too_large = f"the request body exceeds the server's limit of {self.max_body_bytes} bytes"
+        received = [0]
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            received[0] += len(message.get("body", b""))
+            if received[0] > self.max_body_bytes:  # raised inside the route, so the 413 handler answers it
+                raise StarletteHTTPException(413, too_large)
+            return message
+
+        async def status_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                await error_response(413, too_large)(scope, receive, status_send)
+            else:
+                await self.app(scope, counted_receive, status_send)
+        finally:
+            self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+            self.metrics.request_seconds.observe(time.perf_counter() - started, endpoint=endpoint)
+
+
+class Server:
+    """The model, tokenizer and engine behind the routes, and the request-to-job translation."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, settings: ServeSettings) -> None:
+        self.model, self.config, self.settings = model, model.config, settings
+        # Like vLLM's: the literal text <|endoftext|> in a prompt is the end-of-text token (a document
+        # boundary), so that /tokenize gives lm-eval the real EOS id.
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.tokenizer.encode_special_tokens = False
+        self.eos_id = eos_id(self.tokenizer)
+        self.vocab = Vocabulary(self.tokenizer.decode)
+        self.metrics = Metrics()
+        self.dialable = bool(model.threshold_routers())
+        self.routed = bool(model.routers())
+        self.threshold = self._default_threshold(settings.threshold)
+        self.max_prompt_tokens = min(settings.max_prompt_tokens or self.config.max_seq_len, self.config.max_seq_len)
+        self.engine = Engine(model, self.tokenizer.decode, self.eos_id, settings.engine, self.metrics)
+        self.created = now()
+
+    def _default_threshold(self, requested: float | None) -> float | None:
+        if requested is None:
+            return self.config.threshold if self.dialable else None
+        check_threshold(requested)
+        if not self.dialable:
+            raise DynamoeError(f"--threshold needs a topp or dynamic router, but this model's is "
+                               f"{self.config.router if self.routed else 'a dense feed-forward'}; drop --threshold")
+        return float(requested)
+
+    # -- requests to sequences ------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        """404 for a model id this server does not serve (omitting it is fine)."""
+        if name is not None and name != self.settings.model_name:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {self.settings.model_name!r}",
+                           "model", "model_not_found")
+
+    def threshold_for(self, body: SamplingFields) -> float | None:
+        """The request's compute dial, or the server's default."""
+        requested = body.dynamoe.threshold if body.dynamoe is not None else None
+        if requested is None:
+            return self.threshold
+        if not self.dialable:
+            raise APIError(400, f"dynamoe.threshold needs a topp or dynamic router, but this model's router is "
+                                f"{self.config.router if self.routed else 'absent (dense)'}", "dynamoe.threshold")
+        return float(requested)
+
+    def encode(self, text: str) -> list[int]:
+        """A text prompt's token ids; the empty prompt is the start of a document (the end-of-text token)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.eos_id]
+
+    def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """The token ids of each prompt of a completions request, checked against the vocabulary and limits."""
+        if isinstance(prompt, str):
+            prompts = [self.encode(prompt)]
+        elif isinstance(prompt[0], str):
+            prompts = [self.encode(text) for text in prompt]  # type: ignore[arg-type]
+        elif isinstance(prompt[0], int):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(ids) for ids in prompt]  # type: ignore[union-attr]
+        if len(prompts) > self.settings.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {self.settings.max_prompts}", "prompt")
+        for ids in prompts:
+            self.check_prompt(ids, "prompt")
+        return prompts
+
+    def check_prompt(self, ids: list[int], param: str) -> None:
+        """400 for a token id outside the vocabulary or a prompt over the length limit."""
+        bad = next((token for token in ids if token >= self.config.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary of {self.config.vocab_size}", param)
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", param,
+                           "context_length_exceeded")
+
+    def max_new_tokens(self, requested: int | None, prompt_length: int, param: str) -> int:
+        """The tokens to generate for a prompt: the request's max_tokens, or what the context leaves (capped)."""
+        # n new tokens need n - 1 of them fed back, so a prompt may fill the context and still get one.
+        room = self.config.max_seq_len - prompt_length + 1
+        if requested is None:
+            return min(room, self.settings.max_tokens_limit)
+        if requested > self.settings.max_tokens_limit:
+            raise APIError(400, f"{param}={requested} is over the server's limit of {self.settings.max_tokens_limit}", param)
+        if requested > room:
+            raise APIError(400, f"a prompt of {prompt_length} tokens leaves room for {room} new tokens in the model's "
+                                f"context of {self.config.max_seq_len}, but {param}={requested}; lower {param}",
+                           param, "context_length_exceeded")
+        return requested
+
+    def sequences(self, prompts: list[list[int]], body: SamplingFields, max_tokens: int | None, param: str,
+                  stop: tuple[str, ...], logprobs: int | None, score_prompt: bool) -> list[Sequence]:
+        """One engine row per prompt and choice; choice j of a seeded request samples with seed + j."""
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+        rows = []
+        for ids in prompts:
+            new_tokens = self.max_new_tokens(max_tokens, len(ids), param)
+            for choice in range(body.n):
+                sampling = SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                          seed=(seed + choice) % (MAX_SEED + 1))
+                rows.append(Sequence(tuple(ids), new_tokens, sampling, stop, logprobs, score_prompt))
+        return rows
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+
+    def submit(self, sequences: list[Sequence], threshold: float | None) -> tuple[Job, asyncio.Queue[Event]]:
+        """Queue a job whose events arrive on the returned asyncio queue; 429 when the engine's queue is full."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(event: Event) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
+        job = Job(sequences, threshold, on_event)
+        try:
+            self.engine.submit(job)
+        except QueueFull as full:
+            raise APIError(429, f"the server is busy ({full}); retry shortly", code="queue_full") from None
+        return job, events
+
+    async def events(self, job: Job, queue: asyncio.Queue[Event], deadline: float) -> AsyncIterator[Event]:
+        """The job's events until every row is done; 504 past the deadline, 500 if its batch failed."""
+        loop = asyncio.get_running_loop()
+        remaining = len(job.sequences)
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    raise APIError(504, f"the request did not finish within {self.settings.request_timeout_s} s "
+                                        "(waiting and generating); ask for fewer tokens or retry later",
+                                   code="timeout") from None
+                if isinstance(event, JobFailed):
+                    raise APIError(500, f"generation failed: {event.message}")
+                if isinstance(event, RowDone):
+                    remaining -= 1
+                yield event
+        finally:
+            if remaining:  # abandoned: a timeout, a failure, or a client that went away
+                job.cancel()
+
+    def deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
+
+    async def collect(self, request: Request, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult]) -> bool:
+        """Fold every event into rows; False if the client disconnected first (the job is then cancelled)."""
+        deadline = self.deadline()
+
+        async def consume() -> None:
+            async with aclosing(self.events(job, queue, deadline)) as events:
+                async for event in events:
+                    rows[event.row].add(event)  # type: ignore[union-attr]
+
+        consumer = asyncio.create_task(consume())
+        watcher = asyncio.create_task(wait_for_disconnect(request))
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            watcher.cancel()
+            consumer.result()  # re-raises a timeout or failure as its APIError
+            return True
+        consumer.cancel()
+        job.cancel()
+        return False
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read, so only that message can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings = ServeSettings(),
+               start_engine: bool = True) -> FastAPI:
+    """The FastAPI app serving `model`; its engine thread runs from startup to shutdown."""
+    server = Server(model.eval(), tokenizer, settings)
+    if server.threshold is not None:
+        model.set_routing_threshold(server.threshold)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_engine:
+            server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="dynamoe", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API for dynamoe MoE models, with a per-request compute dial.")
+    app.state.server = server
+    install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "a valid API key is needed: send the header `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: 200 while the server runs (no API key needed)."""
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics: requests, tokens, latency histograms, batch sizes, experts per token."""
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": server.created, "owned_by": "dynamoe",
+                "max_model_len": server.config.max_seq_len}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models() -> dict[str, Any]:
+        """The one model this server serves."""
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=guarded)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        """The served model, by id."""
+        server.check_model(model_id)
+        return model_card()
+
+    @app.get("/tokenizer_info", dependencies=guarded)
+    async def tokenizer_info() -> dict[str, Any]:
+        """What lm-eval's remote tokenizer needs: special tokens, context length, the chat template."""
+        return {"eos_token": EOS_TOKEN, "bos_token": None, "pad_token": None, "model_max_length": server.config.max_seq_len,
+                "vocab_size": server.config.vocab_size, "chat_template": JINJA_TEMPLATE}
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Text to token ids, as the completions endpoint encodes a text prompt."""
+        server.check_model(body.model)
+        ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.config.max_seq_len}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """Token ids to text."""
+        server.check_model(body.model)
+        server.check_prompt(body.tokens, "tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completion: prompts as text or token ids, echo and logprobs (lm-eval's loglikelihood), streaming."""
+        server.check_model(body.model)
+        prompts = server.prompt_ids(body.prompt)
+        sequences = server.sequences(prompts, body, body.max_tokens, "max_tokens", body.stop_strings(), body.logprobs,
+                                     score_prompt=body.echo and body.logprobs is not None)
+        job, queue = server.submit(sequences, server.threshold_for(body))
+        name, created, response_id = settings.model_name, now(), new_id("cmpl")
+        rows = [RowResult(sequence.prompt_ids) for sequence in sequences]
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = stream_completion(server, job, queue, rows, body, response_id, created, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        if not await server.collect(request, job, queue, rows):
+            return error_response(CLIENT_CLOSED, "the client closed the connection")
+        choices = [completion_choice(server.vocab, index, row, body.echo, body.logprobs is not None)
+                   for index, row in enumerate(rows)]
+        return JSONResponse(envelope(response_id, "text_completion", name, created, choices,
+                                     usage(rows, body.n, server.routed)))
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        """Chat: the messages rendered with the chat template (see docs/serve.md), then a completion."""
+        server.check_model(body.model)
+        prompt = server.encode(render_chat((message.role, message.text()) for message in body.messages))
+        server.check_prompt(prompt, "messages")
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        alternatives = (body.top_logprobs or 0) if body.logprobs else None
+        sequences = server.sequences([prompt], body, body.max_completion_tokens or body.max_tokens, param,
+                                     (*body.stop_strings(), CHAT_STOP), alternatives, score_prompt=False)
+        job, queue = server.submit(sequences, server.threshold_for(body))
+        created, response_id = now(), new_id("chatcmpl")
+        rows = [RowResult(sequence.prompt_ids) for sequence in sequences]
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream_chat(server, job, queue, rows, body, response_id, created, include_usage),
+                                     media_type="text/event-stream")
+        if not await server.collect(request, job, queue, rows):
+            return error_response(CLIENT_CLOSED, "the client closed the connection")
+        choices = []
+        for index, row in enumerate(rows):
+            assert row.done is not None
+            choices.append({"index": index, "message": {"role": "assistant", "content": row.text.lstrip()},
+                            "logprobs": chat_logprobs(server.vocab, row.token_ids, row.logprobs) if body.logprobs else None,
+                            "finish_reason": row.done.finish_reason})
+        return JSONResponse(envelope(response_id, "chat.completion", settings.model_name, created, choices,
+                                     usage(rows, body.n, server.routed)))
+
+    app.add_middleware(BodyLimitAndMetrics, metrics=server.metrics, max_body_bytes=settings.max_body_bytes,
+                       routes=frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{")))
+    return app
+
+
+async def stream_events(server: Server, job: Job, queue: asyncio.Queue[Event],
+                        on_event: Callable[[Event], list[str]], closing: Callable[[], list[str]]) -> AsyncIterator[str]:
+    """Server-sent events: on_event's chunks for each engine event, then closing's, then [DONE]; errors as an event."""
+    started = time.perf_counter()
+    first_token = True
+    try:
+        async with aclosing(server.events(job, queue, server.deadline())) as events:
+            async for event in events:
+                if first_token and isinstance(event, NewToken):
+                    server.metrics.first_token_seconds.observe(time.perf_counter() - started)
+                    first_token = False
+                for chunk in on_event(event):
+                    yield chunk
+        for chunk in closing():
+            yield chunk
+    except APIError as error:  # the status line is sent already: report the error in the stream
+        yield sse(error_body(error.status, error.message, error.param, error.code))
+    yield DONE_LINE
+
+
+def stream_completion(server: Server, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult],
+                      body: CompletionRequest, response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+    """A streamed text_completion: echoed prompts first, then one chunk per token with text, then finish reasons."""
+    vocab, with_logprobs = server.vocab, body.logprobs is not None
+    prompt_texts = [vocab.decode(list(row.prompt_ids)) if body.echo else "" for row in rows]
+
+    def chunk(index: int, text: str, logprobs: dict[str, Any] | None = None, finish_reason: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse(envelope(response_id, "text_completion", server.settings.model_name, created, [choice]))
+
+    # Echo without logprobs needs no model output: send the prompts at once.
+    opening = [chunk(index, text) for index, text in enumerate(prompt_texts) if text and not with_logprobs]
+
+    def on_event(event: Event) -> list[str]:
+        row = rows[event.row]  # type: ignore[union-attr]
+        row.add(event)  # type: ignore[arg-type]
+        if isinstance(event, PromptScored):
+            return [chunk(event.row, prompt_texts[event.row],
+                          completion_logprobs(vocab, row.prompt_ids, event.logprobs, 0))]
+        if isinstance(event, NewToken):
+            logprobs = None
+            if with_logprobs:
+                start = len(prompt_texts[event.row]) + len(vocab.decode(row.token_ids[:-1]))
+                logprobs = completion_logprobs(vocab, [event.token_id], [event.logprob], start)
+            return [chunk(event.row, event.text, logprobs)] if event.text or logprobs else []
+        assert isinstance(event, RowDone)
+        return [chunk(event.row, "", None, event.finish_reason)]
+
+    def closing() -> list[str]:
+        if not include_usage:
+            return []
+        return [sse(envelope(response_id, "text_completion", server.settings.model_name, created, [],
+                             usage(rows, body.n, server.routed)))]
+
+    async def chunks() -> AsyncIterator[str]:
+        for line in opening:
+            yield line
+        async for line in stream_events(server, job, queue, on_event, closing):
+            yield line
+
+    return chunks()
+
+
+def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult], body: ChatRequest,
+                response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+    """A streamed chat.completion: the role first, then content deltas, then each choice's finish reason."""
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse(envelope(response_id, "chat.completion.chunk", server.settings.model_name, created, [choice]))
+
+    shown = [""] * len(rows)
+
+    def on_event(event: Event) -> list[str]:
+        row = rows[event.row]  # type: ignore[union-attr]
+        row.add(event)  # type: ignore[arg-type]
+        if isinstance(event, NewToken):
+            # The reply follows "Assistant:", so its leading whitespace is the template's, not content.
+            text = event.text if shown[event.row] else event.text.lstrip()
+            shown[event.row] += text
+            logprobs = chat_logprobs(server.vocab, [event.token_id], [event.logprob]) if body.logprobs else None
+            return [chunk(event.row, {"content": text}, None, logprobs)] if text or logprobs else []
+        if isinstance(event, RowDone):
+            return [chunk(event.row, {}, event.finish_reason)]
+        return []
+
+    def closing() -> list[str]:
+        if not include_usage:
+            return []
+        return [sse(envelope(response_id, "chat.completion.chunk", server.settings.model_name, created, [],
+                             usage(rows, body.n, server.routed)))]
+
+    async def chunks() -> AsyncIterator[str]:
+        for index in range(len(rows)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for line in stream_events(server, job, queue, on_event, closing):
+            yield line
+
+    return chunks()
+
+
+def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                     model_name: str = "dynamoe", threshold: float | None = None, max_batch_size: int = 32,
+                     max_queue: int = 256, max_tokens: int = 1024, max_prompt_tokens: int | None = None,
+                     max_body_bytes: int = 1_000_000, timeout: float = 300.0, batch_window_ms: float = 5.0,
+                     device: str = "auto") -> None:
+    """Check the settings, load a checkpoint and serve it with uvicorn until interrupted (`dynamoe serve`)."""
+    import uvicorn
+
+    from dynamoe.checkpoint import load_model, load_tokenizer_for
+    from dynamoe.train import resolve_device
+
+    limits = EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_ms / 1000)
+    settings = ServeSettings(model_name=model_name, api_key=api_key, threshold=threshold, max_tokens_limit=max_tokens,
+                             max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                             request_timeout_s=timeout, engine=limits)
+    settings.validate()
+    if not 0 <= port <= 65535:
+        raise DynamoeError(f"--port={port} must be in 0..65535")
+    model, _ = load_model(checkpoint, device=resolve_device(device))
+    app = create_app(model, load_tokenizer_for(checkpoint), settings)
+    print(f"serving {checkpoint} as {model_name!r} on http://{host}:{port}/v1 "
+          f"(API key {'required' if api_key else 'not required'}); Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,122 @@
+"""Request bodies of the OpenAI-compatible API, validated by pydantic (strict types, unknown fields refused).
+
+Fields OpenAI defines but dynamoe cannot honour (penalties, logit_bias, best_of, suffix) are accepted
+only at their neutral value, so a client that sends the default still works and one that relies on
+them gets a clear 400 instead of silently different behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20
+MAX_CHOICES = 16
+
+
+class Strict(BaseModel):
+    """Base of every request body: strict types, no NaN or infinity, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class DialOptions(Strict):
+    """dynamoe's extension: the compute dial of this request."""
+
+    threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]]
+Stop = Union[Annotated[str, Field(min_length=1)],
+             Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)], None]
+
+
+class SamplingFields(Strict):
+    """What completions and chat completions share."""
+
+    model: str | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # an extension (as in vLLM): 0 keeps every token
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stop: Stop = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as it only tags requests for OpenAI's abuse monitoring
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    dynamoe: DialOptions | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (empty when none)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, Annotated[list[TextPart], Field(min_length=1)]]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text, its parts joined."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def last_message_not_from_assistant(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role == "assistant":
+            raise ValueError("the last message must be from the user or the system; the reply is the assistant's turn")
+        return messages
+
+
+class TokenizeRequest(Strict):
+    """POST /tokenize (vLLM's shape, which lm-eval's remote tokenizer uses)."""
+
+    prompt: str
+    add_special_tokens: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = None

@@ -1,0 +1,416 @@
+"""`dynamoe serve`: the official openai client against a real server (uvicorn in a thread) on a tiny model.
+
+Parity is the backbone: a served completion equals `dynamoe.generate`, echoed log probabilities equal
+`dynamoe eval`'s losses, a batched request equals the same request served alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import openai
+import pytest
+import requests
+import torch
+import torch.nn.functional as F
+
+from dynamoe.cli import main
+from dynamoe.config import tiny
+from dynamoe.data.tokenizer import load_tokenizer
+from dynamoe.evaluate import evaluate_tokens
+from dynamoe.generate import GREEDY, generate
+from dynamoe.model import Transformer, routing_threshold
+from dynamoe.model.layers import Projection
+from dynamoe.serve import EngineLimits, ServeSettings, create_app
+from dynamoe.serve.background import serve_in_thread
+from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
+from dynamoe.serve.engine import Job, Sequence
+
+MODEL = "tiny"
+
+
+def tiny_model(max_seq_len: int = 64) -> Transformer:
+    """A tiny dynamic-routing model in float64 with weights large enough that argmax and routing are decisive.
+
+    float64 keeps the rounding differences of different batch shapes far below any logit gap, so a
+    batched row and the same row alone must give the same tokens.
+    """
+    torch.manual_seed(0)
+    model = Transformer(tiny(router="dynamic", max_seq_len=max_seq_len)).double().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(std=0.15)
+    return model
+
+
+def never_ending(model: Transformer, eos_id: int) -> Transformer:
+    """The model with the end-of-text token made impossible (a head bias of -1e9), so that it generates to the limit."""
+    head = Projection(model.config.dim, model.config.vocab_size, bias=True).to(model.output.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(model.output.weight)
+        head.bias[eos_id] = -1e9
+    model.output = head
+    return model
+
+
+@contextmanager
+def running(tokenizer, model: Transformer | None = None, start_engine: bool = True, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """A server on a free port; yields its base URL and the app."""
+    limits = settings.pop("engine", EngineLimits(batch_window_s=0.002))
+    app = create_app(model or tiny_model(), tokenizer, ServeSettings(model_name=MODEL, engine=limits, **settings),
+                     start_engine=start_engine)
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+def client(url: str, api_key: str = "unused", timeout: float = 60) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_corpus: Path):
+    return load_tokenizer(tiny_corpus)
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer) -> Iterator[tuple[str, Any, Transformer]]:
+    """The shared server, and a copy of its model to compute references with."""
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    with running(tokenizer, model, max_tokens_limit=48) as (url, app):
+        yield url, app, reference
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def expected_greedy(reference: Transformer, tokenizer, prompt_ids: list[int], max_tokens: int, stop=()) -> str:
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    return generate(reference, prompt_ids, max_tokens, GREEDY, stop_ids={eos}, stop=stop, decode=tokenizer.decode)[0].text
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+# -- the openai client ------------------------------------------------------------------------------------------
+
+
+def test_completion_equals_generate(server, tokenizer) -> None:
+    url, _, reference = server
+    response = client(url).completions.create(model=MODEL, prompt="To be, or not", max_tokens=12, temperature=0)
+    choice = response.choices[0]
+    assert choice.text == expected_greedy(reference, tokenizer, encode(tokenizer, "To be, or not"), 12)
+    assert choice.finish_reason in ("length", "stop")
+    assert response.usage.prompt_tokens == len(encode(tokenizer, "To be, or not"))
+    if choice.finish_reason == "length":
+        assert response.usage.completion_tokens == 12
+    assert 1 <= response.usage.model_extra["mean_experts_per_token"] <= 8
+
+
+def test_echo_logprobs_equal_eval_losses(server, tokenizer) -> None:
+    """lm-eval's loglikelihood request: every prompt token's log probability, as `dynamoe eval` scores it."""
+    url, _, reference = server
+    ids = encode(tokenizer, "Q: What is 12 + 30? A: 42. To be, or not to be, that is the question.")
+    response = client(url).completions.create(model=MODEL, prompt=[ids], max_tokens=1, logprobs=1, echo=True,
+                                              temperature=0, seed=1234)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt, then the one generated token
+    served = np.array(logprobs.token_logprobs[1:len(ids)])
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids])).logits[0, :-1].float()
+    expected = -F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").numpy()
+    assert np.abs(served - expected).max() < 1e-3
+    report = evaluate_tokens(reference, {"text": np.array(ids)}, max_tokens=None, progress=False)
+    assert abs(served.sum() + report.total.loss * report.total.tokens) < 1e-3
+    # lm-eval's greedy check compares each token's log probability with the best alternative's.
+    for position, (value, top) in enumerate(zip(served, logprobs.top_logprobs[1:len(ids)])):
+        best = max(top.values())
+        assert value <= best + 1e-9
+        assert (value == best) == (int(logits[position].argmax()) == ids[position + 1])
+    assert response.choices[0].text.startswith(tokenizer.decode(ids))
+
+
+def test_token_id_prompts_batch_equals_one_by_one(server, tokenizer) -> None:
+    url, _, reference = server
+    prompts = [[5, 17, 300, 42], [7], list(range(100, 140))]
+    response = client(url).completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, response.choices):
+        assert choice.text == expected_greedy(reference, tokenizer, prompt, 10)
+    assert response.usage.prompt_tokens == sum(map(len, prompts))
+
+
+def test_streamed_completion_equals_whole(server) -> None:
+    url, _, _ = server
+    request = dict(model=MODEL, prompt="def f(x):", max_tokens=16, temperature=0.9, seed=7)
+    whole = client(url).completions.create(**request)
+    chunks = list(client(url).completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].text
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_seed_reproduces_and_choices_differ(server) -> None:
+    url, _, _ = server
+    request = dict(model=MODEL, prompt="Once", max_tokens=12, temperature=1.0, seed=3, n=2)
+    first, second = (client(url).completions.create(**request) for _ in range(2))
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert first.choices[0].text != first.choices[1].text
+
+
+def test_stop_string_ends_the_text(server, tokenizer) -> None:
+    url, _, reference = server
+    prompt = encode(tokenizer, "To be")
+    free = expected_greedy(reference, tokenizer, prompt, 20)
+    stop = free[3:5]  # a string the free continuation is known to contain
+    response = client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stop=[stop])
+    assert response.choices[0].text == free[:free.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_chat_and_streamed_chat_with_usage(server, tokenizer) -> None:
+    url, _, reference = server
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    response = client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    prompt = encode(tokenizer, render_chat([(m["role"], m["content"]) for m in messages]))
+    assert response.choices[0].message.content == expected_greedy(reference, tokenizer, prompt, 10, (CHAT_STOP,)).lstrip()
+    assert response.choices[0].message.role == "assistant"
+    assert response.usage.prompt_tokens == len(prompt)
+
+    chunks = list(client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert content == response.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == response.usage.total_tokens
+
+
+def test_chat_template_has_a_jinja_twin() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    messages = [("system", "S"), ("user", "Hi"), ("assistant", "Hello."), ("user", "Sum 2 and 2?")]
+    rendered = jinja2.Template(JINJA_TEMPLATE).render(messages=[{"role": r, "content": c} for r, c in messages],
+                                                      add_generation_prompt=True)
+    assert rendered == render_chat(messages) == "S\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Sum 2 and 2?\n\nAssistant:"
+
+
+def test_models_health_and_tokenizer_endpoints(server, tokenizer) -> None:
+    url, _, _ = server
+    assert [model.id for model in client(url).models.list().data] == [MODEL]
+    assert requests.get(f"{url}/health").json() == {"status": "ok"}
+    info = requests.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64
+    tokens = requests.post(f"{url}/tokenize", json={"prompt": "Hi there", "add_special_tokens": False}).json()["tokens"]
+    assert tokens == encode(tokenizer, "Hi there")
+    assert requests.post(f"{url}/detokenize", json={"tokens": tokens}).json() == {"prompt": "Hi there"}
+    # lm-eval finds the end-of-text id by tokenizing the eos_token text: it must be the one special token.
+    eos = requests.post(f"{url}/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert eos == [tokenizer.token_to_id("<|endoftext|>")]
+
+
+def test_metrics_page(server) -> None:
+    url, _, _ = server
+    client(url).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    page = requests.get(f"{url}/metrics").text
+    for name in ("dynamoe_requests_total{", "dynamoe_request_seconds_bucket{", "dynamoe_generated_tokens_total",
+                 "dynamoe_batch_rows_bucket", "dynamoe_mean_experts_per_token"):
+        assert name in page
+    assert 'endpoint="/v1/completions",status="200"' in page
+
+
+# -- the compute dial -------------------------------------------------------------------------------------------
+
+
+def test_per_request_threshold_changes_the_experts(server, tokenizer) -> None:
+    url, _, reference = server
+    prompt = list(range(10, 30))
+
+    def served(threshold: float) -> Any:
+        return client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                              extra_body={"dynamoe": {"threshold": threshold}})
+
+    low, high = served(0.2), served(0.9)
+    assert low.usage.model_extra["mean_experts_per_token"] < high.usage.model_extra["mean_experts_per_token"]
+    with routing_threshold(reference, 0.2):
+        assert low.choices[0].text == expected_greedy(reference, tokenizer, prompt, 8)
+    with pytest.raises(openai.BadRequestError, match="threshold"):
+        served(1.5)
+
+
+def test_batches_group_jobs_by_threshold_and_equal_solo_answers(tokenizer) -> None:
+    """Requests queued together run as real batches: one per threshold, each row as if alone."""
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    thresholds = [0.3, 0.8, 0.3, 0.8, 0.3]
+    prompts = [list(range(7, 7 + 3 * (i + 1))) for i in range(len(thresholds))]
+    with running(tokenizer, model, start_engine=False) as (url, app):
+        server = app.state.server
+        answers: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            answers[i] = client(url).completions.create(model=MODEL, prompt=prompts[i], max_tokens=6, temperature=0,
+                                                        extra_body={"dynamoe": {"threshold": thresholds[i]}}).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(thresholds))]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(server.engine._waiting) == len(thresholds))
+        server.engine.start()
+        for thread in threads:
+            thread.join()
+        assert server.metrics.batch_rows.count() == 2  # one batch per threshold
+    for i, threshold in enumerate(thresholds):
+        with routing_threshold(reference, threshold):
+            assert answers[i] == expected_greedy(reference, tokenizer, prompts[i], 6)
+
+
+def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
+    """A full-context prompt scored beside a short prompt generating many tokens: positions stay in range."""
+    model = tiny_model()
+    reference = copy.deepcopy(model)
+    long_prompt, short_prompt = [(i * 7) % 500 + 1 for i in range(64)], [3, 4, 5]
+    with running(tokenizer, model, start_engine=False) as (url, app):
+        server = app.state.server
+        results: dict[str, Any] = {}
+        requests_ = {"score": dict(prompt=long_prompt, max_tokens=1, logprobs=1, echo=True, temperature=0),
+                     "generate": dict(prompt=short_prompt, max_tokens=40, temperature=0)}
+
+        def ask(name: str) -> None:
+            results[name] = client(url).completions.create(model=MODEL, **requests_[name])
+
+        threads = [threading.Thread(target=ask, args=(name,)) for name in requests_]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(server.engine._waiting) == 2)
+        server.engine.start()
+        for thread in threads:
+            thread.join()
+        assert server.metrics.batch_rows.count() == 1
+    assert results["generate"].choices[0].text == expected_greedy(reference, tokenizer, short_prompt, 40)
+    with torch.no_grad():
+        logits = reference(torch.tensor([long_prompt])).logits[0, :-1].float()
+    expected = -F.cross_entropy(logits, torch.tensor(long_prompt[1:]), reduction="none").numpy()
+    served = np.array(results["score"].choices[0].logprobs.token_logprobs[1:64])
+    assert np.abs(served - expected).max() < 1e-3
+
+
+# -- safety: keys, limits, queue, timeouts, disconnects -------------------------------------------------------------
+
+
+def test_api_key(tokenizer) -> None:
+    with running(tokenizer, api_key="sesame") as (url, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "sesame"}):
+            assert requests.get(f"{url}/v1/models", headers=headers).status_code == 401
+        assert requests.get(f"{url}/metrics").status_code == 401
+        assert requests.get(f"{url}/health").status_code == 200
+        assert client(url, api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
+
+
+def test_full_queue_answers_429(tokenizer) -> None:
+    with running(tokenizer, start_engine=False, engine=EngineLimits(max_queue=1)) as (url, app):
+        server = app.state.server
+        server.engine.submit(Job([Sequence((1, 2), 1, GREEDY)], None, lambda event: None))  # fills the queue
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            client(url).completions.create(model=MODEL, prompt="a", max_tokens=2)
+
+
+def test_timeout_answers_504_and_cancels(tokenizer) -> None:
+    with running(tokenizer, start_engine=False, request_timeout_s=0.3) as (url, app):
+        response = requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 4})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        assert all(job.cancelled.is_set() for job in app.state.server.engine._waiting)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_client_disconnect_cancels_generation(tokenizer, stream: bool) -> None:
+    model = never_ending(tiny_model(max_seq_len=2048), tokenizer.token_to_id("<|endoftext|>"))
+    with running(tokenizer, model, max_tokens_limit=2000) as (url, app):
+        metrics = app.state.server.metrics
+        body = {"prompt": "a", "max_tokens": 2000, "stream": stream}
+        if stream:
+            with requests.post(f"{url}/v1/completions", json=body, stream=True) as response:
+                next(response.iter_lines())  # generation has started; now hang up
+        else:
+            with pytest.raises(requests.Timeout):
+                requests.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        wait_until(lambda: metrics.cancelled_rows.value() == 1)
+        assert metrics.generated_tokens.value() < 2000
+
+
+def test_body_over_the_limit_is_413(server, tokenizer) -> None:
+    with running(tokenizer, max_body_bytes=1000) as (url, _):
+        response = requests.post(f"{url}/v1/completions", json={"prompt": "x" * 2000})
+        assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+BAD_REQUESTS = [
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 49}, "max_tokens"),  # over the server's limit of 48
+    ({"prompt": list(range(60)), "max_tokens": 10}, "max_tokens"),  # over the context
+    ({"prompt": list(range(65)), "max_tokens": 1}, "prompt"),
+    ({"prompt": [], "max_tokens": 1}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [1, 100000]}, "prompt"),
+    ({"prompt": "a", "temperature": -0.5}, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "a", "dynamoe": {"threshold": 0}}, "dynamoe.threshold"),
+    ({"prompt": "a", "unknown_field": 1}, "unknown_field"),
+    ({"prompt": "a", "model": "gpt-4"}, "model"),
+    ({"max_tokens": 3}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_REQUESTS, ids=[param for _, param in BAD_REQUESTS])
+def test_invalid_requests_get_openai_errors(server, body: dict, param: str) -> None:
+    url, _, _ = server
+    response = requests.post(f"{url}/v1/completions", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+
+
+@pytest.mark.parametrize("path,data,status", [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b"[1, 2]", 400),
+    ("/v1/completions", b"NaN", 400),
+    ("/v1/chat/completions", b'{"messages": []}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "x"}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "x"}]}', 400),
+    ("/v1/nothing", b"{}", 404),
+])
+def test_malformed_bodies_get_openai_errors(server, path: str, data: bytes, status: int) -> None:
+    url, _, _ = server
+    response = requests.post(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert client(url).completions.create(model=MODEL, prompt="still serving", max_tokens=1).choices
+
+
+def test_cli_serve_rejects_bad_settings(capsys, tmp_path: Path) -> None:
+    assert main(["serve", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dynamoe: error: --max-batch-size=0 must be at least 1"
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
