@@ -239,8 +239,40 @@ def serve(
                      timeout=timeout, batch_window_ms=batch_window_ms, device=device)
 
 
+def import_hf(
+    source: Annotated[Path, "transformers checkpoint folder (config.json, *.safetensors, optional tokenizer.json)"],
+    out: Annotated[Path, "new dynamoe checkpoint folder"],
+    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+) -> None:
+    """Import a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint as a dynamoe checkpoint (exact logits)."""
+    from dynamoe.hf import import_hf as run_import
+
+    done = run_import(source, out, force=force)
+    layout = "fused 3-D experts" if done.fused_experts else "per-expert weights"
+    tokenizer = "tokenizer.json copied" if done.tokenizer else "no tokenizer.json in the source"
+    print(f"imported {done.architecture} ({layout}; {done.config.n_layers} layers, {done.config.n_experts} experts, "
+          f"top-{done.config.top_k}; {tokenizer}) into {done.out}")
+
+
+def export(
+    checkpoint: Checkpoint,
+    out: Annotated[Path, "new folder for the exported checkpoint"],
+    output_format: Annotated[Literal["hf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE layout)",
+                             "--format"] = "hf",
+    allow_dynamic: Annotated[bool, "write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
+    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+) -> None:
+    """Export a static top-k checkpoint in a layout that transformers loads with identical logits."""
+    from dynamoe.hf import export_hf
+
+    done = export_hf(checkpoint, out, allow_dynamic=allow_dynamic, force=force)
+    note = " (dynamic routing: see README.md there; transformers runs it as static top-k)" if done.dynamic else ""
+    print(f"exported {done.architecture} to {done.out}{note}")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo, "serve": serve,
+    "import": import_hf, "export": export,
 }
 
 

@@ -1,0 +1,126 @@
+"""Export a dynamoe checkpoint as a transformers checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE layout)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, resolve_checkpoint
+from dynamoe.config import ModelConfig
+from dynamoe.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE
+from dynamoe.errors import DynamoeError
+from dynamoe.hf.families import FAMILIES, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, Family
+from dynamoe.hf.importer import ROUTER_FILE, ROUTING_KEY
+from dynamoe.hf.weights import weight_rules
+
+README_FILE = "README.md"
+# The ModelConfig fields that describe a variable-k router; an --allow-dynamic export records them.
+ROUTING_FIELDS = ("router", "top_k", "k_min", "k_max", "threshold", "temperature_min", "temperature_max", "target_k")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export_hf` wrote."""
+
+    out: Path
+    architecture: str
+    dynamic: bool  # weights of a variable-k router that transformers runs only as static top-k
+
+
+def fits(family: Family, cfg: ModelConfig) -> bool:
+    """Whether transformers' implementation of family computes exactly what dynamoe computes for cfg."""
+    shared_bias_key = family.qkv_bias_key is not None and family.qkv_bias_key == family.out_bias_key
+    return (cfg.qk_norm == family.qk_norm
+            and bool(cfg.shared_expert_dim) == family.shared_expert
+            and (family.dense_layers or not cfg.dense_layers)
+            and (family.qkv_bias_key is not None or not cfg.qkv_bias)
+            and (family.out_bias_key is not None or not cfg.out_bias)
+            and (not shared_bias_key or cfg.qkv_bias == cfg.out_bias)
+            and (family.norm_topk_key is not None or cfg.renormalize_topk)
+            and (cfg.clip_qkv is None or family is OLMOE)
+            # OLMoE's QK-norm spans hidden_size, so its heads must tile the model dimension exactly.
+            and (family is not OLMOE or cfg.head_dim * cfg.n_heads == cfg.dim))
+
+
+def family_for(cfg: ModelConfig) -> Family:
+    """The first transformers family (Mixtral first: the most widely supported) that runs cfg exactly."""
+    if cfg.ffn != "moe":
+        raise DynamoeError("a dense model has no Mixture-of-Experts layout in transformers; export needs an MoE model")
+    for family in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE):
+        if fits(family, cfg):
+            return family
+    features = {"qk_norm": cfg.qk_norm, "qkv_bias": cfg.qkv_bias, "out_bias": cfg.out_bias, "clip_qkv": cfg.clip_qkv,
+                "shared_expert_dim": cfg.shared_expert_dim, "dense_layers": cfg.dense_layers,
+                "renormalize_topk": cfg.renormalize_topk}
+    described = ", ".join(f"{key}={value}" for key, value in features.items())
+    raise DynamoeError(f"no transformers architecture ({', '.join(FAMILIES)}) computes this model exactly ({described})")
+
+
+def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: bool = False) -> Exported:
+    """Write a dynamoe checkpoint as a transformers checkpoint folder that `from_pretrained` loads."""
+    ckpt = resolve_checkpoint(checkpoint)
+    model, cfg = load_model(ckpt)
+    family = family_for(cfg)
+    dynamic = cfg.router != "topk"
+    if dynamic and not allow_dynamic:
+        raise DynamoeError(f"{ckpt} uses the {cfg.router} router (a variable number of experts per token), which transformers "
+                           "cannot run; pass --allow-dynamic to write its weights anyway, with the routing documented")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
+
+    ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    theirs: dict[str, torch.Tensor] = {}
+    for rule in weight_rules(cfg, family, fused_experts=lambda i: False):  # per-expert keys, as save_pretrained writes
+        theirs.update(rule.split(ours.pop(rule.ours)))
+    if ours and not dynamic:
+        raise DynamoeError(f"weight {sorted(ours)[0]} of {ckpt} has no place in a {family.architecture}")
+
+    hf = family.hf_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (ckpt / TOKENIZER_FILE).is_file():
+        shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        hf["eos_token_id"] = Tokenizer.from_file(str(ckpt / TOKENIZER_FILE)).token_to_id(EOS_TOKEN)
+    if dynamic:
+        hf["num_experts_per_tok"] = static_stand_in(cfg)
+        hf[ROUTING_KEY] = {name: getattr(cfg, name) for name in ROUTING_FIELDS}
+        save_file({name: tensor.contiguous() for name, tensor in ours.items()}, out / ROUTER_FILE, metadata={"format": "pt"})
+        (out / README_FILE).write_text(dynamic_readme(cfg, family, hf["num_experts_per_tok"]))
+    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    save_file(theirs, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    return Exported(out, family.architecture, dynamic)
+
+
+def static_stand_in(cfg: ModelConfig) -> int:
+    """The top-k transformers will use for a dynamic model's weights: its target mean k, rounded."""
+    return min(cfg.n_experts, max(1, round(cfg.target_k if cfg.target_k is not None else cfg.top_k)))
+
+
+def dynamic_readme(cfg: ModelConfig, family: Family, stand_in: int) -> str:
+    """What an --allow-dynamic export is, and is not."""
+    routing = json.dumps({name: getattr(cfg, name) for name in ROUTING_FIELDS}, indent=2)
+    return f"""# A dynamoe model with dynamic routing, exported in the {family.architecture} layout
+
+This model was trained with dynamoe's `{cfg.router}` router, which chooses a *variable* number of experts
+per token (between k_min={cfg.k_min} and k_max={cfg.k_max}). transformers cannot run that routing: its
+{family.architecture} always runs a fixed top-k. `num_experts_per_tok` is set to {stand_in} (the model's
+target mean k, rounded) so that transformers can load and run these weights, but **its outputs are an
+approximation, not this model**: quality may be lower than dynamoe's.
+
+Exact inference: `dynamoe import <this folder> <out>` restores the dynamic router from `config.json`
+(field `{ROUTING_KEY}`) and `{ROUTER_FILE}` (the routers' own tensors, such as the temperature heads,
+under dynamoe's names), then `dynamoe generate <out> "..."`.
+
+Routing configuration:
+
+```json
+{routing}
+```
+"""
