@@ -414,3 +414,13 @@ def test_cli_serve_rejects_bad_settings(capsys, tmp_path: Path) -> None:
     assert capsys.readouterr().err.strip() == "dynamoe: error: --max-batch-size=0 must be at least 1"
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"temperature": 2.0, "top_p": 5e-324},
+                                     {"temperature": 1.0, "top_k": 2**62}, {"dynamoe": {"threshold": 5e-324}}],
+                         ids=["colder-than-float", "top-p-underflows-float32", "huge-top-k", "tiny-threshold"])
+def test_extreme_but_valid_values_are_served(server, extreme: dict) -> None:
+    """Found by the fuzzer: values that overflow or underflow float32 once inside the sampler."""
+    url, _, _ = server
+    response = requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 4, **extreme})
+    assert response.status_code == 200, response.text

@@ -41,6 +41,8 @@ from dynamoe.serve.schemas import (MAX_SEED, ChatRequest, CompletionRequest, Det
 
 log = logging.getLogger(__name__)
 
+MIN_TEMPERATURE = 1e-5  # sampling colder than this is greedy decoding
+MIN_TOP_P = 1e-6
 CLIENT_CLOSED = 499  # nginx's code for "client closed request": logged and counted, never read by anyone
 
 
@@ -209,7 +211,10 @@ class Server:
         for ids in prompts:
             new_tokens = self.max_new_tokens(max_tokens, len(ids), param)
             for choice in range(body.n):
-                sampling = SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                # Below MIN_TEMPERATURE, logits / temperature overflows; the limit of the softmax there is the argmax.
+                temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+                # A top_p that underflows float32 would drop every token; any tiny top_p keeps just the top one.
+                sampling = SamplingConfig(temperature=temperature, top_p=max(body.top_p, MIN_TOP_P), top_k=body.top_k,
                                           seed=(seed + choice) % (MAX_SEED + 1))
                 rows.append(Sequence(tuple(ids), new_tokens, sampling, stop, logprobs, score_prompt))
         return rows
