@@ -61,7 +61,7 @@ def train(
     seq_len: Annotated[int | None, "context length (default: the preset's)"] = None,
     model: Annotated[list[str] | None, "more model config fields as KEY=VALUE, e.g. n_experts=32 threshold=0.6"] = None,
     steps: Annotated[int, "optimizer steps"] = TRAIN_DEFAULTS["steps"],
-    batch_size: Annotated[int, "sequences per micro-batch"] = TRAIN_DEFAULTS["batch_size"],
+    batch_size: Annotated[int, "sequences per micro-batch, over all processes"] = TRAIN_DEFAULTS["batch_size"],
     grad_accum: Annotated[int, "micro-batches per optimizer step"] = TRAIN_DEFAULTS["grad_accum"],
     lr: Annotated[float, "peak learning rate"] = TRAIN_DEFAULTS["lr"],
     min_lr: Annotated[float | None, "end of the cosine (default: lr / 10)"] = None,
@@ -77,6 +77,10 @@ def train(
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
     resume: Annotated[bool, "continue the run in --out from its latest checkpoint"] = False,
+    expert_parallel: Annotated[int, "under torchrun: processes that split the experts between them (a divisor of the "
+                                    "world size); every process trains on its slice of each batch"] = 1,
+    dist_timeout: Annotated[float, "under torchrun: seconds a collective waits for the other processes before "
+                                   "failing"] = TRAIN_DEFAULTS["dist_timeout"],
 ) -> None:
     """Train a model on a built corpus; --resume continues exactly where the run in --out stopped."""
     from dynamoe import train as training
@@ -91,9 +95,10 @@ def train(
                             lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
                             weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, save_every=save_every,
                             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches, device=device,
-                            progress=progress)
+                            progress=progress, expert_parallel=expert_parallel, dist_timeout=dist_timeout)
     summary = training.train(model_cfg, train_cfg, resume=resume)
-    print(f"trained {summary.step} steps; checkpoint {summary.checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run rather than one per process
+        print(f"trained {summary.step} steps; checkpoint {summary.checkpoint}")
 
 
 def evaluate(

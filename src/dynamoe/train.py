@@ -26,13 +26,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dynamoe.checkpoint import (check_same_tokenizer, latest_checkpoint, load_model, load_train_config,
-                                load_trainer_state, rng_state, save_checkpoint, set_rng_state)
+from dynamoe.checkpoint import (check_same_tokenizer, checkpoint_name, latest_checkpoint, load_model,
+                                load_train_config, load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from dynamoe.config import ModelConfig, dataclass_from_dict, requirement
 from dynamoe.data import TokenDataset
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
+from dynamoe.parallel import Parallelism, SingleProcess, distributed, world_size_from_env
 
 MAX_CONSECUTIVE_SKIPS = 20  # this many non-finite steps in a row means the run has diverged
 K_WINDOW = 20  # the summary's mean experts/token averages this many final steps
@@ -69,6 +70,10 @@ class TrainConfig:
     eval_batches: int = 20  # 0: never evaluate
     device: str = "auto"  # "auto": cuda if available, else cpu
     progress: bool = True
+    # Under torchrun: ranks that split the experts between them (the world is data parallel either way);
+    # batch_size stays the global batch, so a run may resume on another world size.
+    expert_parallel: int = 1
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the run fails
 
     def __post_init__(self) -> None:
         # JSON hands back strings and lists; keep the declared types either way.
@@ -104,6 +109,8 @@ class TrainConfig:
         need(self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be at least 1")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         need(self.eval_every >= 0 and self.eval_batches >= 0, "eval_every and eval_batches must be >= 0")
+        need(self.expert_parallel >= 1, f"expert_parallel={self.expert_parallel} must be at least 1")
+        need(math.isfinite(self.dist_timeout) and self.dist_timeout > 0, f"dist_timeout={self.dist_timeout} must be positive")
         # _start hands the seed to np.random.seed, which takes 32 bits.
         need(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
         blocker = next((path for path in (self.out_dir, *self.out_dir.parents) if path.exists() and not path.is_dir()),
@@ -203,33 +210,39 @@ def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, data: TokenDataset, cfg: TrainConfig, seq_len: int, device: torch.device) -> float:
+def evaluate_loss(model: Transformer, data: TokenDataset, cfg: TrainConfig, seq_len: int, device: torch.device,
+                  parallel: Parallelism = SingleProcess()) -> float:
     """Mean LM loss (no auxiliary losses) over the first eval_batches batches of a split."""
     model.eval()
     losses = []
     for index in range(cfg.eval_batches):
         x, y = data.batch(index, cfg.batch_size, seq_len, cfg.seed)
-        losses.append(model(x.to(device), y.to(device)).lm_loss)
+        losses.append(model(parallel.local_rows(x).to(device), parallel.local_rows(y).to(device)).lm_loss)
     model.train()
-    return torch.stack(losses).mean().item()
+    return parallel.mean(torch.stack(losses).mean()).item()
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: TokenDataset, cfg: TrainConfig,
-               step: int, seq_len: int, device: torch.device) -> StepResult:
-    """Accumulate grad_accum micro-batches, clip, then step the optimizer and controllers, or skip if non-finite."""
+               step: int, seq_len: int, device: torch.device, parallel: Parallelism = SingleProcess()) -> StepResult:
+    """Accumulate grad_accum micro-batches, clip, then step the optimizer and controllers, or skip if non-finite.
+
+    With several processes, each takes its slice of every micro-batch and the measurements are averaged
+    over them, so every rank takes the same decisions.
+    """
     losses = torch.zeros(3, device=device)  # loss, lm_loss, aux_loss summed over micro-batches
     k_per_layer = torch.zeros(len(model.routers()), device=device)
     for micro in range(cfg.grad_accum):
         x, y = data.batch((step - 1) * cfg.grad_accum + micro, cfg.batch_size, seq_len, cfg.seed)
-        out = model(x.to(device), y.to(device))
+        out = model(parallel.local_rows(x).to(device), parallel.local_rows(y).to(device))
         (out.loss / cfg.grad_accum).backward()
         losses += torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
         if out.routings:
             k_per_layer += torch.stack([r.stats["mean_k"] for r in out.routings])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    parallel.reduce_gradients(model)
+    grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    measured = parallel.mean(torch.cat([losses, k_per_layer]) / cfg.grad_accum)
     # One device-to-host copy per step for everything the loop needs to decide and log.
-    loss, lm_loss, aux_loss, norm, *mean_k = torch.cat(
-        [losses / cfg.grad_accum, grad_norm.reshape(1).to(device), k_per_layer / cfg.grad_accum]).tolist()
+    loss, lm_loss, aux_loss, norm, *mean_k = torch.cat([measured[:3], grad_norm.reshape(1).to(device), measured[3:]]).tolist()
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if not skipped:
         optimizer.step()
@@ -245,22 +258,37 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False) 
     A resume must keep the model config, the tokenizer and the TRAJECTORY_FIELDS of the saved run;
     steps, saving, logging, evaluation, device and progress may change. Raising steps without a fixed
     decay_steps stretches the cosine to the new end, so the resumed steps differ from a longer run's.
+    Launched by torchrun, the processes split every batch (and the experts, by expert_parallel) and
+    take the steps one process would; the world size may change between resumes.
     """
-    return _train(model_cfg, train_cfg, resolve_device(train_cfg.device), resume)
+    device = resolve_device(train_cfg.device)
+    if world_size_from_env() == 1:
+        if train_cfg.expert_parallel != 1:
+            raise DynamoeError(f"--expert-parallel {train_cfg.expert_parallel} splits the experts over that many processes; "
+                               f"launch with torchrun --nproc_per_node {train_cfg.expert_parallel} -m dynamoe train ...")
+        return _train(model_cfg, train_cfg, device, resume, SingleProcess())
+    with distributed(train_cfg.expert_parallel, device.type, train_cfg.dist_timeout) as parallel:
+        return _train(model_cfg, train_cfg, parallel.mesh.device, resume, parallel)
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool) -> TrainSummary:
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool,
+           parallel: Parallelism) -> TrainSummary:
     started = time.perf_counter()
     train_data = TokenDataset(cfg.data_dir, "train")
     val_data = TokenDataset(cfg.data_dir, "val") if cfg.eval_batches else None
     seq_len = _check_fits(model_cfg, cfg, [train_data] if val_data is None else [train_data, val_data])
-    model, optimizer, counters = _start(model_cfg, cfg, device, resume)
+    if cfg.batch_size % parallel.world_size:
+        raise DynamoeError(f"batch_size={cfg.batch_size} (the global batch) cannot be split evenly over "
+                           f"{parallel.world_size} processes; use a multiple of {parallel.world_size}")
+    model, optimizer, counters = _start(model_cfg, cfg, device, resume, parallel)
     first_step, tokens_per_step = counters.step + 1, cfg.batch_size * cfg.grad_accum * seq_len
 
-    log = _open_log(cfg.out_dir / "log.jsonl", counters.step)
-    # purge_step hides the events a killed run wrote past the checkpoint it resumes from.
-    tb = SummaryWriter(str(cfg.out_dir / "tb"), purge_step=counters.step + 1)
-    bar = tqdm(total=cfg.steps, initial=counters.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    # Rank 0 alone writes the log, TensorBoard events and checkpoints. purge_step hides the events
+    # a killed run wrote past the checkpoint it resumes from.
+    writers = (_open_log(cfg.out_dir / "log.jsonl", counters.step),
+               SummaryWriter(str(cfg.out_dir / "tb"), purge_step=counters.step + 1)) if parallel.is_main else None
+    bar = tqdm(total=cfg.steps, initial=counters.step, disable=not (cfg.progress and parallel.is_main), desc="train",
+               dynamic_ncols=True)
     recent_k: deque[list[float]] = deque(maxlen=K_WINDOW)
     train_time, window_time, window_steps = 0.0, 0.0, 0  # seconds in train_step: throughput ignores evals and saves
     result, val_loss, ckpt = None, None, None
@@ -269,7 +297,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             tick = time.perf_counter()
-            result = train_step(model, optimizer, train_data, cfg, step, seq_len, device)
+            result = train_step(model, optimizer, train_data, cfg, step, seq_len, device, parallel)
             elapsed = time.perf_counter() - tick
             train_time, window_time, window_steps = train_time + elapsed, window_time + elapsed, window_steps + 1
             counters.advance(step, tokens_per_step, result.skipped)
@@ -279,13 +307,14 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             last = step == cfg.steps
             if last:
                 # Before the final evaluation, so that nothing failing after the last step can cost the run.
-                ckpt = _save(model, optimizer, counters, cfg)
+                ckpt = _save(model, optimizer, counters, cfg, parallel)
             val_loss = None
             if val_data is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                val_loss = evaluate_loss(model, val_data, cfg, seq_len, device)
+                val_loss = evaluate_loss(model, val_data, cfg, seq_len, device, parallel)
             if step % cfg.log_every == 0 or last or val_loss is not None or result.skipped:
                 tokens_per_s = window_steps * tokens_per_step / window_time
-                _write_log(log, tb, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
+                if writers is not None:
+                    _write_log(*writers, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
                 window_time, window_steps = 0.0, 0
             bar.update(1)
             bar.set_postfix(_postfix(result, tokens_per_step / elapsed, counters), refresh=False)
@@ -295,11 +324,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                                    f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
             # Saved after the step's log line, so a resume from it never lacks that line.
             if step % cfg.save_every == 0 and not last:
-                ckpt = _save(model, optimizer, counters, cfg)
+                ckpt = _save(model, optimizer, counters, cfg, parallel)
     finally:
         bar.close()
-        tb.close()
-        log.close()
+        for writer in writers or ():
+            writer.close()
 
     assert result is not None and ckpt is not None  # _start guarantees at least one step
     if result.skipped:
@@ -330,9 +359,12 @@ def _check_fits(model_cfg: ModelConfig, cfg: TrainConfig, splits: list[TokenData
     return seq_len
 
 
-def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
-           resume: bool) -> tuple[Transformer, torch.optim.AdamW, Counters]:
-    """A fresh seeded model and optimizer, or those of out_dir's latest checkpoint."""
+def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool,
+           parallel: Parallelism) -> tuple[Transformer, torch.optim.AdamW, Counters]:
+    """A fresh seeded model and optimizer, or those of out_dir's latest checkpoint, parallelized.
+
+    Checkpoints hold every expert whatever the world size: each rank loads the whole model, then keeps its part.
+    """
     existing = latest_checkpoint(cfg.out_dir)
     if resume and existing is None:
         raise DynamoeError(f"nothing to resume: {cfg.out_dir} holds no checkpoint; drop --resume to start a new run there")
@@ -344,7 +376,7 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     if existing is None:
-        model = Transformer(model_cfg).to(device).train()
+        model = parallel.parallelize(Transformer(model_cfg).to(device).train())
         return model, build_optimizer(model, cfg), Counters()
 
     model, saved_cfg = load_model(existing, device)
@@ -354,9 +386,10 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
                      {name: current[name] for name in TRAJECTORY_FIELDS})
     check_same_tokenizer(existing, cfg.data_dir, "resume with the corpus it was trained on, or use another --out")
     state = load_trainer_state(existing)
+    model = parallel.parallelize(model)
     optimizer = build_optimizer(model, cfg)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(parallel.shard_optimizer_state(state["optimizer"], optimizer, model))
         counters = Counters(**{f.name: int(state[f.name]) for f in dataclasses.fields(Counters)})
         set_rng_state(state["rng"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -383,15 +416,23 @@ def _restart(cfg: TrainConfig) -> str:
     return f"--resume from {saved}" if saved else "start again (no checkpoint was saved)"
 
 
-def _save(model: Transformer, optimizer: torch.optim.Optimizer, counters: Counters, cfg: TrainConfig) -> Path:
-    """Checkpoint the run after counters.step, refusing non-finite weights that would push out good checkpoints."""
-    bad = _first_non_finite(model)
-    if bad is not None:
-        raise DynamoeError(f"weight {bad} is not finite after step {counters.step}, so it was not saved; "
-                           f"lower --lr or lengthen warm-up, then {_restart(cfg)}")
-    state = {**dataclasses.asdict(counters), "optimizer": optimizer.state_dict(), "rng": rng_state()}
-    return save_checkpoint(cfg.out_dir, counters.step, model, state, cfg.to_dict(),
-                           cfg.data_dir / TOKENIZER_FILE, keep=cfg.keep_checkpoints)
+def _save(model: Transformer, optimizer: torch.optim.Optimizer, counters: Counters, cfg: TrainConfig,
+          parallel: Parallelism) -> Path:
+    """Checkpoint the run after counters.step, refusing non-finite weights that would push out good checkpoints.
+
+    With several processes, every expert is gathered to rank 0, which writes the same files one process would.
+    """
+    optimizer_state = parallel.full_optimizer_state(optimizer, model)
+    with parallel.full_model(model) as writer:
+        if not writer:
+            return cfg.out_dir / checkpoint_name(counters.step)
+        bad = _first_non_finite(model)
+        if bad is not None:
+            raise DynamoeError(f"weight {bad} is not finite after step {counters.step}, so it was not saved; "
+                               f"lower --lr or lengthen warm-up, then {_restart(cfg)}")
+        state = {**dataclasses.asdict(counters), "optimizer": optimizer_state, "rng": rng_state()}
+        return save_checkpoint(cfg.out_dir, counters.step, model, state, cfg.to_dict(),
+                               cfg.data_dir / TOKENIZER_FILE, keep=cfg.keep_checkpoints)
 
 
 def _first_non_finite(model: Transformer) -> str | None:
