@@ -41,6 +41,8 @@ def save_dynamoe(cfg: ModelConfig, folder: Path, seed: int = 0) -> Transformer:
                 param.copy_(0.1 * torch.randn_like(param))
             elif name.endswith("router.gate.weight"):
                 param.copy_(0.3 * torch.randn_like(param))
+            elif name in ("tok_embeddings.weight", "output.weight"):  # logits of std ~3: 1e-4 is a tight bound
+                param.copy_(0.5 * torch.randn_like(param))
     folder.mkdir(parents=True)
     cfg.save(folder / "config.json")
     save_file(unique_state_dict(model), folder / "model.safetensors")
