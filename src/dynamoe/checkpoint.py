@@ -78,6 +78,28 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, trainer_state:
     return final
 
 
+def save_model(folder: Path, model: Transformer, tokenizer_path: Path | None = None, force: bool = False,
+               metadata: dict[str, str] | None = None) -> Path:
+    """Write an inference checkpoint folder (config, weights, tokenizer) atomically: built beside it, then renamed."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+        raise DynamoeError(f"{folder} exists and is not empty; choose a new folder or pass --force")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    model.config.save(tmp / CONFIG_FILE)
+    save_file(unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", **(metadata or {})})
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+    for file in tmp.iterdir():
+        _fsync(file)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+    _fsync(folder.parent)
+    return folder
+
+
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tensor once: safetensors refuses tied weights saved under two names."""
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -144,13 +166,13 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[Transfor
 
 def load_tokenizer_for(path: Path) -> Tokenizer:
     """The tokenizer saved with a checkpoint (or with a run's latest checkpoint)."""
-    return load_tokenizer(_tokenizer_file(path))
+    return load_tokenizer(tokenizer_file(path))
 
 
 def check_same_tokenizer(checkpoint: Path, data_dir: Path,
                          fix: str = "evaluate on the corpus it was trained on, or on text files with --data") -> None:
     """Raise a DynamoeError unless a checkpoint was trained with the tokenizer of the corpus in data_dir."""
-    file = _tokenizer_file(checkpoint)
+    file = tokenizer_file(checkpoint)
     # Token ids only mean the same text under the same tokenizer; a mix-up gives plausible but wrong numbers.
     if tokenizer_digest(file) != tokenizer_digest(Path(data_dir)):
         raise DynamoeError(f"checkpoint {file.parent} was trained with a different tokenizer than corpus {data_dir}; {fix}")
@@ -214,7 +236,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _tokenizer_file(path: Path) -> Path:
+def tokenizer_file(path: Path) -> Path:
     """The tokenizer.json of a checkpoint (or of a run's latest checkpoint), which must exist."""
     ckpt = resolve_checkpoint(path)
     if not (ckpt / TOKENIZER_FILE).is_file():

@@ -142,6 +142,7 @@ def generate(
     show_experts: Annotated[bool, "colour each token by the experts it used"] = False,
     color: Annotated[Literal["auto", "always", "never"], "colour of --show-experts; auto: on a terminal"] = "auto",
     threshold: Threshold = None,
+    compile: Annotated[bool, "decode through torch.compile: faster tokens after a compilation of some seconds"] = False,
     device: Device = "auto",
 ) -> None:
     """Continue a prompt with a checkpoint, printing the text as it is decoded."""
@@ -154,6 +155,8 @@ def generate(
     model, cfg = load_model(checkpoint, device=resolve_device(device))
     if threshold is not None:
         model.set_routing_threshold(threshold)
+    if compile:
+        model.compile_decode()
     tokenizer = load_tokenizer_for(checkpoint)
     if show_experts and not model.routers():
         raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
@@ -189,6 +192,7 @@ def bench(
     eval_tokens: Annotated[int, "held-out tokens per domain for perplexity"] = BENCH_DEFAULTS["eval_tokens"],
     batch_sizes: Annotated[list[int] | None, f"batch sizes of the decode throughput runs (default: {' '.join(map(str, BENCH_DEFAULTS['batch_sizes']))})"] = None,
     threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
+    compile: Annotated[bool, "decode through torch.compile (compiles once per model, batch size and dial)"] = False,
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
@@ -203,7 +207,8 @@ def bench(
         torch.set_num_threads(threads)
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
-    report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress)
+    report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
+                       compile_decode=compile)
     print(markdown_table(report.variants))
     print(f"results written to {out}")
 
@@ -275,8 +280,47 @@ def export(
     print(f"exported {done.architecture} to {done.out}{note}")
 
 
+def retrofit(
+    checkpoint: Checkpoint,
+    out: Annotated[Path, "new folder for the dynamic checkpoint"],
+    target_k: Annotated[float, "mean experts/token to aim at, below the checkpoint's top_k"],
+    mode: Annotated[Literal["free", "light"], "free: only calibrate thresholds; light: also distil temperature heads"] = "light",
+    corpus: Annotated[Path, "built corpus: its val split calibrates, its train split distils, its test split evaluates"] = DEFAULT_DATA,
+    tokens: Annotated[int, "light mode: distillation tokens"] = 500_000,
+    batch_size: Annotated[int, "sequences per batch"] = 8,
+    seq_len: Annotated[int | None, "window length (default: the checkpoint's context)"] = None,
+    lr: Annotated[float, "light mode: learning rate of the temperature heads"] = 3e-3,
+    eval_tokens: Annotated[int, "held-out tokens per domain for the before/after comparison; 0 skips it"] = 16_384,
+    seed: Annotated[int, "seed of the batches"] = 0,
+    force: Annotated[bool, "replace OUT if it exists"] = False,
+    device: Device = "auto",
+    progress: Annotated[bool, "show a progress bar"] = True,
+) -> None:
+    """Make a static top-k checkpoint route dynamically (fewer experts per token) without retraining its experts."""
+    from dynamoe.checkpoint import check_same_tokenizer, load_model, save_model, tokenizer_file
+    from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
+    from dynamoe.retrofit import RetrofitConfig, retrofit as run_retrofit
+    from dynamoe.train import resolve_device
+
+    cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
+    check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
+    static, _ = load_model(checkpoint, device=resolve_device(device))
+    dynamic, log = run_retrofit(static, corpus, cfg, progress=progress)
+    save_model(out, dynamic, tokenizer_file(checkpoint), force=force, metadata={"retrofit_of": str(checkpoint)})
+    print(f"retrofitted ({mode}) into {out}; thresholds per layer: {', '.join(f'{t:.3f}' for t in log['thresholds'])}")
+    if eval_tokens > 0:
+        test = split_tokens_by_domain(corpus, "test")
+        for name, model in (("before", static), ("after", dynamic)):
+            report = evaluate_tokens(model, test, max_tokens=eval_tokens, progress=False)
+            domains = ", ".join(f"{d.domain} {d.perplexity:.3f}" for d in report.domains)
+            print(f"{name}: perplexity {report.total.perplexity:.3f} ({domains}); mean experts/token {report.total.mean_k:.2f}")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
-    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo, "serve": serve,
+    "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo,
+    "retrofit": retrofit, "serve": serve,
     "import": import_hf, "export": export,
 }
 

@@ -60,6 +60,7 @@ class ModelConfig:
     k_min: int = 1
     k_max: int = 8
     threshold: float = 0.5  # cumulative probability mass that threshold routers must reach
+    layer_thresholds: list[float] | None = None  # one threshold per MoE layer instead (set by calibration, e.g. retrofit)
     temperature_min: float = 0.05  # the learned temperature is softplus(.) + temperature_min ...
     temperature_max: float = 10.0  # ... clamped at temperature_max
     target_k: float | None = 3.0  # mean experts/token the controller aims at (None: no control)
@@ -121,6 +122,10 @@ class ModelConfig:
         need(1 <= self.k_min <= self.k_max, f"need 1 <= k_min={self.k_min} <= k_max={self.k_max}")
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
+        moe_layers = self.n_layers - len(self.dense_layers) if self.ffn == "moe" else 0
+        need(self.layer_thresholds is None or (isinstance(self.layer_thresholds, list) and len(self.layer_thresholds) == moe_layers
+                                               and all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.layer_thresholds)),
+             f"layer_thresholds={self.layer_thresholds!r} must list one threshold in (0, 1] per MoE layer ({moe_layers})")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":

@@ -66,6 +66,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.compiled_decode: Callable[..., ModelOutput] | None = None  # see compile_decode
+        if cfg.layer_thresholds is not None:
+            self.set_routing_threshold(None)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -93,17 +95,23 @@ class Transformer(nn.Module):
         """The routers a routing threshold applies to (topp, dynamic); empty for topk, relu and dense models."""
         return [router for router in self.routers() if isinstance(router, TopPRouter)]
 
-    def set_routing_threshold(self, threshold: float | None) -> None:
-        """The compute dial: route with this probability mass threshold (None: the trained config.threshold)."""
+    def set_routing_threshold(self, threshold: float | list[float] | None) -> None:
+        """The compute dial: route every layer with this probability mass threshold, or each layer with its own
+        (a list); None restores the trained ones (config.layer_thresholds, else config.threshold)."""
         routers = self.threshold_routers()
         if not routers:
             kind = f"the {self.config.router} router" if self.routers() else "a dense feed-forward"
             raise DynamoeError(f"the routing threshold only applies to the topp and dynamic routers, but this model "
                                f"has {kind}; its compute cannot be dialled")
-        threshold = self.config.threshold if threshold is None else threshold
-        check_threshold(threshold)
-        for router in routers:
-            router.threshold = float(threshold)
+        if threshold is None:
+            threshold = self.config.layer_thresholds or self.config.threshold
+        per_layer = threshold if isinstance(threshold, list) else [threshold] * len(routers)
+        if len(per_layer) != len(routers):
+            raise DynamoeError(f"got {len(per_layer)} routing thresholds for {len(routers)} MoE layers")
+        for value in per_layer:
+            check_threshold(value)
+        for router, value in zip(routers, per_layer):
+            router.threshold = float(value)
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Preallocate KV caches for incremental decoding."""
@@ -178,8 +186,7 @@ class Transformer(nn.Module):
 @contextmanager
 def routing_threshold(model: Transformer, threshold: float | None) -> Iterator[Transformer]:
     """Route with `threshold` inside the block, then restore the threshold in use before it."""
-    routers = model.threshold_routers()
-    previous = routers[0].threshold if routers else None
+    previous = [router.threshold for router in model.threshold_routers()]
     model.set_routing_threshold(threshold)  # raises for a model without a threshold router
     try:
         yield model
