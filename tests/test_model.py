@@ -158,6 +158,25 @@ def test_penalty_on_soft_k_is_in_the_loss_and_trains_the_temperature() -> None:
     assert float(grad) > 0  # a hotter softmax needs more experts: the penalty pushes the temperature down
 
 
+def test_straight_through_keeps_the_choice_and_lets_the_weights_reach_it() -> None:
+    torch.manual_seed(5)
+    router: DynamicRouter = build_router(tiny(router="dynamic", target_k=3.0))  # type: ignore[assignment]
+    torch.nn.init.normal_(router.gate.weight, std=0.3)
+    torch.nn.init.normal_(router.temperature_head.weight, std=1.0)
+    h = torch.randn(64, 64)
+    plain = router(h)
+    router.straight_through = True
+    relaxed = router(h)
+    assert torch.equal(relaxed.k_T, plain.k_T) and torch.equal(relaxed.experts_TK, plain.experts_TK)
+    torch.testing.assert_close(relaxed.weights_TK, plain.weights_TK)
+    # A loss on the combine weights now also reaches the temperature through the soft choice of k.
+    probe = torch.randn_like(plain.weights_TK)
+    params = [router.temperature_head.weight, router.temperature_head.bias]
+    plain_grads = torch.autograd.grad((plain.weights_TK * probe).sum(), params)
+    relaxed_grads = torch.autograd.grad((relaxed.weights_TK * probe).sum(), params)
+    assert not torch.allclose(plain_grads[0], relaxed_grads[0])
+
+
 def test_inference_skips_auxiliary_losses() -> None:
     router = build_router(tiny(router="dynamic"))
     with torch.no_grad():

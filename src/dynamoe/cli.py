@@ -290,6 +290,7 @@ def retrofit(
     batch_size: Annotated[int, "sequences per batch"] = 8,
     seq_len: Annotated[int | None, "window length (default: the checkpoint's context)"] = None,
     lr: Annotated[float, "light mode: learning rate of the temperature heads"] = 3e-3,
+    straight_through: Annotated[bool, "light mode: the distillation loss also sees which experts were kept"] = True,
     eval_tokens: Annotated[int, "held-out tokens per domain for the before/after comparison; 0 skips it"] = 16_384,
     seed: Annotated[int, "seed of the batches"] = 0,
     force: Annotated[bool, "replace OUT if it exists"] = False,
@@ -302,7 +303,8 @@ def retrofit(
     from dynamoe.retrofit import RetrofitConfig, retrofit as run_retrofit
     from dynamoe.train import resolve_device
 
-    cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed)
+    cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
+                         straight_through=straight_through)
     if out.exists() and any(out.iterdir()) and not force:
         raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")

@@ -48,6 +48,7 @@ class RetrofitConfig:
     seq_len: int | None = None  # None: the model's max_seq_len
     lr: float = 3e-3
     calibration_tokens: int = 32_768  # validation tokens the thresholds are calibrated on
+    straight_through: bool = True  # light mode: let the distillation loss reach the choice of k (see TopPRouter)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +139,8 @@ def distill_temperature_heads(student: Transformer, teacher: Transformer, data: 
         param.requires_grad_(False)
     for param in heads:
         param.requires_grad_(True)
+    for router in student.threshold_routers():
+        router.straight_through = cfg.straight_through
     optimizer = torch.optim.AdamW(heads, lr=cfg.lr, weight_decay=0.0)
     steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
     history = []
@@ -159,6 +162,8 @@ def distill_temperature_heads(student: Transformer, teacher: Transformer, data: 
     student.eval()
     for param in student.parameters():
         param.requires_grad_(True)
+    for router in student.threshold_routers():
+        router.straight_through = False
     return history
 
 

@@ -155,6 +155,10 @@ class TopPRouter(Router):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("slots_K", torch.arange(cfg.k_max), persistent=False)
+        # Straight-through selection (off by default; retrofit turns it on): the forward pass keeps the
+        # hard choice, the backward pass takes the gradient of the soft one, so a loss that needs a
+        # chosen expert can push its token towards keeping it (a flatter temperature).
+        self.straight_through = False
 
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor | float:
         """Softmax temperature per token; fixed at 1 here."""
@@ -166,11 +170,15 @@ class TopPRouter(Router):
         # An expert is needed while the mass before it is still below the threshold.
         mass_before_TK = sorted_TK.cumsum(-1) - sorted_TK
         k_T = (mass_before_TK < self.threshold).sum(-1).clamp(self.k_min, self.k_max)
-        kept_TK = sorted_TK * (self.slots_K < k_T[:, None])
-        weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
+        chosen_TK = (self.slots_K < k_T[:, None]).to(sorted_TK.dtype)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
-            soft_k_T = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS).sum(-1)
+            soft_chosen_TK = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS)
+            soft_k_T = soft_chosen_TK.sum(-1)
+            if self.straight_through:
+                chosen_TK = chosen_TK + soft_chosen_TK - soft_chosen_TK.detach()
+        kept_TK = sorted_TK * chosen_TK
+        weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
         return experts_TK, weights_TK, k_T, probs_TE, soft_k_T
 
 
