@@ -358,6 +358,10 @@ def test_body_over_the_limit_is_413(server, tokenizer) -> None:
     with running(tokenizer, max_body_bytes=1000) as (url, _):
         response = requests.post(f"{url}/v1/completions", json={"prompt": "x" * 2000})
         assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+        # Without a Content-Length (chunked), the body is counted as it arrives.
+        chunks = (piece for piece in [b'{"prompt": "', b"x" * 600, b"x" * 600, b'"}'])
+        response = requests.post(f"{url}/v1/completions", data=chunks, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
 
 
 BAD_REQUESTS = [
