@@ -51,7 +51,10 @@ class Mesh:
 
 def world_size_from_env() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise DynamoeError(f"WORLD_SIZE={value!r} is not a positive number of processes; unset it or launch with torchrun")
+    return int(value)
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -27,7 +27,7 @@ class Parallelism(Protocol):
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer, model: Transformer) -> dict[str, Any] | None: ...
     def shard_optimizer_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer,
                               model: Transformer) -> dict[str, Any]: ...
-    def full_model(self, model: Transformer) -> Any: ...  # context manager yielding is_main
+    def full_model(self, model: Transformer) -> AbstractContextManager[bool]: ...  # yields is_main
 
 
 class SingleProcess:
@@ -107,7 +107,7 @@ class Distributed:
         """This rank's part of a full optimizer state."""
         return expert_parallel.shard_optimizer_state(state, optimizer, model, self.mesh)
 
-    def full_model(self, model: Transformer) -> Any:
+    def full_model(self, model: Transformer) -> AbstractContextManager[bool]:
         """Context in which rank 0's model holds every expert; yields is_main (a collective)."""
         return expert_parallel.full_experts(model, self.mesh)
 
