@@ -48,7 +48,7 @@ class LoadResult:
     def summary(self) -> str:
         done = len(self.latencies)
         p95 = statistics.quantiles(self.latencies, n=20)[-1] if done >= 2 else float("nan")
-        return (f"{self.label:<22} {done:>5} ok {len(self.failures):>4} failed  {self.wall_s:7.1f} s  "
+        return (f"{self.label:<28} {done:>4} ok {len(self.failures):>4} failed  {self.wall_s:7.1f} s  "
                 f"{done / self.wall_s:6.2f} req/s  {self.completion_tokens / self.wall_s:7.1f} tok/s  "
                 f"latency p50 {statistics.median(self.latencies):6.2f} s  p95 {p95:6.2f} s  "
                 f"mean batch {self.mean_batch_rows:5.1f} rows")

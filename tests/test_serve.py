@@ -31,7 +31,7 @@ from dynamoe.model.layers import Projection
 from dynamoe.serve import EngineLimits, ServeSettings, create_app
 from dynamoe.serve.background import serve_in_thread
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
-from dynamoe.serve.engine import Job, Sequence
+from dynamoe.serve.engine import Engine, Job, JobFailed, NewToken, RowDone, Sequence
 
 MODEL = "tiny"
 
@@ -428,3 +428,39 @@ def test_extreme_but_valid_values_are_served(server, extreme: dict) -> None:
     url, _, _ = server
     response = requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 4, **extreme})
     assert response.status_code == 200, response.text
+
+
+def test_engine_stop_cancels_the_running_batch(tokenizer) -> None:
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    engine = Engine(never_ending(tiny_model(max_seq_len=2048), eos), tokenizer.decode, eos)
+    events: list = []
+    job = Job([Sequence((1, 2, 3), 2000, GREEDY)], None, events.append)
+    engine.start()
+    engine.submit(job)
+    wait_until(lambda: len(events) >= 3)  # decoding
+    engine.stop()
+    assert job.cancelled.is_set() and not any(isinstance(event, RowDone) for event in events)
+    assert len(events) < 2000 and engine.metrics.cancelled_rows.value() == 1
+
+
+def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> None:
+    broken = [True]
+
+    def decode(ids: list[int]) -> str:
+        if broken[0]:
+            raise ValueError("decoder exploded")
+        return tokenizer.decode(ids)
+
+    engine = Engine(tiny_model(), decode, tokenizer.token_to_id("<|endoftext|>"))
+    first, second = [], []
+    engine.start()
+    try:
+        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, first.append))
+        wait_until(lambda: bool(first))
+        assert isinstance(first[0], JobFailed) and "decoder exploded" in first[0].message
+        broken[0] = False
+        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, second.append))
+        wait_until(lambda: any(isinstance(event, RowDone) for event in second))
+        assert sum(isinstance(event, NewToken) for event in second) == 3
+    finally:
+        engine.stop()

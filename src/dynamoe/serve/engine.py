@@ -143,6 +143,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.device = next(model.parameters()).device
         self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -153,10 +154,10 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancel waiting jobs and stop the scheduler after its current batch."""
+        """Cancel every job, waiting or running, and wait for the scheduler thread to end."""
         with self._condition:
             self._stopping = True
-            for job in self._waiting:
+            for job in (*self._waiting, *self._running):
                 job.cancel()
             self._waiting.clear()
             self._condition.notify_all()
@@ -191,9 +192,9 @@ class Engine:
         if not busy and self.limits.max_batch_size > 1:
             time.sleep(self.limits.batch_window_s)  # let requests that arrive together share the batch
         with self._condition:
-            jobs = self._take_batch()
+            self._running = self._take_batch()
             self.metrics.queue_depth.set(len(self._waiting))
-            return jobs
+            return self._running
 
     def _take_batch(self) -> list[Job]:
         """Remove from the queue the oldest job plus every later one with its threshold that fits the budget."""
