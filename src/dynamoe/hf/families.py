@@ -31,6 +31,9 @@ class Family:
 
     def model_config(self, hf: dict[str, Any]) -> ModelConfig:
         """The dynamoe config of a checkpoint with this config.json; DynamoeError naming a missing or unsupported field."""
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if hf.get(key) is None:
+                raise DynamoeError(f"config.json has no {key}, which every {self.architecture} config has")
         experts_key = next((key for key in self.experts_keys if hf.get(key) is not None), self.experts_keys[0])
         for key in (experts_key, "num_experts_per_tok", self.expert_dim_key):
             if hf.get(key) is None:
@@ -57,7 +60,7 @@ class Family:
         if self.shared_expert:
             fields["shared_expert_dim"] = int(hf.get("shared_expert_intermediate_size") or 0)
         if self.dense_layers:
-            fields["dense_layers"] = dense_layers(hf, n_layers, n_experts)
+            fields["dense_layers"] = dense_layers(hf, n_layers)
             if fields["dense_layers"]:
                 fields["dense_dim"] = hf["intermediate_size"]
         try:
@@ -74,8 +77,9 @@ class Family:
             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "dtype": "float32",
-            self.experts_keys[0]: cfg.n_experts, "num_experts_per_tok": cfg.top_k, self.expert_dim_key: cfg.expert_dim,
-            "intermediate_size": cfg.dense_hidden if cfg.dense_layers else cfg.expert_dim, **bias,
+            # The dense blocks' size; Mixtral and OLMoE use this field for the experts, so the next line wins there.
+            "intermediate_size": cfg.dense_hidden if cfg.dense_layers else cfg.expert_dim,
+            self.experts_keys[0]: cfg.n_experts, "num_experts_per_tok": cfg.top_k, self.expert_dim_key: cfg.expert_dim, **bias,
             "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
         }
         if self.norm_topk_key:
@@ -135,8 +139,8 @@ def rope_theta(hf: dict[str, Any]) -> float:
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def dense_layers(hf: dict[str, Any], n_layers: int, n_experts: int) -> list[int]:
+def dense_layers(hf: dict[str, Any], n_layers: int) -> list[int]:
     """Blocks with a dense MLP: those in mlp_only_layers and those decoder_sparse_step skips (Qwen-MoE's rule)."""
     mlp_only = set(hf.get("mlp_only_layers") or [])
     step = int(hf.get("decoder_sparse_step") or 1)
-    return [i for i in range(n_layers) if i in mlp_only or n_experts == 0 or (i + 1) % step != 0]
+    return [i for i in range(n_layers) if i in mlp_only or (i + 1) % step != 0]

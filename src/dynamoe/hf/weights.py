@@ -57,12 +57,15 @@ class Rule:
 
     def split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Theirs from ours (export), contiguous so that safetensors can write them."""
-        def one(part_tensor: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-            parts = part_tensor.split(self.widths, dim=-1)
+        def one(ours: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+            parts = ours.split(self.widths, dim=-1)
             return {name: (part.transpose(-1, -2) if self.linear else part).contiguous() for name, part in zip(names, parts)}
-        if self.experts:
-            return {k: v for e in range(self.experts) for k, v in one(tensor[e], tuple(n.format(e=e) for n in self.theirs)).items()}
-        return one(tensor, self.theirs)
+        if not self.experts:
+            return one(tensor, self.theirs)
+        theirs: dict[str, torch.Tensor] = {}
+        for e in range(self.experts):
+            theirs.update(one(tensor[e], tuple(name.format(e=e) for name in self.theirs)))
+        return theirs
 
 
 def weight_rules(cfg: ModelConfig, family: Family, fused_experts: Callable[[int], bool]) -> list[Rule]:
