@@ -292,11 +292,12 @@ def run_batch(model: Transformer, rows: list[_Row], decode: Callable[[list[int]]
         input_pos_B1 = (lengths_B + step).clamp(max=cache_len - 1)[:, None]
         out = model(torch.tensor(tokens, device=device)[:, None], input_pos_T=input_pos_B1)
         logits_BV = out.logits[:, -1]
-        experts_B = mean_experts(out.routings, len(rows), 1)
+        experts_B1 = mean_experts(out.routings, len(rows), 1)
+        experts = [0.0] * len(rows) if experts_B1 is None else experts_B1[:, 0].tolist()  # one host sync per step
         for b, row in enumerate(rows):
             if row.running:
                 row.positions += 1
-                row.experts_sum += 0.0 if experts_B is None else float(experts_B[b, 0])
+                row.experts_sum += experts[b]
 
 
 def choose_tokens(logits_BV: torch.Tensor, rows: list[_Row]) -> list[int]:
