@@ -250,3 +250,19 @@ def test_load_hf_leaves_the_global_rng_alone(mixtral_copy: tuple[Path, Path]) ->
     torch.manual_seed(5)
     assert torch.equal(after, torch.rand(1))
 
+
+
+def test_config_fields_for_imports_keep_old_configs_loading_and_are_validated() -> None:
+    from dynamoe.config import ModelConfig, tiny
+    from dynamoe.errors import DynamoeError
+
+    old = {k: v for k, v in tiny().to_dict().items()
+           if k not in ("attn_head_dim", "qkv_bias", "out_bias", "qk_norm", "clip_qkv", "dense_layers", "shared_expert_dim",
+                        "renormalize_topk")}
+    assert ModelConfig.from_dict(old) == tiny()  # a config.json written before these fields existed
+    for bad, message in ((dict(dense_layers=[2]), "dense_layers"), (dict(qk_norm="layer"), "qk_norm"),
+                         (dict(clip_qkv=0.0), "clip_qkv"), (dict(shared_expert_dim=-1), "shared_expert_dim"),
+                         (dict(dim=60, n_heads=8), "set attn_head_dim")):
+        with pytest.raises(DynamoeError, match=message):
+            tiny(**bad)
+    assert tiny(dim=60, n_heads=4, attn_head_dim=16).head_dim == 16
