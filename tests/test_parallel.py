@@ -4,6 +4,7 @@ across world sizes, and a dead or stalled rank ending the others with a one-line
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -22,10 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import dynamoe.train as train_module
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Experts, Routing, Transformer, reference_dispatch
-from dynamoe.parallel import Distributed, ExpertParallelDispatcher, Mesh, apply_expert_parallel, make_mesh
+from dynamoe.parallel import Distributed, ExpertParallelDispatcher, Mesh, SingleProcess, apply_expert_parallel, make_mesh
 from dynamoe.parallel.expert_parallel import expert_major_order
 from dynamoe.parallel.mesh import check_layout
 from dynamoe.train import TrainConfig, model_config_for_data, train
@@ -158,16 +159,26 @@ def test_expert_major_order_regroups_blocks() -> None:
         ["r0e0", "r1e0", "r1e0", "r1e0", "r0e1", "r0e1"]
 
 
-def test_layouts_and_sizes_are_checked(tiny_corpus: Path, tmp_path: Path) -> None:
+class ThreeProcesses(SingleProcess):
+    world_size = 3
+
+
+def test_layouts_and_sizes_are_checked(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DynamoeError, match="--expert-parallel 3 must divide the 4 processes"):
         check_layout(4, 3)
     mesh = Mesh(rank=0, world_size=4, expert_parallel=4, device=torch.device("cpu"), expert_group=None,  # type: ignore[arg-type]
                 replica_group=None)  # type: ignore[arg-type]
     with pytest.raises(DynamoeError, match="n_experts=6 is not divisible by --expert-parallel 4"):
         apply_expert_parallel(Transformer(tiny(router="topk", n_experts=6, k_max=4, vocab_size=64)), mesh)
-    cfg = TrainConfig(data_dir=tiny_corpus, out_dir=tmp_path / "run", steps=1, expert_parallel=2, progress=False)
+    model_cfg = model_config_for_data(tiny(), tiny_corpus)
+    cfg = TrainConfig(data_dir=tiny_corpus, out_dir=tmp_path / "run", steps=1, batch_size=8, progress=False)
+    with pytest.raises(DynamoeError, match="batch_size=8 .* cannot be split evenly over 3 processes"):
+        train_module._train(model_cfg, cfg, torch.device("cpu"), False, ThreeProcesses())
     with pytest.raises(DynamoeError, match="launch with torchrun --nproc_per_node 2"):
-        train(model_config_for_data(tiny(), tiny_corpus), cfg)
+        train(model_cfg, dataclasses.replace(cfg, expert_parallel=2))
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DynamoeError, match="WORLD_SIZE='two' is not a positive number of processes"):
+        train(model_cfg, cfg)
 
 
 # ---------------------------------------------------------------- training under torchrun

@@ -1,8 +1,8 @@
 """Expert parallelism: each rank of an expert group stores E / ep experts of every MoE layer, and each
 selected (token, expert) pair travels to the rank that owns its expert, is computed there, and comes back.
 
-Shape legend: T tokens, K routing slots, D model dim, E experts, R ranks of the expert group, L experts
-per rank (E = R L), P pairs this rank sends, Q pairs this rank's experts compute.
+Shape legend: T tokens, K routing slots, S = T K slots, D model dim, E experts, R ranks of the expert
+group, L experts per rank (E = R L), P pairs this rank sends, Q pairs this rank's experts compute.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def apply_expert_parallel(model: Transformer, mesh: Mesh) -> Transformer:
-    """Keep only this rank's block of experts in every MoE layer, and route through the all-to-all dispatcher."""
+    """Keep only this rank's block of experts in every MoE layer, and route through the all-to-all dispatcher.
+
+    Each Experts module then stacks L = E / ep experts (its n_experts says so) and local expert l is
+    global expert expert_rank * L + l; the router still chooses among all E.
+    """
     if mesh.expert_parallel == 1:
         return model
     for moe in moe_layers(model):

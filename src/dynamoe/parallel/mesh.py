@@ -80,6 +80,9 @@ def init_mesh(expert_parallel: int, device_type: str, timeout_s: float) -> Mesh:
     check_layout(world_size, expert_parallel)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DynamoeError(f"process LOCAL_RANK={local_rank} has no GPU of its own: this machine has "
+                               f"{torch.cuda.device_count()}; start at most that many processes per machine")
         torch.cuda.set_device(device)
     with collective(f"joining the {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
