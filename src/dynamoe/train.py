@@ -73,7 +73,9 @@ class TrainConfig:
     # Under torchrun: ranks that split the experts between them (the world is data parallel either way);
     # batch_size stays the global batch, so a run may resume on another world size.
     expert_parallel: int = 1
-    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the run fails
+    # Seconds a collective waits for the other ranks before the run fails; it must cover rank 0 writing a
+    # checkpoint while the others wait for the next step (NCCL's own default is 600 too).
+    dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         # JSON hands back strings and lists; keep the declared types either way.
