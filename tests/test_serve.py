@@ -166,6 +166,20 @@ def test_streamed_completion_equals_whole(server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_streamed_echo_and_logprobs_equal_whole(server) -> None:
+    url, _, _ = server
+    request = dict(model=MODEL, prompt=[[5, 6, 7, 8]], max_tokens=6, temperature=0, echo=True, logprobs=2)
+    whole = client(url).completions.create(**request).choices[0]
+    chunks = [chunk.choices[0] for chunk in client(url).completions.create(**request, stream=True)]
+    assert "".join(chunk.text for chunk in chunks) == whole.text
+    streamed = [chunk.logprobs for chunk in chunks if chunk.logprobs is not None]
+    assert sum((lp.tokens for lp in streamed), []) == whole.logprobs.tokens
+    assert sum((lp.token_logprobs for lp in streamed), []) == whole.logprobs.token_logprobs
+    assert sum((lp.text_offset for lp in streamed), []) == whole.logprobs.text_offset
+    # Two alternatives each, fewer only where two tokens decode to the same text (partial UTF-8 bytes).
+    assert all(len(top) == 2 or "\ufffd" in top for top in whole.logprobs.top_logprobs[1:]), whole.logprobs.top_logprobs
+
+
 def test_seed_reproduces_and_choices_differ(server) -> None:
     url, _, _ = server
     request = dict(model=MODEL, prompt="Once", max_tokens=12, temperature=1.0, seed=3, n=2)
