@@ -224,6 +224,54 @@ def demo(
     run_demo(quick=quick, out_root=out, data_root=data_root)
 
 
+def experiment_headline(
+    preset: Annotated[str | None, f"model size: {', '.join(PRESETS)} (default: small; --quick narrows it)"] = None,
+    tokens: Annotated[int | None, "training tokens per model (default: 1000000; --quick: 262144)"] = None,
+    seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0); each adds a full round"] = None,
+    models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 dense dynamic-2 dynamic-3 dynamic-4 topp-3 "
+                                        "relu-3 (default: all)"] = None,
+    quick: Annotated[bool, "the under-20-minute profile: smaller corpus, model and budget"] = False,
+    out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
+    data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
+    corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,
+    threads: Annotated[int | None, "torch CPU threads (default: torch's choice)"] = None,
+    device: Device = "auto",
+    progress: Annotated[bool, "show progress bars"] = True,
+) -> None:
+    """Dense, static top-k and adaptive routers on one budget, benched side by side: latency at quality parity."""
+    import torch
+
+    from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
+
+    if threads is not None:
+        if threads < 1:
+            raise DynamoeError(f"--threads={threads} must be at least 1")
+        torch.set_num_threads(threads)
+    profile = headline_profile(quick, preset, tokens)
+    seeds, models = seeds or [0], models or list(MODEL_KEYS)
+    run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
+                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out))
+
+
+def analyze(
+    checkpoint: Checkpoint,
+    corpus: Annotated[Path, "built corpus the checkpoint was trained on (its test split)"] = DEFAULT_DATA,
+    out: Annotated[Path, "folder for analysis.json, the plots and sample.html"] = Path("runs/analysis"),
+    max_tokens: Annotated[int, "held-out tokens per domain to analyse"] = 16_384,
+    sample_tokens: Annotated[int, "tokens per domain in the coloured HTML sample"] = 200,
+    threshold: Threshold = None,
+    device: Device = "auto",
+) -> None:
+    """Routing analysis: experts/token per layer and domain, k against loss, expert specialisation, a coloured sample."""
+    from dynamoe.analyze import analyze_checkpoint, format_analysis
+    from dynamoe.train import resolve_device
+
+    result = analyze_checkpoint(checkpoint, corpus, out, max_tokens=max_tokens, sample_tokens=sample_tokens,
+                                threshold=threshold, device=resolve_device(device))
+    print(format_analysis(result))
+    print(f"analysis written to {out}")
+
+
 def serve(
     checkpoint: Checkpoint,
     host: Annotated[str, "address to bind; 0.0.0.0 exposes the server to the network"] = "127.0.0.1",
@@ -322,7 +370,7 @@ def retrofit(
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo,
-    "retrofit": retrofit, "serve": serve,
+    "retrofit": retrofit, "serve": serve, "experiment headline": experiment_headline, "analyze": analyze,
     "import": import_hf, "export": export,
 }
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,12 +10,12 @@ from typing import Any
 
 import torch
 
-from dynamoe.checkpoint import latest_checkpoint, load_config, load_model, load_trainer_state
+from dynamoe import runs
+from dynamoe.checkpoint import load_model
 from dynamoe.config import ModelConfig, preset
 from dynamoe.data import build_corpus
-from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
-from dynamoe.train import TrainConfig, train
+from dynamoe.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,6 @@ QUICK = DemoProfile("quick", bytes_per_domain=400_000, vocab_size=4096, steps=10
                     lr=3e-3, warmup_steps=10, eval_tokens=2_048)
 TARGET_K = 3.0
 STATIC, DYNAMIC = "static", "dynamic"  # the models' keys, which also name their run folders
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -65,27 +61,10 @@ def demo_models(profile: DemoProfile) -> dict[str, DemoModel]:
 
 def train_or_reuse(model: DemoModel, profile: DemoProfile, data_dir: Path, run_dir: Path) -> dict[str, Any]:
     """Train one demo model, resume it if it was interrupted, or reuse it if it is complete."""
-    summary_path = run_dir / SUMMARY_FILE
-    summary = _read_summary(summary_path)
-    if summary and summary.get("model_config") == model.config.to_dict() and summary.get("step") == profile.steps:
-        print(f"[demo] reusing {model.title} from {run_dir}")
-        return summary
-    ckpt = latest_checkpoint(run_dir)
-    resume = ckpt is not None and _resumable(ckpt, model.config, profile.steps)
-    if ckpt is not None and not resume:
-        # The demo owns its run folders; one it can neither reuse nor resume (finished but without
-        # a summary, or another config) would otherwise block training for good.
-        print(f"[demo] {run_dir} holds a run the demo can neither reuse nor resume; training it again from scratch")
-        shutil.rmtree(run_dir)
     train_cfg = TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
                             lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
                             eval_every=profile.steps, seed=0)
-    print(f"[demo] {'resuming' if resume else 'training'} {model.title} ({profile.steps} steps of "
-          f"{profile.batch_size}x{profile.seq_len} tokens)")
-    result = train(model.config, train_cfg, resume=resume)
-    summary = {**asdict(result), "checkpoint": str(result.checkpoint), "model_config": model.config.to_dict()}
-    _write_json(summary_path, summary)
-    return summary
+    return runs.train_or_reuse(model.title, model.config, train_cfg, tag="demo")
 
 
 def side_by_side(reports: dict[str, EvalReport], summaries: dict[str, dict]) -> str:
@@ -143,31 +122,7 @@ def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root:
     }
     out_dir = out_root / profile.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "results.json", results)
+    runs.write_json(out_dir / "results.json", results)
     (out_dir / "results.md").write_text(f"```\n{table}\n\ndynamic k histogram: {shares}\n```\n")
     print(f"results written to {out_dir}/results.json and results.md")
     return results
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    """A run's saved summary, or None when it is missing or unreadable (so the run is trained again)."""
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-def _resumable(ckpt: Path, model_cfg: ModelConfig, steps: int) -> bool:
-    """True when a checkpoint of model_cfg stopped short of steps and can be read."""
-    try:
-        return load_config(ckpt) == model_cfg and int(load_trainer_state(ckpt)["step"]) < steps
-    except DynamoeError:
-        return False  # an unreadable checkpoint cannot be resumed either
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,0 +1,368 @@
+"""Routing analysis of a checkpoint: how many experts tokens use (per layer, per domain), whether harder
+tokens get more of them, how experts specialise by domain, and a text sample coloured by experts/token.
+
+A token's k at position t is paired with the loss of the prediction made there (of token t + 1): the
+experts at position t serve exactly that prediction. Shape legend: L MoE layers, N tokens, E experts,
+D domains, K routing slots.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from dynamoe.checkpoint import check_same_tokenizer, load_model, load_tokenizer_for
+from dynamoe.errors import DynamoeError
+from dynamoe.evaluate import split_tokens_by_domain, windows
+from dynamoe.model import Transformer
+
+ANALYSIS_JSON, SAMPLE_HTML = "analysis.json", "sample.html"
+HISTOGRAM_PNG, K_LOSS_PNG, HEATMAP_PNG = "k_histograms.png", "k_vs_loss.png", "expert_domain_usage.png"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of values, ties sharing the mean of the ranks they span."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1]
+    ends = np.r_[starts[1:], len(values)]
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of the ranks starts+1 .. ends
+    return ranks
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float | None:
+    """Spearman's rank correlation (Pearson's on average ranks); None when a side is constant or too short."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need two 1-D arrays of one length, got shapes {x.shape} and {y.shape}")
+    if len(x) < 2:
+        return None
+    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
+    norm = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / norm if norm > 0 else None
+
+
+def entropy(p: np.ndarray) -> float:
+    """Shannon entropy (nats) of a probability vector; zeros contribute nothing."""
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_information(counts: np.ndarray) -> float | None:
+    """NMI of the two variables of a contingency table: I(A; B) / mean(H(A), H(B)), in [0, 1].
+
+    The arithmetic-mean normalisation (as scikit-learn's default). None when either variable takes a
+    single value (there is nothing to share information about).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2 or (counts < 0).any():
+        raise ValueError("need a 2-D table of non-negative counts")
+    total = counts.sum()
+    if total <= 0:
+        return None
+    joint = counts / total
+    p_a, p_b = joint.sum(axis=1), joint.sum(axis=0)
+    h_a, h_b = entropy(p_a), entropy(p_b)
+    if h_a == 0 or h_b == 0:
+        return None
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * np.log(joint[nonzero] / np.outer(p_a, p_b)[nonzero])).sum())
+    return max(0.0, mutual) / ((h_a + h_b) / 2)
+
+
+# ----------------------------------------------------------------------------- collection
+
+@dataclass
+class TokenRouting:
+    """Per-token routing of a stretch of text: one column per token, one row per MoE layer."""
+
+    domain_N: np.ndarray  # int: index into the domain list
+    loss_N: np.ndarray  # float: cross-entropy of the prediction made at this position
+    k_LN: np.ndarray  # int: experts used per layer
+    usage_LED: np.ndarray  # int: selected (token, expert) pairs per layer, expert and domain
+
+
+@torch.no_grad()
+def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """k per layer (L, B*T), per-token losses (B*T) when targets are given, and each layer's selected experts.
+
+    The selected experts of a layer come as a flat tensor of expert ids, one per (token, expert) pair.
+    """
+    out = model(x_BT)
+    losses_N = None
+    if y_BT is not None:
+        losses_N = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BT.flatten(), reduction="none")
+    k_LN = torch.stack([r.k_T for r in out.routings])
+    chosen = [r.experts_TK[r.mask_TK] for r in out.routings]
+    return k_LN, losses_N, chosen
+
+
+def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tokens: int, batch_size: int = 8
+            ) -> TokenRouting:
+    """Route up to max_tokens predictions of each domain and keep every token's k, loss and expert choices."""
+    routers = model.routers()
+    if not routers:
+        raise DynamoeError("analyze needs an MoE checkpoint, but this model has a dense feed-forward: it has no routing")
+    device = next(model.parameters()).device
+    n_experts, domains = model.config.n_experts, list(tokens_by_domain)
+    usage_LED = np.zeros((len(routers), n_experts, len(domains)), dtype=np.int64)
+    domain_parts, loss_parts, k_parts = [], [], []
+    was_training = model.training
+    model.eval()
+    for d, domain in enumerate(domains):
+        for x_BT, y_BT in windows(tokens_by_domain[domain], model.config.max_seq_len, max_tokens, batch_size, domain):
+            k_LN, losses_N, chosen = route_window(model, x_BT.to(device), y_BT.to(device))
+            k_parts.append(k_LN.cpu().numpy())
+            loss_parts.append(losses_N.cpu().numpy())
+            domain_parts.append(np.full(losses_N.numel(), d))
+            for layer, experts in enumerate(chosen):
+                usage_LED[layer, :, d] += np.bincount(experts.cpu().numpy(), minlength=n_experts)
+    model.train(was_training)
+    return TokenRouting(np.concatenate(domain_parts), np.concatenate(loss_parts).astype(np.float64),
+                        np.concatenate(k_parts, axis=1), usage_LED)
+
+
+# ----------------------------------------------------------------------------- report
+
+@dataclass
+class RoutingAnalysis:
+    """The numbers of an analysis (analysis.json)."""
+
+    checkpoint: str
+    router: str
+    threshold: float | None  # routing threshold in effect; None for topk and relu
+    domains: list[str]
+    tokens_per_domain: dict[str, int]
+    k_max: int
+    mean_k_per_layer: list[float]
+    mean_k_per_domain: dict[str, float]
+    k_histogram_per_layer: list[list[int]]  # [layer][k]: tokens that used k experts in that layer
+    k_histogram_per_domain: dict[str, list[int]]  # [domain][k]: (token, layer) decisions over all layers
+    loss_per_domain: dict[str, float]
+    spearman_k_loss: float | None  # token's mean k over layers against its loss, all domains pooled
+    spearman_k_loss_per_domain: dict[str, float | None]  # within each domain: difficulty, not domain, drives it
+    spearman_k_loss_per_layer: list[float | None]
+    mean_loss_by_k: dict[str, float]  # token's mean k rounded to an integer -> mean loss of those tokens
+    expert_domain_usage: list[list[list[int]]]  # [layer][expert][domain]: selected (token, expert) pairs
+    specialisation_nmi_per_layer: list[float | None]  # NMI(expert choice; domain) over the selected pairs
+    specialisation_nmi: float | None  # mean over layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: Transformer) -> RoutingAnalysis:
+    """All the numbers of a RoutingAnalysis from the per-token routing."""
+    k_max = int(max(routing.k_LN.max(initial=0), model.config.k_max))
+    mean_k_N = routing.k_LN.mean(axis=0)
+    in_domain = {name: routing.domain_N == d for d, name in enumerate(domains)}
+    by_k = {int(k): float(routing.loss_N[np.rint(mean_k_N) == k].mean()) for k in np.unique(np.rint(mean_k_N))}
+    nmi = [normalized_mutual_information(layer_ED) for layer_ED in routing.usage_LED]
+    defined = [value for value in nmi if value is not None]
+    thresholds = [router.threshold for router in model.threshold_routers()]
+    return RoutingAnalysis(
+        checkpoint=checkpoint, router=model.config.router, threshold=float(np.mean(thresholds)) if thresholds else None,
+        domains=domains, tokens_per_domain={name: int(mask.sum()) for name, mask in in_domain.items()}, k_max=k_max,
+        mean_k_per_layer=routing.k_LN.mean(axis=1).tolist(),
+        mean_k_per_domain={name: float(routing.k_LN[:, mask].mean()) for name, mask in in_domain.items()},
+        k_histogram_per_layer=[np.bincount(k_N, minlength=k_max + 1).tolist() for k_N in routing.k_LN],
+        k_histogram_per_domain={name: np.bincount(routing.k_LN[:, mask].ravel(), minlength=k_max + 1).tolist()
+                                for name, mask in in_domain.items()},
+        loss_per_domain={name: float(routing.loss_N[mask].mean()) for name, mask in in_domain.items()},
+        spearman_k_loss=spearman(mean_k_N, routing.loss_N),
+        spearman_k_loss_per_domain={name: spearman(mean_k_N[mask], routing.loss_N[mask]) for name, mask in in_domain.items()},
+        spearman_k_loss_per_layer=[spearman(k_N, routing.loss_N) for k_N in routing.k_LN],
+        mean_loss_by_k={str(k): loss for k, loss in sorted(by_k.items())},
+        expert_domain_usage=routing.usage_LED.tolist(),
+        specialisation_nmi_per_layer=nmi, specialisation_nmi=float(np.mean(defined)) if defined else None,
+    )
+
+
+def format_analysis(result: RoutingAnalysis) -> str:
+    """The analysis as a few readable lines."""
+    def number(value: float | None, spec: str = ".3f") -> str:
+        return "undefined" if value is None else format(value, spec)
+
+    lines = [f"routing analysis of {result.checkpoint} ({result.router} router"
+             + (f", threshold {result.threshold:g})" if result.threshold is not None else ")"),
+             "mean experts/token per layer: " + " ".join(f"{k:.2f}" for k in result.mean_k_per_layer)]
+    for domain in result.domains:
+        histogram = result.k_histogram_per_domain[domain]
+        shares = "  ".join(f"k={k}: {n / max(sum(histogram), 1):.1%}" for k, n in enumerate(histogram) if n)
+        lines.append(f"{domain:<8} {result.tokens_per_domain[domain]:>7} tokens  loss {result.loss_per_domain[domain]:.3f}  "
+                     f"mean k {result.mean_k_per_domain[domain]:.2f}  Spearman(k, loss) "
+                     f"{number(result.spearman_k_loss_per_domain[domain])}  [{shares}]")
+    lines.append(f"Spearman(experts/token, own loss), all tokens: {number(result.spearman_k_loss)}; per layer: "
+                 + " ".join(number(v) for v in result.spearman_k_loss_per_layer))
+    lines.append("mean loss by experts/token: " + "  ".join(f"k={k}: {v:.3f}" for k, v in result.mean_loss_by_k.items()))
+    lines.append(f"specialisation NMI(expert; domain): {number(result.specialisation_nmi)}; per layer: "
+                 + " ".join(number(v) for v in result.specialisation_nmi_per_layer))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the coloured sample
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, so that the pieces join into the decoded text.
+
+    A character split over several byte-level tokens appears with the token that completes it.
+    """
+    pieces, shown = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(list(ids[:end]))
+        if end < len(ids):
+            text = text.rstrip("\ufffd")  # bytes of a character still incomplete
+        if not text.startswith(shown):  # decoding revised earlier text: give the whole revision to this token
+            text = shown + text[len(shown):]
+        pieces.append(text[len(shown):])
+        shown = text
+    return pieces
+
+
+def k_colour(k: float, k_max: int) -> str:
+    """A CSS background from blue (few experts) through yellow to red (k_max)."""
+    from matplotlib import colormaps
+
+    red, green, blue, _ = colormaps["coolwarm"](min(max(k / max(k_max, 1), 0.0), 1.0))
+    return f"rgb({round(255 * red)},{round(255 * green)},{round(255 * blue)})"
+
+
+def sample_html(samples: dict[str, tuple[list[str], np.ndarray, np.ndarray]], k_max: int, title: str) -> str:
+    """An HTML page: per domain, the text with each token's background coloured by its mean experts/token.
+
+    samples: domain -> (token pieces, k per layer (L, N), loss of the prediction at each position (N)).
+    """
+    legend = " ".join(f'<span class="t" style="background:{k_colour(k, k_max)}">{k}</span>' for k in range(k_max + 1))
+    sections = []
+    for domain, (pieces, k_LN, loss_N) in samples.items():
+        spans = []
+        for piece, k_L, loss in zip(pieces, k_LN.T, loss_N):
+            tip = f"experts per layer: {' '.join(map(str, k_L.tolist()))}; loss of the next-token prediction: {loss:.2f}"
+            spans.append(f'<span class="t" style="background:{k_colour(float(k_L.mean()), k_max)}" '
+                         f'title="{html.escape(tip)}">{html.escape(piece)}</span>')
+        sections.append(f"<h2>{html.escape(domain)}</h2>\n<pre>{''.join(spans)}</pre>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>\n"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+            "pre{white-space:pre-wrap;font-size:14px;line-height:1.6}.t{border-radius:2px}</style></head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p>Each token's background shows the experts it used, averaged over the "
+            f"MoE layers: {legend}. Hover a token for its experts per layer and its loss.</p>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+
+
+def text_samples(model: Transformer, tokenizer: Tokenizer, tokens_by_domain: dict[str, np.ndarray], n_tokens: int
+                 ) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """The first n_tokens of each domain (at most one context), with their pieces, k per layer and losses."""
+    device = next(model.parameters()).device
+    samples = {}
+    for domain, tokens in tokens_by_domain.items():
+        length = min(n_tokens, model.config.max_seq_len, len(tokens) - 1)
+        if length < 1:
+            continue
+        span = torch.from_numpy(np.asarray(tokens[:length + 1], dtype=np.int64))
+        k_LN, loss_N, _ = route_window(model, span[None, :-1].to(device), span[None, 1:].to(device))
+        samples[domain] = (token_pieces(tokenizer, span[:-1].tolist()), k_LN.cpu().numpy(), loss_N.cpu().numpy())
+    return samples
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)  # Agg without pyplot: no global backend state, no display needed
+    return figure
+
+
+def plot_histograms(result: RoutingAnalysis, path: Path) -> None:
+    """Share of tokens by experts used: one line per layer, one per domain."""
+    figure = _figure(11, 4)
+    by_layer, by_domain = figure.subplots(1, 2, sharey=True)
+    ks = np.arange(result.k_max + 1)
+    for axes, rows, what in ((by_layer, {f"layer {i}": h for i, h in enumerate(result.k_histogram_per_layer)}, "layer"),
+                             (by_domain, result.k_histogram_per_domain, "domain")):
+        for label, histogram in rows.items():
+            counts = np.asarray(histogram, dtype=np.float64)
+            axes.plot(ks, counts / max(counts.sum(), 1.0), marker="o", label=label)
+        axes.set_xlabel("experts per token (k)")
+        axes.set_title(f"k per {what}")
+        axes.set_xticks(ks)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    by_layer.set_ylabel("share of tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def plot_k_vs_loss(result: RoutingAnalysis, path: Path) -> None:
+    """Mean loss of the tokens at each (rounded) mean experts/token."""
+    figure = _figure(6, 4)
+    axes = figure.subplots()
+    ks = [int(k) for k in result.mean_loss_by_k]
+    axes.bar(ks, list(result.mean_loss_by_k.values()), color="tab:blue")
+    rho = "undefined" if result.spearman_k_loss is None else f"{result.spearman_k_loss:.3f}"
+    axes.set_title(f"harder tokens, more experts? Spearman = {rho}")
+    axes.set_xlabel("token's experts/token (mean over layers, rounded)")
+    axes.set_ylabel("mean loss of its prediction (nats)")
+    axes.set_xticks(ks)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def plot_usage_heatmap(result: RoutingAnalysis, path: Path) -> None:
+    """Per layer, the share of each domain's expert slots that each expert takes, with the layer's NMI."""
+    usage_LED = np.asarray(result.expert_domain_usage, dtype=np.float64)
+    n_layers = len(usage_LED)
+    figure = _figure(2.2 + 1.6 * n_layers, 0.25 * usage_LED.shape[1] + 2)
+    axes_row = np.atleast_1d(figure.subplots(1, n_layers, sharey=True))
+    for layer, (axes, usage_ED) in enumerate(zip(axes_row, usage_LED)):
+        share_ED = usage_ED / np.maximum(usage_ED.sum(axis=0, keepdims=True), 1.0)
+        image = axes.imshow(share_ED, aspect="auto", cmap="viridis", vmin=0)
+        nmi = result.specialisation_nmi_per_layer[layer]
+        axes.set_title(f"layer {layer}\nNMI {'–' if nmi is None else f'{nmi:.3f}'}", fontsize=9)
+        axes.set_xticks(range(len(result.domains)), result.domains, rotation=45, fontsize=8)
+        figure.colorbar(image, ax=axes, fraction=0.08)
+    axes_row[0].set_ylabel("expert")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: int = 16_384, sample_tokens: int = 200,
+                       threshold: float | None = None, device: str | torch.device = "cpu") -> RoutingAnalysis:
+    """Analyse a checkpoint's routing on a corpus's test split; write analysis.json, the plots and sample.html."""
+    if max_tokens < 1 or sample_tokens < 1:
+        raise DynamoeError(f"--max-tokens ({max_tokens}) and --sample-tokens ({sample_tokens}) must be at least 1")
+    check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
+    model, _ = load_model(checkpoint, device=device)
+    if threshold is not None:
+        model.set_routing_threshold(threshold)
+    tokens = split_tokens_by_domain(corpus, "test")
+    domains = list(tokens)
+    result = analyse(collect(model, tokens, max_tokens), domains, str(checkpoint), model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ANALYSIS_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    plot_histograms(result, out / HISTOGRAM_PNG)
+    plot_k_vs_loss(result, out / K_LOSS_PNG)
+    plot_usage_heatmap(result, out / HEATMAP_PNG)
+    samples = text_samples(model, load_tokenizer_for(checkpoint), tokens, sample_tokens)
+    (out / SAMPLE_HTML).write_text(sample_html(samples, result.k_max, f"experts per token: {checkpoint}"), encoding="utf-8")
+    return result

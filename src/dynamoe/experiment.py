@@ -1,0 +1,521 @@
+"""The headline experiment: dense, static top-k and adaptive routers trained on the same data, token budget and
+architecture, measured side by side by `dynamoe bench`, and a report that answers the project's claim —
+latency at quality parity — honestly, whatever it shows.
+
+Every model trains into its own run folder (out/seed-S/KEY) and is reused once finished or resumed after a
+kill, so an interrupted experiment continues where it stopped. The bench of a seed is reused while it is
+newer than all of that seed's models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dynamoe import runs
+from dynamoe.analyze import analyze_checkpoint
+from dynamoe.bench import BenchReport, BenchSettings, VariantResult, environment, run_bench
+from dynamoe.config import ModelConfig, preset
+from dynamoe.data import build_corpus
+from dynamoe.errors import DynamoeError
+from dynamoe.train import TrainConfig, model_config_for_data, resolve_device
+
+RESULTS_JSON, SUMMARY_MD = "results.json", "summary.md"
+EXPERTS_PNG, LATENCY_PNG, DOMAINS_PNG = "perplexity_vs_experts.png", "perplexity_vs_latency.png", "perplexity_per_domain.png"
+PARITY_TOLERANCE = 0.01  # "reaches top-8's perplexity": within 1%
+TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
+REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
+ANALYSED = "dynamic-3"  # the model whose routing the report analyses
+
+
+@dataclass(frozen=True)
+class HeadlineProfile:
+    """Corpus, model size, token budget and measurement size of one experiment."""
+
+    name: str
+    preset: str
+    tokens: int  # training tokens per model (rounded down to whole steps)
+    bytes_per_domain: int
+    vocab_size: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    eval_tokens: int  # held-out tokens per domain for perplexity
+    decode_tokens: int  # timed batch-1 decode steps per bench round
+    repeats: int  # interleaved bench rounds
+    batch_sizes: tuple[int, ...]  # batched decode throughput sizes
+    dial: tuple[float, ...]  # routing thresholds at which every topp/dynamic model is measured
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, self.steps // 10)
+
+    @property
+    def tokens_per_model(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "steps": self.steps, "warmup_steps": self.warmup_steps,
+                "tokens_per_model": self.tokens_per_model}
+
+
+# Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 80 min of training, 10 of bench).
+DEFAULT = HeadlineProfile("default", preset="small", tokens=1_000_000, bytes_per_domain=1_500_000, vocab_size=8192,
+                          batch_size=8, seq_len=256, lr=3e-3, eval_tokens=8192, decode_tokens=64, repeats=5,
+                          batch_sizes=(8,), dial=(0.3, 0.4, 0.5, 0.6, 0.7))
+# A narrower small model (dim 128, 2 layers, same experts) on a smaller corpus: under 20 minutes.
+QUICK = HeadlineProfile("quick", preset="small", tokens=262_144, bytes_per_domain=400_000, vocab_size=2048,
+                        batch_size=8, seq_len=128, lr=3e-3, eval_tokens=4096, decode_tokens=32, repeats=3,
+                        batch_sizes=(8,), dial=(0.3, 0.5, 0.7), model_overrides={"dim": 128, "n_layers": 2})
+
+
+@dataclass(frozen=True)
+class HeadlineModel:
+    """One model of the experiment: its key (run folder and bench name), title and router settings."""
+
+    key: str
+    title: str
+    overrides: dict[str, Any]
+
+
+MODELS = (  # the reference first: bench ratios are relative to the first checkpoint
+    HeadlineModel("top8", "static top-8", {"router": "topk", "top_k": 8}),
+    HeadlineModel("top4", "static top-4", {"router": "topk", "top_k": 4}),
+    HeadlineModel("top2", "static top-2", {"router": "topk", "top_k": 2}),
+    HeadlineModel("top1", "static top-1", {"router": "topk", "top_k": 1}),
+    HeadlineModel("dense", "dense (active size of top-2)", {"ffn": "dense", "router": "topk", "top_k": 2}),
+    HeadlineModel("dynamic-2", "dynamic, target k=2", {"router": "dynamic", "target_k": 2.0}),
+    HeadlineModel("dynamic-3", "dynamic, target k=3", {"router": "dynamic", "target_k": 3.0}),
+    HeadlineModel("dynamic-4", "dynamic, target k=4", {"router": "dynamic", "target_k": 4.0}),
+    HeadlineModel("topp-3", "top-p, target k=3", {"router": "topp", "target_k": 3.0}),
+    HeadlineModel("relu-3", "ReLU (ReMoE), target k=3", {"router": "relu", "target_k": 3.0}),
+)
+MODEL_KEYS = tuple(model.key for model in MODELS)
+
+
+def headline_profile(quick: bool = False, preset_name: str | None = None, tokens: int | None = None) -> HeadlineProfile:
+    """The default or quick profile, with another preset (dropping the quick profile's narrowing) or budget."""
+    profile = QUICK if quick else DEFAULT
+    if preset_name is not None and preset_name != profile.preset:
+        profile = dataclasses.replace(profile, preset=preset_name, model_overrides={})
+    if tokens is not None:
+        if tokens < profile.batch_size * profile.seq_len:
+            raise DynamoeError(f"--tokens {tokens} is less than one step of {profile.batch_size}x{profile.seq_len} "
+                               f"tokens; give at least {profile.batch_size * profile.seq_len}")
+        profile = dataclasses.replace(profile, tokens=tokens)
+    return profile
+
+
+def model_config(model: HeadlineModel, profile: HeadlineProfile, data_dir: Path) -> ModelConfig:
+    """The model's config: the profile's preset and overrides, its router settings, the corpus's vocabulary."""
+    cfg = preset(profile.preset, **{**profile.model_overrides, "max_seq_len": profile.seq_len, **model.overrides})
+    return model_config_for_data(cfg, data_dir)
+
+
+def train_config(profile: HeadlineProfile, data_dir: Path, run_dir: Path, seed: int, device: str,
+                 progress: bool) -> TrainConfig:
+    """How every model of the experiment trains: the same steps, batches, schedule and seed."""
+    return TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
+                       lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
+                       keep_checkpoints=1, eval_every=profile.steps, seed=seed, device=device, progress=progress)
+
+
+# ----------------------------------------------------------------------------- aggregation and verdict
+
+@dataclass
+class Row:
+    """One measured variant (a model, or a topp/dynamic model at one dial setting), averaged over seeds."""
+
+    name: str
+    model: str  # the model's key
+    title: str
+    router: str  # "dense" for the dense model
+    threshold: float | None
+    as_trained: bool  # measured at the routing it was trained with
+    mean_k: float | None  # experts/token on the held-out text; None when dense
+    perplexity: float
+    perplexity_std: float  # over seeds (0 with one seed)
+    perplexity_per_domain: dict[str, float]
+    latency_ms: float  # median batch-1 decode latency
+    latency_ratio: float  # measured, to the reference within each seed's interleaved bench
+    ideal_ratio: float  # bytes of weights read per token, to the reference
+    seeds: int
+
+
+def aggregate(reports: dict[int, BenchReport], titles: dict[str, str], trained_thresholds: dict[str, float | None]
+              ) -> list[Row]:
+    """One Row per variant name, in bench order, each number the mean over seeds."""
+    by_name: dict[str, list[VariantResult]] = {}
+    for report in reports.values():
+        for variant in report.variants:
+            by_name.setdefault(variant.name, []).append(variant)
+    rows = []
+    for name, results in by_name.items():
+        key = Path(results[0].checkpoint).name
+        perplexities = np.array([r.perplexity for r in results])
+        domains = results[0].perplexity_per_domain
+        threshold = results[0].threshold
+        rows.append(Row(
+            name=name, model=key, title=titles.get(key, key), router=results[0].router, threshold=threshold,
+            as_trained=threshold is None or threshold == trained_thresholds.get(key),
+            mean_k=None if results[0].eval_mean_k is None else float(np.mean([r.eval_mean_k for r in results])),
+            perplexity=float(perplexities.mean()), perplexity_std=float(perplexities.std(ddof=1)) if len(results) > 1 else 0.0,
+            perplexity_per_domain={d: float(np.mean([r.perplexity_per_domain[d] for r in results])) for d in domains},
+            latency_ms=float(np.mean([r.decode_median_ms for r in results])),
+            latency_ratio=float(np.mean([r.measured_latency_ratio for r in results])),
+            ideal_ratio=float(np.mean([r.ideal_latency_ratio for r in results])), seeds=len(results)))
+    return rows
+
+
+def static_perplexity_at(rows: Sequence[Row], mean_k: float) -> float | None:
+    """The static top-k curve's perplexity at a mean k: log-perplexity interpolated linearly in log2 k.
+
+    None outside the measured static k range, or with fewer than two static models.
+    """
+    static = sorted((row.mean_k, row.perplexity) for row in rows if row.router == "topk" and row.mean_k)
+    if len(static) < 2 or not static[0][0] <= mean_k <= static[-1][0]:
+        return None
+    log_k = np.log2([k for k, _ in static])
+    return float(np.exp(np.interp(math.log2(mean_k), log_k, np.log([p for _, p in static]))))
+
+
+@dataclass
+class EqualComputeComparison:
+    """An adaptive variant against the static curve at its own mean experts/token."""
+
+    name: str
+    mean_k: float
+    perplexity: float
+    static_perplexity: float | None  # None: its mean k lies outside the static k range
+    margin: float | None  # perplexity / static - 1; negative means better than static top-k
+
+
+@dataclass
+class Verdict:
+    """The claim tested: a dynamic variant within 1% of top-8's perplexity, at least 40% faster, and better
+    than static top-k at equal mean experts/token."""
+
+    reference: str | None  # None: static top-8 was not part of the experiment
+    reference_perplexity: float | None
+    fastest_at_parity: str | None  # fastest dynamic variant within PARITY_TOLERANCE of the reference
+    latency_reduction_at_parity: float | None  # 1 - its latency ratio
+    closest: str | None  # the dynamic variant of lowest perplexity
+    closest_gap: float | None  # its perplexity / the reference's - 1
+    closest_latency_reduction: float | None
+    equal_compute: list[EqualComputeComparison]  # every topp/dynamic/relu variant
+    parity_met: bool
+    latency_met: bool
+    equal_compute_met: bool | None  # every as-trained dynamic model below the static curve; None: none comparable
+
+    @property
+    def target_met(self) -> bool:
+        return self.parity_met and self.latency_met and bool(self.equal_compute_met)
+
+
+def verdict(rows: Sequence[Row]) -> Verdict:
+    """Test the headline claim on the aggregated rows."""
+    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    dynamic = [row for row in rows if row.router == "dynamic"]
+    adaptive = [row for row in rows if row.router in ("dynamic", "topp", "relu") and row.mean_k is not None]
+    equal = []
+    for row in adaptive:
+        static = static_perplexity_at(rows, row.mean_k)  # type: ignore[arg-type]
+        equal.append(EqualComputeComparison(row.name, row.mean_k, row.perplexity, static,  # type: ignore[arg-type]
+                                            None if static is None else row.perplexity / static - 1))
+    judged = [c.margin for c, row in zip(equal, adaptive) if row.router == "dynamic" and row.as_trained and c.margin is not None]
+    equal_met = all(margin < 0 for margin in judged) if judged else None
+    if reference is None or not dynamic:
+        return Verdict(None, None, None, None, None, None, None, equal, False, False, equal_met)
+    # Ratios are measured against the first bench variant, which is the reference when it is present.
+    at_parity = [row for row in dynamic if row.perplexity <= reference.perplexity * (1 + PARITY_TOLERANCE)]
+    fastest = min(at_parity, key=lambda row: row.latency_ratio, default=None)
+    closest = min(dynamic, key=lambda row: row.perplexity)
+    reduction = None if fastest is None else 1 - fastest.latency_ratio
+    return Verdict(
+        reference=reference.name, reference_perplexity=reference.perplexity,
+        fastest_at_parity=None if fastest is None else fastest.name, latency_reduction_at_parity=reduction,
+        closest=closest.name, closest_gap=closest.perplexity / reference.perplexity - 1,
+        closest_latency_reduction=1 - closest.latency_ratio, equal_compute=equal,
+        parity_met=fastest is not None, latency_met=reduction is not None and reduction >= TARGET_LATENCY_REDUCTION,
+        equal_compute_met=equal_met)
+
+
+def verdict_lines(result: Verdict) -> list[str]:
+    """The verdict in plain sentences, with the shortfall when the target is missed."""
+    if result.reference is None:
+        return ["No verdict: static top-8 and a dynamic model must both be part of the experiment."]
+    lines = []
+    if result.fastest_at_parity is not None:
+        lines.append(f"Quality parity (within {PARITY_TOLERANCE:.0%} of {result.reference}'s perplexity "
+                     f"{result.reference_perplexity:.2f}): reached by {result.fastest_at_parity}, with "
+                     f"{result.latency_reduction_at_parity:.1%} lower batch-1 decode latency "
+                     f"(target: at least {TARGET_LATENCY_REDUCTION:.0%}: {'met' if result.latency_met else 'missed'}).")
+    else:
+        lines.append(f"Quality parity not reached: the best dynamic variant, {result.closest}, has a perplexity "
+                     f"{result.closest_gap:+.1%} from {result.reference}'s {result.reference_perplexity:.2f} "
+                     f"(allowed: +{PARITY_TOLERANCE:.0%}), at {result.closest_latency_reduction:.1%} lower latency.")
+    comparable = [c for c in result.equal_compute if c.margin is not None]
+    if comparable:
+        beaten = sum(c.margin < 0 for c in comparable)  # type: ignore[operator]
+        lines.append(f"Equal compute: {beaten} of {len(comparable)} adaptive variants have a lower perplexity than the "
+                     f"static top-k curve at their own mean experts/token; the as-trained dynamic models "
+                     f"{'all do' if result.equal_compute_met else 'do not all do'} so.")
+    lines.append(f"Headline target {'MET' if result.target_met else 'NOT met'}.")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the run
+
+def check_choices(seeds: Sequence[int], models: Sequence[str]) -> None:
+    """Raise DynamoeError for an empty, repeated or unknown seed or model."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s < 2 ** 32 for s in seeds):
+        raise DynamoeError(f"--seeds {' '.join(map(str, seeds))}: give one or more distinct seeds in [0, 2**32)")
+    unknown = [m for m in models if m not in MODEL_KEYS]
+    if not models or unknown or len(set(models)) != len(models):
+        raise DynamoeError(f"--models {' '.join(models)}: give distinct models among {', '.join(MODEL_KEYS)}")
+
+
+def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Sequence[float], settings: BenchSettings,
+                   device: str, progress: bool) -> BenchReport:
+    """Run the bench of one seed's models, or reuse its results while they are newer than every model."""
+    saved = runs.read_json(out / "results.json") or {}
+    wanted = {**asdict(settings), "batch_sizes": list(settings.batch_sizes), "dial": list(dial), "corpus": str(data_dir)}
+    del wanted["prompt_tokens"]  # the bench records the prompt it used, shortened to fit the context
+    same_settings = {key: saved.get("settings", {}).get(key) for key in wanted} == wanted
+    same_models = sorted({v["checkpoint"] for v in saved.get("variants", [])}) == sorted(map(str, checkpoints))
+    summaries = [checkpoint / runs.SUMMARY_FILE for checkpoint in checkpoints]
+    if same_settings and same_models and all(s.is_file() for s in summaries):
+        if (out / "results.json").stat().st_mtime > max(s.stat().st_mtime for s in summaries):
+            print(f"[headline] reusing the bench in {out}")
+            return BenchReport([VariantResult(**v) for v in saved["variants"]], saved["settings"], saved["environment"])
+    return run_bench(checkpoints, data_dir, out, dial=dial, settings=settings, device=device, progress=progress)
+
+
+def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,), models: Sequence[str] = MODEL_KEYS,
+                 out: Path = Path("runs/headline"), data_root: Path = Path("data"), corpus: Path | None = None,
+                 device: str = "auto", progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Train (or reuse) every model for every seed, bench them, analyse one, and write the report folder `out`."""
+    check_choices(seeds, models)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    data_dir = corpus or build_corpus(data_root / f"headline-{profile.name}", vocab_size=profile.vocab_size,
+                                      bytes_per_domain=profile.bytes_per_domain, seed=0)
+    chosen = [model for model in MODELS if model.key in models]
+    configs = {model.key: model_config(model, profile, data_dir) for model in chosen}  # all valid before any training
+    timings["corpus_s"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    training: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        for model in chosen:
+            cfg = train_config(profile, data_dir, out / f"seed-{seed}" / model.key, seed, device, progress)
+            training.setdefault(seed, {})[model.key] = runs.train_or_reuse(
+                f"{model.title} (seed {seed})", configs[model.key], cfg, tag="headline")
+    timings["training_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    settings = BenchSettings(decode_tokens=profile.decode_tokens, repeats=profile.repeats, eval_tokens=profile.eval_tokens,
+                             batch_sizes=profile.batch_sizes)
+    has_dial = any(cfg.router in ("dynamic", "topp") and cfg.ffn == "moe" for cfg in configs.values())
+    dial = profile.dial if has_dial else ()
+    reports = {seed: bench_or_reuse([out / f"seed-{seed}" / m.key for m in chosen], data_dir, out / f"seed-{seed}" / "bench",
+                                    dial, settings, device, progress) for seed in seeds}
+    timings["bench_s"] = time.perf_counter() - mark
+
+    rows = aggregate(reports, {m.key: m.title for m in chosen},
+                     {key: cfg.threshold if cfg.router in ("dynamic", "topp") else None for key, cfg in configs.items()})
+    result = verdict(rows)
+
+    mark = time.perf_counter()
+    analysed = next((key for key in (ANALYSED, *configs) if key in configs and configs[key].ffn == "moe"), None)
+    analysis = None
+    if analysed is not None:
+        analysis = analyze_checkpoint(out / f"seed-{seeds[0]}" / analysed, data_dir, out / "analysis",
+                                      max_tokens=profile.eval_tokens, device=resolve_device(device)).to_dict()
+        analysis = {key: analysis[key] for key in ("checkpoint", "mean_k_per_domain", "spearman_k_loss",
+                                                   "spearman_k_loss_per_domain", "specialisation_nmi")}
+    timings["analysis_s"] = time.perf_counter() - mark
+    wall = time.perf_counter() - started
+
+    results = {
+        "experiment": "headline", "command": command, "profile": profile.to_dict(), "seeds": list(seeds),
+        "corpus": str(data_dir), "wall_time_s": wall, "timings": timings,
+        "training_wall_time_s_total": sum(s["wall_time_s"] for per_seed in training.values() for s in per_seed.values()),
+        "environment": environment(resolve_device(device)),
+        "models": {m.key: {"title": m.title, "config": configs[m.key].to_dict(),
+                           "training": {str(seed): training[seed][m.key] for seed in seeds}} for m in chosen},
+        "rows": [asdict(row) for row in rows], "verdict": {**asdict(result), "target_met": result.target_met},
+        "bench": {str(seed): report.to_dict() for seed, report in reports.items()}, "analysis": analysis,
+    }
+    write_report(results, rows, result, Path(out))
+    print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(verdict_lines(result)))
+    print(f"headline experiment ({profile.name}) finished in {wall:.0f} s; report in {out}/{SUMMARY_MD}")
+    return results
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_rows(rows: Sequence[Row]) -> str:
+    """The headline table: one row per variant."""
+    domains = list(rows[0].perplexity_per_domain) if rows else []
+    seeds = max((row.seeds for row in rows), default=1)
+    header = ["variant", "router", "threshold", "mean k", "ppl" + (" (± sd)" if seeds > 1 else ""),
+              *[f"ppl {d}" for d in domains], "ms/token", "latency ratio", "ideal ratio (bytes)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for row in rows:
+        ppl = f"{row.perplexity:.2f}" + (f" ± {row.perplexity_std:.2f}" if seeds > 1 else "")
+        cells = [row.name + ("" if row.as_trained else " (dial)"), row.router, _fmt(row.threshold, "g"),
+                 _fmt(row.mean_k, ".2f"), ppl, *[f"{row.perplexity_per_domain[d]:.2f}" for d in domains],
+                 f"{row.latency_ms:.3f}", f"{row.latency_ratio:.3f}", f"{row.ideal_ratio:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_table(results: dict[str, Any]) -> str:
+    """Per model and seed: steps, tokens, wall time, tokens/s, validation loss and training mean k."""
+    lines = ["| model | seed | steps | tokens | wall s | tokens/s | val loss | train mean k |", "|---|---:|" + "---:|" * 6]
+    for key, model in results["models"].items():
+        for seed, s in model["training"].items():
+            lines.append(f"| {key} | {seed} | {s['step']} | {s['tokens_seen']:,} | {s['wall_time_s']:.0f} | "
+                         f"{s['tokens_per_s']:.0f} | {_fmt(s['val_loss'], '.4f')} | {_fmt(s['mean_k'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], rows: Sequence[Row], result: Verdict, out: Path) -> None:
+    """results.json, summary.md and the three plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / RESULTS_JSON, results)
+    plot_perplexity_against(rows, "mean_k", "mean experts per token (held-out text)", out / EXPERTS_PNG)
+    plot_perplexity_against(rows, "latency_ms", "median batch-1 decode latency (ms/token)", out / LATENCY_PNG)
+    plot_domains(rows, out / DOMAINS_PNG)
+    (out / SUMMARY_MD).write_text(summary_markdown(results, rows, result), encoding="utf-8")
+
+
+def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdict) -> str:
+    """The report: the table, the verdict, the plots, training, the routing analysis, and the conditions."""
+    profile, env = results["profile"], results["environment"]
+    equal = [f"| {c.name} | {c.mean_k:.2f} | {c.perplexity:.2f} | {_fmt(c.static_perplexity, '.2f')} | "
+             f"{_fmt(None if c.margin is None else 100 * c.margin, '+.1f')} |" for c in result.equal_compute]
+    parts = [
+        f"# Headline experiment ({profile['name']} profile)\n",
+        f"Command: `{results['command'] or 'run_headline(...)'}`  \nWall time: {results['wall_time_s']:.0f} s "
+        f"(training {results['timings']['training_s']:.0f} s, bench {results['timings']['bench_s']:.0f} s; the models' own "
+        f"training time, reused runs included: {results['training_wall_time_s_total']:.0f} s)\n",
+        f"Every model: preset `{profile['preset']}`{' with ' + str(profile['model_overrides']) if profile['model_overrides'] else ''}, "
+        f"{profile['steps']} steps of {profile['batch_size']}x{profile['seq_len']} tokens = "
+        f"{profile['tokens_per_model']:,} training tokens, seeds {', '.join(map(str, results['seeds']))}. Perplexity on "
+        f"{profile['eval_tokens']:,} held-out tokens per domain; latency: batch-1 decode, {profile['repeats']} interleaved "
+        f"rounds of {profile['decode_tokens']} tokens, ratios to static top-8 within each seed's bench. "
+        f"Rows marked (dial) are a dynamic or top-p model run at another routing threshold than it was trained with.\n",
+        markdown_rows(rows) + "\n",
+        "\n".join(f"- {line}" for line in verdict_lines(result)) + "\n",
+        "Against the static curve at equal experts/token (log-perplexity interpolated in log k; negative margin = better):\n",
+        "| variant | mean k | ppl | static top-k at that k | margin % |\n|---|---:|---:|---:|---:|\n" + "\n".join(equal) + "\n",
+        f"![perplexity against experts per token]({EXPERTS_PNG})\n\n![perplexity against decode latency]({LATENCY_PNG})\n\n"
+        f"![perplexity per domain]({DOMAINS_PNG})\n",
+        "## Training\n\n" + training_table(results) + "\n",
+    ]
+    if results["analysis"]:
+        a = results["analysis"]
+        rho = ", ".join(f"{d} {_fmt(v, '.3f')}" for d, v in a["spearman_k_loss_per_domain"].items())
+        parts.append(f"## Routing analysis ({a['checkpoint']})\n\nMean experts/token per domain: "
+                     + ", ".join(f"{d} {k:.2f}" for d, k in a["mean_k_per_domain"].items())
+                     + f". Spearman correlation of a token's experts/token with its own loss: "
+                     f"{_fmt(a['spearman_k_loss'], '.3f')} over all tokens; within domains: {rho}. Specialisation, "
+                     f"NMI(expert; domain): {_fmt(a['specialisation_nmi'], '.3f')}. Plots and a coloured text sample "
+                     "in [analysis/](analysis/).\n")
+    parts.append(f"## Conditions\n\ndynamoe {env['dynamoe']}, torch {env['torch']}, numpy {env['numpy']}, Python "
+                 f"{env['python']}; {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
+                 f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}; {env['platform']}.\n")
+    return "\n".join(parts)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)  # Agg without pyplot: no global backend state, no display needed
+    return figure
+
+
+def _x(row: Row, attribute: str) -> float:
+    """A row's x: its attribute, with the dense model placed at its active size (top-2's) on the experts axis."""
+    value = getattr(row, attribute)
+    return 2.0 if value is None else float(value)
+
+
+def plot_perplexity_against(rows: Sequence[Row], attribute: str, label: str, path: Path) -> None:
+    """Perplexity against mean k or latency: the static curve, each adaptive model's dial sweep, dense as a star."""
+    figure = _figure(7.5, 5)
+    axes = figure.subplots()
+    static = sorted((row for row in rows if row.router == "topk"), key=lambda row: _x(row, attribute))
+    if static:
+        axes.plot([_x(r, attribute) for r in static], [r.perplexity for r in static], "k-o", label="static top-k")
+    for key in dict.fromkeys(row.model for row in rows if row.router not in ("topk", "dense")):
+        mine = sorted((row for row in rows if row.model == key), key=lambda row: _x(row, attribute))
+        axes.plot([_x(r, attribute) for r in mine], [r.perplexity for r in mine], marker="o", label=mine[0].title)
+    for row in rows:
+        if row.router == "dense":
+            axes.plot([_x(row, attribute)], [row.perplexity], "r*", markersize=12, label=row.title)
+        if row.as_trained or row.router == "topk":
+            axes.annotate(row.name, (_x(row, attribute), row.perplexity), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
+    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    if reference is not None:
+        axes.axhline(reference.perplexity * (1 + PARITY_TOLERANCE), color="grey", ls=":", lw=1,
+                     label=f"top-8 perplexity + {PARITY_TOLERANCE:.0%}")
+        if attribute == "latency_ms":
+            axes.axvline(reference.latency_ms * (1 - TARGET_LATENCY_REDUCTION), color="grey", ls="--", lw=1,
+                         label=f"top-8 latency - {TARGET_LATENCY_REDUCTION:.0%}")
+    axes.set_xlabel(label)
+    axes.set_ylabel("held-out perplexity")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot_domains(rows: Sequence[Row], path: Path) -> None:
+    """Grouped bars: per domain, each model's perplexity at the routing it was trained with (log scale)."""
+    trained = [row for row in rows if row.as_trained]
+    domains = list(trained[0].perplexity_per_domain) if trained else []
+    figure = _figure(max(7.0, 0.6 * len(trained) * len(domains)), 4.5)
+    axes = figure.subplots()
+    width = 0.8 / max(len(trained), 1)
+    for i, row in enumerate(trained):
+        positions = np.arange(len(domains)) + (i - (len(trained) - 1) / 2) * width
+        axes.bar(positions, [row.perplexity_per_domain[d] for d in domains], width, label=row.name)
+    axes.set_xticks(np.arange(len(domains)), domains)
+    axes.set_yscale("log")
+    axes.set_ylabel("held-out perplexity (log scale)")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def command_line(quick: bool, preset_name: str | None, tokens: int | None, seeds: Sequence[int], models: Sequence[str],
+                 out: Path) -> str:
+    """The `dynamoe experiment headline` command that reproduces a run (recorded in the report)."""
+    words = ["dynamoe", "experiment", "headline", *(["--quick"] if quick else [])]
+    words += [*(["--preset", preset_name] if preset_name else []), *(["--tokens", str(tokens)] if tokens else [])]
+    words += ["--seeds", *map(str, seeds), *(["--models", *models] if tuple(models) != MODEL_KEYS else []), "--out", str(out)]
+    return shlex.join(words)
+

@@ -1,0 +1,148 @@
+"""The headline experiment: the whole pipeline on the tiny preset, reuse and resume after a kill, the verdict's
+arithmetic on hand-made rows, the profiles and models, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynamoe.train
+from dynamoe.checkpoint import load_model
+from dynamoe.cli import main
+from dynamoe.errors import DynamoeError
+from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK, RESULTS_JSON,
+                                SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config, run_headline,
+                                static_perplexity_at, verdict, verdict_lines)
+
+SMOKE = HeadlineProfile("smoke", preset="tiny", tokens=4 * 2 * 32, bytes_per_domain=40_000, vocab_size=512, batch_size=2,
+                        seq_len=32, lr=3e-3, eval_tokens=48, decode_tokens=3, repeats=1, batch_sizes=(2,), dial=(0.4, 0.6))
+
+
+def test_pipeline_runs_end_to_end_then_reuses_everything(tmp_path: Path, tiny_corpus: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "headline"
+    kwargs = dict(profile=SMOKE, models=["top8", "top1", "dynamic-3"], out=out, corpus=tiny_corpus, device="cpu",
+                  progress=False, command="dynamoe experiment headline ...")
+    results = run_headline(**kwargs)
+    assert [row["name"] for row in results["rows"]] == ["top8", "top1", "dynamic-3 @0.4", "dynamic-3 @0.6"]
+    assert all(summary["step"] == SMOKE.steps == 4 for model in results["models"].values()
+               for summary in model["training"].values())
+    assert results["models"]["dynamic-3"]["config"]["target_k"] == 3.0 and results["seeds"] == [0]
+    assert results["environment"]["torch"] == torch.__version__ and results["wall_time_s"] > 0
+    assert results["profile"]["tokens_per_model"] == 256 and results["verdict"]["reference"] == "top8"
+    assert results["analysis"]["checkpoint"].endswith("dynamic-3")
+
+    saved = json.loads((out / RESULTS_JSON).read_text())
+    assert saved["rows"] == results["rows"] and saved["command"] == "dynamoe experiment headline ..."
+    summary = (out / SUMMARY_MD).read_text()
+    assert "| top1 | topk |" in summary and "Headline target" in summary and "## Routing analysis" in summary
+    for png in (EXPERTS_PNG, LATENCY_PNG, DOMAINS_PNG, "analysis/k_histograms.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "analysis" / "sample.html").is_file()
+    capsys.readouterr()
+
+    again = run_headline(**kwargs)
+    printed = capsys.readouterr().out
+    assert printed.count("[headline] reusing") == 4  # three models and the bench
+    assert again["rows"] == results["rows"]
+
+
+def test_a_killed_experiment_resumes_its_model_exactly(tmp_path: Path, tiny_corpus: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real_step = dynamoe.train.train_step
+
+    def dies_at_step_3(*args: object, **kwargs: object) -> object:
+        if args[4] == 3:  # the step: checkpoints of steps 1 and 2 (save_every = steps // 4) are on disk
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    kwargs = dict(profile=dataclasses.replace(SMOKE, dial=()), models=["top2"], corpus=tiny_corpus, device="cpu",
+                  progress=False)
+    monkeypatch.setattr(dynamoe.train, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_headline(out=tmp_path / "killed", **kwargs)
+    monkeypatch.setattr(dynamoe.train, "train_step", real_step)
+    run_headline(out=tmp_path / "killed", **kwargs)
+    assert "[headline] resuming static top-2 (seed 0)" in capsys.readouterr().out
+    run_headline(out=tmp_path / "straight", **kwargs)
+    resumed, _ = load_model(tmp_path / "killed" / "seed-0" / "top2")
+    straight, _ = load_model(tmp_path / "straight" / "seed-0" / "top2")
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def row(name: str, router: str, mean_k: float | None, perplexity: float, latency_ratio: float,
+        threshold: float | None = None, as_trained: bool = True) -> Row:
+    return Row(name=name, model=name.split(" ")[0], title=name, router=router, threshold=threshold, as_trained=as_trained,
+               mean_k=mean_k, perplexity=perplexity, perplexity_std=0.0, perplexity_per_domain={"prose": perplexity},
+               latency_ms=4.0 * latency_ratio, latency_ratio=latency_ratio, ideal_ratio=latency_ratio, seeds=1)
+
+
+STATIC = [row("top8", "topk", 8.0, 29.7, 1.0), row("top4", "topk", 4.0, 30.0, 0.7), row("top2", "topk", 2.0, 32.0, 0.5),
+          row("top1", "topk", 1.0, 40.0, 0.4), row("dense", "dense", None, 33.0, 0.5)]
+
+
+def test_static_curve_is_interpolated_in_log_k_and_log_perplexity() -> None:
+    # Between top-2 (32) and top-4 (30), a quarter of the way in log2 k at k = 2 * 2**0.25.
+    assert static_perplexity_at(STATIC, 2 * 2 ** 0.25) == pytest.approx(32 * (30 / 32) ** 0.25)
+    assert static_perplexity_at(STATIC, 4.0) == pytest.approx(30.0)
+    assert static_perplexity_at(STATIC, 9.0) is None and static_perplexity_at(STATIC, 0.5) is None
+    assert static_perplexity_at(STATIC[:1], 8.0) is None  # one static model is no curve
+
+
+def test_verdict_met_when_a_dynamic_variant_is_at_parity_fast_and_below_the_static_curve() -> None:
+    rows = [*STATIC, row("dynamic-3 @0.5", "dynamic", 2.5, 29.9, 0.55, 0.5),
+            row("dynamic-3 @0.3", "dynamic", 1.8, 31.0, 0.45, 0.3, as_trained=False)]
+    result = verdict(rows)
+    assert result.fastest_at_parity == "dynamic-3 @0.5"  # @0.3 is faster but 4.4% worse than top-8
+    assert result.latency_reduction_at_parity == pytest.approx(0.45)
+    margins = {c.name: c.margin for c in result.equal_compute}
+    assert margins["dynamic-3 @0.5"] == pytest.approx(29.9 / (32 * (30 / 32) ** math.log2(2.5 / 2)) - 1)
+    assert margins["dynamic-3 @0.3"] == pytest.approx(31.0 / (40 * (32 / 40) ** math.log2(1.8)) - 1)
+    assert result.parity_met and result.latency_met and result.equal_compute_met and result.target_met
+    assert verdict_lines(result)[-1] == "Headline target MET."
+
+
+def test_verdict_states_the_shortfall() -> None:
+    result = verdict([*STATIC, row("dynamic-3 @0.5", "dynamic", 3.0, 30.2, 0.65, 0.5)])
+    assert not result.parity_met and not result.target_met and result.closest == "dynamic-3 @0.5"
+    assert result.closest_gap == pytest.approx(30.2 / 29.7 - 1)
+    assert result.closest_latency_reduction == pytest.approx(0.35)
+    lines = verdict_lines(result)
+    assert "+1.7% from top8's 29.70" in lines[0] and lines[-1] == "Headline target NOT met."
+    assert verdict(STATIC[1:]).reference is None  # no top-8: no verdict
+    assert verdict_lines(verdict(STATIC[1:]))[0].startswith("No verdict")
+
+
+def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
+    assert DEFAULT.steps == 1_000_000 // (8 * 256) == 488 and DEFAULT.tokens_per_model == 488 * 2048
+    assert DEFAULT.warmup_steps == 48 and DEFAULT.preset == "small" and QUICK.model_overrides
+    assert headline_profile(quick=True) == QUICK
+    assert headline_profile(quick=True, preset_name="tiny").model_overrides == {}  # another preset: no narrowing
+    assert headline_profile(tokens=4096).steps == 2
+    with pytest.raises(DynamoeError, match="less than one step"):
+        headline_profile(tokens=100)
+    assert len(MODEL_KEYS) == len(set(MODEL_KEYS)) == 10 and MODEL_KEYS[0] == "top8"
+    configs = {m.key: model_config(m, QUICK, tiny_corpus) for m in MODELS}
+    shapes = {(c.dim, c.n_layers, c.n_experts, c.expert_dim, c.vocab_size, c.max_seq_len) for c in configs.values()}
+    assert shapes == {(128, 2, 16, 512, 512, 128)}  # one architecture; the corpus's vocabulary
+    assert configs["dense"].ffn == "dense" and configs["dense"].dense_hidden == 2 * configs["top2"].expert_dim
+    assert [configs[f"dynamic-{k}"].target_k for k in (2, 3, 4)] == [2.0, 3.0, 4.0]
+    assert (configs["topp-3"].router, configs["relu-3"].router) == ("topp", "relu")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "top3"], "give distinct models among top8"),
+    (["--seeds", "1", "1"], "give one or more distinct seeds"),
+    (["--tokens", "10"], "less than one step"),
+    (["--threads", "0"], "--threads=0 must be at least 1"),
+])
+def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["experiment", "headline", "--out", str(tmp_path), "--data-root", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "headline-default").exists()  # refused before building anything
