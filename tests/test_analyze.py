@@ -114,6 +114,9 @@ def test_analysis_agrees_with_evaluate_and_writes_every_output(checkpoints: dict
     for layer, histogram in enumerate(result.k_histogram_per_layer):  # each token's k experts, counted once each
         assert sum(histogram) == tokens
         assert usage[layer].sum() == sum(k * n for k, n in enumerate(histogram))
+    assert sum(result.tokens_by_k.values()) == tokens
+    pooled_loss = sum(result.loss_per_domain[d] * n for d, n in result.tokens_per_domain.items()) / tokens
+    assert sum(result.mean_loss_by_k[k] * n for k, n in result.tokens_by_k.items()) / tokens == pytest.approx(pooled_loss)
     assert result.spearman_k_loss is not None and -1 <= result.spearman_k_loss <= 1
     assert all(v is not None and 0 <= v <= 1 for v in result.specialisation_nmi_per_layer)
     assert result.specialisation_nmi == pytest.approx(np.mean(result.specialisation_nmi_per_layer))

@@ -156,7 +156,8 @@ class RoutingAnalysis:
     spearman_k_loss: float | None  # token's mean k over layers against its loss, all domains pooled
     spearman_k_loss_per_domain: dict[str, float | None]  # within each domain: difficulty, not domain, drives it
     spearman_k_loss_per_layer: list[float | None]
-    mean_loss_by_k: dict[str, float]  # token's mean k rounded to an integer -> mean loss of those tokens
+    mean_loss_by_k: dict[str, float]  # token's mean k over layers, rounded -> mean loss of those tokens
+    tokens_by_k: dict[str, int]  # ... and how many tokens that is
     expert_domain_usage: list[list[list[int]]]  # [layer][expert][domain]: selected (token, expert) pairs
     specialisation_nmi_per_layer: list[float | None]  # NMI(expert choice; domain) over the selected pairs
     specialisation_nmi: float | None  # mean over layers
@@ -170,10 +171,11 @@ def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: T
     k_max = int(max(routing.k_LN.max(initial=0), model.config.k_max))
     mean_k_N = routing.k_LN.mean(axis=0)
     in_domain = {name: routing.domain_N == d for d, name in enumerate(domains)}
-    by_k = {int(k): float(routing.loss_N[np.rint(mean_k_N) == k].mean()) for k in np.unique(np.rint(mean_k_N))}
+    bucket_N = np.floor(mean_k_N + 0.5).astype(np.int64)  # rounded half up, as the terminal colours of generate
+    buckets = np.unique(bucket_N).tolist()
     nmi = [normalized_mutual_information(layer_ED) for layer_ED in routing.usage_LED]
     defined = [value for value in nmi if value is not None]
-    thresholds = [router.threshold for router in model.threshold_routers()]
+    thresholds = [router.threshold for router in model.threshold_routers()]  # reported as their mean
     return RoutingAnalysis(
         checkpoint=checkpoint, router=model.config.router, threshold=float(np.mean(thresholds)) if thresholds else None,
         domains=domains, tokens_per_domain={name: int(mask.sum()) for name, mask in in_domain.items()}, k_max=k_max,
@@ -186,7 +188,8 @@ def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: T
         spearman_k_loss=spearman(mean_k_N, routing.loss_N),
         spearman_k_loss_per_domain={name: spearman(mean_k_N[mask], routing.loss_N[mask]) for name, mask in in_domain.items()},
         spearman_k_loss_per_layer=[spearman(k_N, routing.loss_N) for k_N in routing.k_LN],
-        mean_loss_by_k={str(k): loss for k, loss in sorted(by_k.items())},
+        mean_loss_by_k={str(k): float(routing.loss_N[bucket_N == k].mean()) for k in buckets},
+        tokens_by_k={str(k): int((bucket_N == k).sum()) for k in buckets},
         expert_domain_usage=routing.usage_LED.tolist(),
         specialisation_nmi_per_layer=nmi, specialisation_nmi=float(np.mean(defined)) if defined else None,
     )
@@ -314,7 +317,8 @@ def plot_k_vs_loss(result: RoutingAnalysis, path: Path) -> None:
     figure = _figure(6, 4)
     axes = figure.subplots()
     ks = [int(k) for k in result.mean_loss_by_k]
-    axes.bar(ks, list(result.mean_loss_by_k.values()), color="tab:blue")
+    bars = axes.bar(ks, list(result.mean_loss_by_k.values()), color="tab:blue")
+    axes.bar_label(bars, [f"n={n}" for n in result.tokens_by_k.values()], fontsize=8)
     rho = "undefined" if result.spearman_k_loss is None else f"{result.spearman_k_loss:.3f}"
     axes.set_title(f"harder tokens, more experts? Spearman = {rho}")
     axes.set_xlabel("token's experts/token (mean over layers, rounded)")

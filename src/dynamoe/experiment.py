@@ -496,7 +496,7 @@ def plot_domains(rows: Sequence[Row], path: Path) -> None:
     """Grouped bars: per domain, each model's perplexity at the routing it was trained with (log scale)."""
     trained = [row for row in rows if row.as_trained]
     domains = list(trained[0].perplexity_per_domain) if trained else []
-    figure = _figure(max(7.0, 0.6 * len(trained) * len(domains)), 4.5)
+    figure = _figure(max(7.0, 2 + 0.25 * len(trained) * len(domains)), 4.5)
     axes = figure.subplots()
     width = 0.8 / max(len(trained), 1)
     for i, row in enumerate(trained):
