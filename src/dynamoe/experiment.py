@@ -421,7 +421,7 @@ def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdi
         f"{profile['steps']} steps of {profile['batch_size']}x{profile['seq_len']} tokens = "
         f"{profile['tokens_per_model']:,} training tokens, seeds {', '.join(map(str, results['seeds']))}. Perplexity on "
         f"{profile['eval_tokens']:,} held-out tokens per domain; latency: batch-1 decode, {profile['repeats']} interleaved "
-        f"rounds of {profile['decode_tokens']} tokens, ratios to static top-8 within each seed's bench. "
+        f"rounds of {profile['decode_tokens']} tokens, ratios to the first row (static top-8 unless left out) within each seed's bench. "
         f"Rows marked (dial) are a dynamic or top-p model run at another routing threshold than it was trained with.\n",
         markdown_rows(rows) + "\n",
         "\n".join(f"- {line}" for line in verdict_lines(result)) + "\n",
