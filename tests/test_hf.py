@@ -17,7 +17,7 @@ from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.data.tokenizer import train_tokenizer
 from dynamoe.generate import GREEDY, decode_one_token, prefill
-from dynamoe.hf import load_hf
+from dynamoe import load_hf
 from dynamoe.hf.families import FAMILIES
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
