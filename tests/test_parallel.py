@@ -53,6 +53,8 @@ def parity_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
         for ep in (1, 2, 4):
             errors[f"{router} ep={ep}"] = model_errors(make_mesh(ep, torch.device("cpu"), 60), router)
     errors["dispatcher, empty splits"] = dispatcher_errors(make_mesh(2, torch.device("cpu"), 60))
+    for ep in (2, 4):
+        errors[f"checkpoint layout ep={ep}"] = checkpoint_errors(make_mesh(ep, torch.device("cpu"), 60), out_dir)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(errors))
     dist.destroy_process_group()
 
@@ -123,6 +125,34 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / scale if scale else (actual - expected).abs().max().item()
 
 
+def checkpoint_errors(mesh: Mesh, out_dir: Path) -> dict[str, float]:
+    """Gather a trained step's experts and optimizer moments to rank 0's one-process layout, then shard them back."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(router="topk", vocab_size=128, max_seq_len=16))
+    full_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    parallel = Distributed(mesh)
+    parallel.parallelize(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    idx = torch.randint(0, 128, (2 * mesh.world_size, 16), generator=torch.Generator().manual_seed(2))
+    model(parallel.local_rows(idx), parallel.local_rows(idx)).loss.backward()
+    parallel.reduce_gradients(model)
+    optimizer.step()
+    file = out_dir / f"full-ep{mesh.expert_parallel}.pt"
+    optimizer_state = parallel.full_optimizer_state(optimizer, model)
+    with parallel.full_model(model) as main:
+        if main:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer_state}, file)
+    dist.barrier()
+    saved = torch.load(file)
+    layout = float(any(saved["model"][name].shape != shape for name, shape in full_shapes.items()))
+    weights = max((saved["model"][name].split(param.shape[0])[mesh.expert_rank] - param).abs().max().item()
+                  if param.shape != full_shapes[name] else (saved["model"][name] - param).abs().max().item()
+                  for name, param in model.named_parameters())
+    local, resharded = optimizer.state_dict()["state"], parallel.shard_optimizer_state(saved["optimizer"], optimizer, model)["state"]
+    moments = max((local[index][key] - resharded[index][key]).abs().max().item() for index in local for key in local[index])
+    return {"not one-process layout": layout, "weights": weights, "optimizer moments": moments}
+
+
 def _grad_or_zeros(param: torch.nn.Parameter) -> torch.Tensor:
     return torch.zeros_like(param) if param.grad is None else param.grad
 
@@ -157,6 +187,12 @@ def test_expert_major_order_regroups_blocks() -> None:
     rows = ["r0e0", "r0e1", "r0e1", "r1e0", "r1e0", "r1e0"]
     assert [rows[i] for i in expert_major_order(counts_RL, len(rows)).tolist()] == \
         ["r0e0", "r1e0", "r1e0", "r1e0", "r0e1", "r0e1"]
+
+
+def test_model_code_never_imports_torch_distributed() -> None:
+    # Parallelism is applied to a built model from dynamoe.parallel; the model runs anywhere without it.
+    sources = sorted(Path(sys.modules[Transformer.__module__].__file__).parent.glob("*.py"))
+    assert sources and not [path.name for path in sources if "torch.distributed" in path.read_text()]
 
 
 class ThreeProcesses(SingleProcess):
