@@ -2,7 +2,7 @@
 tokens get more of them, how experts specialise by domain, and a text sample coloured by experts/token.
 
 A token's k at position t is paired with the loss of the prediction made there (of token t + 1): the
-experts at position t serve exactly that prediction. Shape legend: L MoE layers, N tokens, E experts,
+experts at position t shape that prediction most directly (later positions see them only through attention). Shape legend: L MoE layers, N tokens, E experts,
 D domains, K routing slots.
 """
 
