@@ -146,3 +146,16 @@ def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, 
     assert main(["experiment", "headline", "--out", str(tmp_path), "--data-root", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "headline-default").exists()  # refused before building anything
+
+
+def test_cli_runs_the_experiment_and_records_its_command(tmp_path: Path, tiny_corpus: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["experiment", "headline", "--preset", "tiny", "--tokens", "2048", "--models", "top1", "relu-3",
+            "--corpus", str(tiny_corpus), "--out", str(tmp_path / "h"), "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "h" / RESULTS_JSON).read_text())
+    assert results["command"] == (f"dynamoe experiment headline --preset tiny --tokens 2048 --seeds 0 --models top1 relu-3 "
+                                  f"--out {tmp_path / 'h'}")
+    assert results["profile"]["steps"] == 1 and results["profile"]["model_overrides"] == {}
+    assert [row["name"] for row in results["rows"]] == ["top1", "relu-3"] and results["bench"]["0"]["settings"]["dial"] == []
+    assert "No verdict" in capsys.readouterr().out
