@@ -51,52 +51,77 @@ def mixtral_config() -> MixtralConfig:
 
 
 @dataclass
+class Run:
+    """One greedy decode: wall and CPU seconds of each step, the tokens, and experts/token at each step."""
+
+    wall: list[float]
+    cpu: list[float]
+    tokens: list[int]
+    experts: list[float]
+
+
+Decoder = Callable[[torch.Tensor, int], Run]
+
+
+@dataclass
 class Variant:
     """One way of decoding, and what it measured."""
 
     name: str
-    decode: Callable[[torch.Tensor, int], tuple[list[float], list[int], list[float]]]  # -> step times, tokens, k per step
-    step_seconds: list[float] = field(default_factory=list)
+    decode: Decoder
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     experts: list[float] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
 
 
+def stamp() -> tuple[float, float]:
+    """Wall clock and the process's CPU time (all threads): on a busy machine CPU time is the steadier measure of work."""
+    return time.perf_counter(), time.process_time()
+
+
+def run_of(stamps: list[tuple[float, float]], tokens: list[int], experts: list[float]) -> Run:
+    """A Run from the stamps taken as each step finished."""
+    wall, cpu = zip(*stamps)
+    return Run(list(np.diff(wall)), list(np.diff(cpu)), tokens, experts)
+
+
 class StepClock(LogitsProcessor):
-    """Records the time each time generate has the next token's logits: once per decode step."""
+    """Stamps the clocks each time generate has the next token's logits: once per decode step."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
         return scores
 
 
-def transformers_decoder(model: MixtralForCausalLM) -> Callable[[torch.Tensor, int], tuple[list[float], list[int], list[float]]]:
+def transformers_decoder(model: MixtralForCausalLM) -> Decoder:
     """Greedy decode through transformers' generate, timed per step."""
-    def decode(prompt_1T: torch.Tensor, steps: int) -> tuple[list[float], list[int], list[float]]:
+    def decode(prompt_1T: torch.Tensor, steps: int) -> Run:
         clock = StepClock()
         with torch.no_grad():
             out = model.generate(prompt_1T, attention_mask=torch.ones_like(prompt_1T), max_new_tokens=steps + 1,
                                  min_new_tokens=steps + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-        return list(np.diff(clock.stamps)), out[0, prompt_1T.shape[1]:].tolist(), [2.0] * steps
+        return run_of(clock.stamps, out[0, prompt_1T.shape[1]:].tolist(), [2.0] * steps)
     return decode
 
 
-def dynamoe_decoder(model: Transformer) -> Callable[[torch.Tensor, int], tuple[list[float], list[int], list[float]]]:
+def dynamoe_decoder(model: Transformer) -> Decoder:
     """Greedy decode through dynamoe's prefill and decode_one_token, timed per step."""
-    def decode(prompt_1T: torch.Tensor, steps: int) -> tuple[list[float], list[int], list[float]]:
+    def decode(prompt_1T: torch.Tensor, steps: int) -> Run:
         P = prompt_1T.shape[1]
         model.setup_caches(1, P + steps + 1)
         logits_1V, _ = prefill(model, prompt_1T, torch.tensor([P]))
         token_1 = logits_1V.argmax(-1)
-        tokens, experts, stamps = [int(token_1)], [], [time.perf_counter()]
+        tokens, experts, stamps = [int(token_1)], [], [stamp()]
         for i in range(steps):
             token_1, experts_1 = decode_one_token(model, token_1[:, None], torch.tensor([[P + i]]), GREEDY)
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
             tokens.append(int(token_1))
             experts.append(float(experts_1[0]))
-        return list(np.diff(stamps)), tokens, experts
+        return run_of(stamps, tokens, experts)
     return decode
 
 
@@ -139,27 +164,32 @@ def measure(variants: list[Variant], repeats: int, steps: int) -> None:
         generator = torch.Generator().manual_seed(max(round_index, 0))
         prompt_1T = torch.randint(0, 8192, (1, PROMPT_TOKENS), generator=generator)
         for variant in variants:
-            seconds, tokens, experts = variant.decode(prompt_1T, WARMUP_STEPS + steps)
+            run = variant.decode(prompt_1T, WARMUP_STEPS + steps)
             if round_index >= 0:
-                variant.step_seconds += seconds[WARMUP_STEPS:]
-                variant.experts += experts[WARMUP_STEPS:]
-                variant.tokens.append(tokens)
+                variant.wall += run.wall[WARMUP_STEPS:]
+                variant.cpu += run.cpu[WARMUP_STEPS:]
+                variant.experts += run.experts[WARMUP_STEPS:]
+                variant.tokens.append(run.tokens)
 
 
 def report(variants: list[Variant]) -> str:
-    """A table of latency, tokens/s and the ratio to the fastest transformers implementation."""
-    p50 = {v.name: float(np.median(v.step_seconds)) for v in variants}
-    peers = [v for v in variants if v.name.startswith("transformers")]
-    best = min(peers, key=lambda v: p50[v.name])
-    lines = [f"{'variant':<28} {'ms/token':>9} {'p95 ms':>7} {'spread':>7} {'tokens/s':>9} {'vs best hf':>10} {'experts/token':>13}"]
+    """Latency, tokens/s and CPU time per token, each with its ratio to the fastest transformers implementation."""
+    wall = {v.name: float(np.median(v.wall)) for v in variants}
+    cpu = {v.name: float(np.median(v.cpu)) for v in variants}
+    peers = [v.name for v in variants if v.name.startswith("transformers")]
+    best_wall, best_cpu = min(wall[name] for name in peers), min(cpu[name] for name in peers)
+    lines = [f"{'variant':<30} {'ms/token':>9} {'p95 ms':>8} {'spread':>7} {'tokens/s':>9} {'vs best hf':>10} "
+             f"{'cpu ms/token':>12} {'cpu vs best hf':>14} {'experts/token':>13}"]
     for v in variants:
-        steps_ms = np.asarray(v.step_seconds) * 1e3
+        steps_ms = np.asarray(v.wall) * 1e3
         spread = (np.percentile(steps_ms, 75) - np.percentile(steps_ms, 25)) / np.median(steps_ms)
-        lines.append(f"{v.name:<28} {p50[v.name] * 1e3:>9.3f} {np.percentile(steps_ms, 95):>7.3f} {spread:>7.1%} "
-                     f"{1 / p50[v.name]:>9.1f} {p50[best.name] / p50[v.name]:>9.2f}x {np.mean(v.experts):>13.2f}")
+        lines.append(f"{v.name:<30} {wall[v.name] * 1e3:>9.3f} {np.percentile(steps_ms, 95):>8.3f} {spread:>7.1%} "
+                     f"{1 / wall[v.name]:>9.1f} {best_wall / wall[v.name]:>9.2f}x {cpu[v.name] * 1e3:>12.3f} "
+                     f"{best_cpu / cpu[v.name]:>13.2f}x {np.mean(v.experts):>13.2f}")
     static = next(v for v in variants if v.name == "dynamoe static top-2")
-    same = sum(a == b for a, b in zip(static.tokens, best.tokens))
-    lines.append(f"reference: {best.name}; dynamoe static decoded the same greedy tokens as it in {same}/{len(best.tokens)} rounds")
+    reference = next(v for v in variants if v.name == min(peers, key=wall.__getitem__))
+    same = sum(a == b for a, b in zip(static.tokens, reference.tokens))
+    lines.append(f"dynamoe static decoded the same greedy tokens as {reference.name} in {same}/{len(reference.tokens)} rounds")
     return "\n".join(lines)
 
 
