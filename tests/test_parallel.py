@@ -129,9 +129,16 @@ def checkpoint_errors(mesh: Mesh, out_dir: Path) -> dict[str, float]:
     """Gather a trained step's experts and optimizer moments to rank 0's one-process layout, then shard them back."""
     torch.manual_seed(0)
     model = Transformer(tiny(router="topk", vocab_size=128, max_seq_len=16))
-    full_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    full_shapes = {name: tensor.shape for name, tensor in initial.items()}
+    with torch.no_grad():
+        for param in model.parameters():  # replicas that disagree (another machine's initialisation, say)
+            param.add_(mesh.rank)
     parallel = Distributed(mesh)
     parallel.parallelize(model)
+    # Dense weights come from rank 0, an expert block from the first rank holding it (rank expert_rank, perturbed by as much).
+    start = max((_block(initial[name], param, mesh) + (mesh.expert_rank if param.shape != initial[name].shape else 0)
+                 - param).abs().max().item() for name, param in model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters())
     idx = torch.randint(0, 128, (2 * mesh.world_size, 16), generator=torch.Generator().manual_seed(2))
     model(parallel.local_rows(idx), parallel.local_rows(idx)).loss.backward()
@@ -145,12 +152,16 @@ def checkpoint_errors(mesh: Mesh, out_dir: Path) -> dict[str, float]:
     dist.barrier()
     saved = torch.load(file)
     layout = float(any(saved["model"][name].shape != shape for name, shape in full_shapes.items()))
-    weights = max((saved["model"][name].split(param.shape[0])[mesh.expert_rank] - param).abs().max().item()
-                  if param.shape != full_shapes[name] else (saved["model"][name] - param).abs().max().item()
+    weights = max((_block(saved["model"][name], param, mesh) - param).abs().max().item()
                   for name, param in model.named_parameters())
     local, resharded = optimizer.state_dict()["state"], parallel.shard_optimizer_state(saved["optimizer"], optimizer, model)["state"]
     moments = max((local[index][key] - resharded[index][key]).abs().max().item() for index in local for key in local[index])
-    return {"not one-process layout": layout, "weights": weights, "optimizer moments": moments}
+    return {"replicas agree": start, "not one-process layout": layout, "weights": weights, "optimizer moments": moments}
+
+
+def _block(full: torch.Tensor, param: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """This rank's block of a full tensor when param is an expert shard, else the tensor."""
+    return full.split(param.shape[0])[mesh.expert_rank] if full.shape != param.shape else full
 
 
 def _grad_or_zeros(param: torch.nn.Parameter) -> torch.Tensor:

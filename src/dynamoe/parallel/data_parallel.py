@@ -20,12 +20,13 @@ from dynamoe.parallel.mesh import Mesh
 
 
 def apply_data_parallel(model: Transformer, mesh: Mesh) -> Transformer:
-    """Start every replica from rank 0's weights, and give the routers the expert counts of the global batch."""
-    expert_ids = {id(param) for param in expert_parameters(model)}
+    """Make replicas equal (dense weights from rank 0, each expert block from its first holder), and give the
+    routers the expert counts of the global batch."""
+    dense, experts = _split_parameters(model)
     with torch.no_grad():
-        for param in model.parameters():
-            group = mesh.replica_group if id(param) in expert_ids else dist.group.WORLD
-            broadcast_from_first_(param, group, "copying rank 0's weights")
+        for params, group in ((dense, dist.group.WORLD), (experts, mesh.replica_group)):
+            for param in params:
+                broadcast_from_first_(param, group, "copying rank 0's weights")
         for buffer in model.buffers():
             broadcast_from_first_(buffer, dist.group.WORLD, "copying rank 0's buffers")
     for router in model.routers():
