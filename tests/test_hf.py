@@ -10,14 +10,14 @@ from typing import Callable
 
 import pytest
 import torch
-from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, PretrainedConfig,
+from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
                           PreTrainedModel, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
+from dynamoe import load_hf
 from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.data.tokenizer import train_tokenizer
 from dynamoe.generate import GREEDY, decode_one_token, prefill
-from dynamoe import load_hf
 from dynamoe.hf.families import FAMILIES
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
@@ -266,3 +266,17 @@ def test_config_fields_for_imports_keep_old_configs_loading_and_are_validated() 
         with pytest.raises(DynamoeError, match=message):
             tiny(**bad)
     assert tiny(dim=60, n_heads=4, attn_head_dim=16).head_dim == 16
+
+
+def test_an_imported_checkpoint_benches_beside_its_corpus(tiny_corpus: Path, tmp_path: Path) -> None:
+    """A Hugging Face model sharing a corpus's tokenizer imports into a folder `dynamoe bench` accepts."""
+    torch.manual_seed(0)
+    config = MixtralConfig(**{**COMMON, "vocab_size": 512}, num_hidden_layers=1, intermediate_size=32, num_local_experts=4,
+                           num_experts_per_tok=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "hf")
+    shutil.copyfile(tiny_corpus / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    assert main(["bench", str(tmp_path / "imported"), "--corpus", str(tiny_corpus), "--out", str(tmp_path / "bench"),
+                 "--decode-tokens", "2", "--repeats", "1", "--eval-tokens", "32", "--batch-sizes", "2", "--device", "cpu",
+                 "--threads", "1", "--no-progress"]) == 0
+    assert (tmp_path / "bench" / "results.json").is_file()
