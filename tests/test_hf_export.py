@@ -105,3 +105,13 @@ def test_exported_tokenizer_and_eos(tmp_path: Path) -> None:
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tokenizer.token_to_id("<|endoftext|>")
     load_model(tmp_path / "ckpt")  # the source checkpoint is untouched
+
+
+def test_a_calibrated_dynamic_model_keeps_every_setting_through_export_and_import(tmp_path: Path) -> None:
+    cfg = tiny(router="dynamic", target_k=2.5, threshold=0.6, temperature_max=5.0, layer_thresholds=[0.4, 0.7])
+    model = save_dynamoe(cfg, tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--allow-dynamic"]) == 0
+    reimported, reimported_cfg = load_hf(tmp_path / "hf")
+    assert reimported_cfg == cfg
+    tokens_BT = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert max_diff(model, reimported, tokens_BT) <= 1e-6

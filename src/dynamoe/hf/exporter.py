@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -20,8 +21,6 @@ from dynamoe.hf.importer import ROUTER_FILE, ROUTING_KEY
 from dynamoe.hf.weights import weight_rules
 
 README_FILE = "README.md"
-# The ModelConfig fields that describe a variable-k router; an --allow-dynamic export records them.
-ROUTING_FIELDS = ("router", "top_k", "k_min", "k_max", "threshold", "temperature_min", "temperature_max", "target_k")
 
 
 @dataclass(frozen=True)
@@ -89,12 +88,18 @@ def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: b
         hf["eos_token_id"] = Tokenizer.from_file(str(ckpt / TOKENIZER_FILE)).token_to_id(EOS_TOKEN)
     if dynamic:
         hf["num_experts_per_tok"] = static_stand_in(cfg)
-        hf[ROUTING_KEY] = {name: getattr(cfg, name) for name in ROUTING_FIELDS}
+        hf[ROUTING_KEY] = settings_beyond(family, hf, cfg)
         save_file({name: tensor.contiguous() for name, tensor in ours.items()}, out / ROUTER_FILE, metadata={"format": "pt"})
-        (out / README_FILE).write_text(dynamic_readme(cfg, family, hf["num_experts_per_tok"]))
+        (out / README_FILE).write_text(dynamic_readme(cfg, family, hf))
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     save_file(theirs, out / WEIGHTS_FILE, metadata={"format": "pt"})
     return Exported(out, family.architecture, dynamic)
+
+
+def settings_beyond(family: Family, hf: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """The dynamoe config fields that the transformers config does not carry (router, thresholds, temperatures, ...)."""
+    imported = family.model_config(hf).to_dict()
+    return {name: value for name, value in cfg.to_dict().items() if imported[name] != value}
 
 
 def static_stand_in(cfg: ModelConfig) -> int:
@@ -102,9 +107,9 @@ def static_stand_in(cfg: ModelConfig) -> int:
     return min(cfg.n_experts, max(1, round(cfg.target_k if cfg.target_k is not None else cfg.top_k)))
 
 
-def dynamic_readme(cfg: ModelConfig, family: Family, stand_in: int) -> str:
+def dynamic_readme(cfg: ModelConfig, family: Family, hf: dict[str, Any]) -> str:
     """What an --allow-dynamic export is, and is not."""
-    routing = json.dumps({name: getattr(cfg, name) for name in ROUTING_FIELDS}, indent=2)
+    stand_in, routing = hf["num_experts_per_tok"], json.dumps(hf[ROUTING_KEY], indent=2)
     return f"""# A dynamoe model with dynamic routing, exported in the {family.architecture} layout
 
 This model was trained with dynamoe's `{cfg.router}` router, which chooses a *variable* number of experts
@@ -117,7 +122,7 @@ Exact inference: `dynamoe import <this folder> <out>` restores the dynamic route
 (field `{ROUTING_KEY}`) and `{ROUTER_FILE}` (the routers' own tensors, such as the temperature heads,
 under dynamoe's names), then `dynamoe generate <out> "..."`.
 
-Routing configuration:
+The dynamoe settings transformers has no field for (`{ROUTING_KEY}`):
 
 ```json
 {routing}

@@ -20,7 +20,7 @@ from dynamoe.hf.weights import SafetensorsFolder, weight_rules
 from dynamoe.model import Transformer
 
 # What `dynamoe export --allow-dynamic` adds, so that importing its output restores the dynamic router.
-ROUTING_KEY = "dynamoe_routing"  # config.json entry: the ModelConfig routing fields
+ROUTING_KEY = "dynamoe_routing"  # config.json entry: the ModelConfig fields transformers has no field for
 ROUTER_FILE = "dynamoe_router.safetensors"  # the routers' own tensors (temperature heads), under dynamoe names
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed, never read
 
@@ -86,7 +86,7 @@ def with_dynamic_routing(cfg: ModelConfig, hf: dict[str, Any]) -> ModelConfig:
     if routing is None:
         return cfg
     if not isinstance(routing, dict):
-        raise DynamoeError(f"config.json field {ROUTING_KEY} must be an object of dynamoe routing settings")
+        raise DynamoeError(f"config.json field {ROUTING_KEY} must be an object of dynamoe config fields")
     return ModelConfig.from_dict({**cfg.to_dict(), **routing})
 
 
