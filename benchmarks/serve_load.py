@@ -54,11 +54,13 @@ class LoadResult:
                 f"mean batch {self.mean_batch_rows:5.1f} rows")
 
 
-def start_server(checkpoint: Path, port: int, max_batch_size: int, threads: int | None) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, max_batch_size: int, threads: int | None,
+                 batch_window_ms: float) -> subprocess.Popen:
     """`dynamoe serve` in a subprocess, returned once /health answers."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     command = [sys.executable, "-m", "dynamoe", "serve", str(checkpoint), "--port", str(port), "--model-name", "bench",
-               "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--timeout", "3600"]
+               "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--timeout", "3600",
+               "--batch-window-ms", str(batch_window_ms)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -104,10 +106,10 @@ def mean_batch_rows(base: str) -> float:
 
 
 def run_load(checkpoint: Path, port: int, max_batch_size: int, clients: int, n_requests: int, max_tokens: int,
-             threads: int | None) -> LoadResult:
+             threads: int | None, batch_window_ms: float) -> LoadResult:
     """Start a server, warm it up, run the load, stop it."""
     label = f"max batch {max_batch_size}" + (" (batched)" if max_batch_size > 1 else " (one at a time)")
-    process = start_server(checkpoint, port, max_batch_size, threads)
+    process = start_server(checkpoint, port, max_batch_size, threads, batch_window_ms)
     base = f"http://127.0.0.1:{port}"
     try:
         requests.post(f"{base}/v1/completions", json={"prompt": "warm up", "max_tokens": 4}, timeout=120)
@@ -136,16 +138,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="max batch size of the batched server")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="the batched server's --batch-window-ms")
     parser.add_argument("--skip-unbatched", action="store_true", help="only run the batched server")
     args = parser.parse_args()
 
     print(f"{args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens}, checkpoint {args.checkpoint}")
     results = [run_load(args.checkpoint, args.port, args.batch_size, args.clients, args.requests, args.max_tokens,
-                        args.threads)]
+                        args.threads, args.batch_window_ms)]
     print(results[-1].summary(), flush=True)
     if not args.skip_unbatched:
         results.append(run_load(args.checkpoint, args.port + 1, 1, args.clients, args.requests, args.max_tokens,
-                                args.threads))
+                                args.threads, 0.0))
         print(results[-1].summary(), flush=True)
         batched, single = results
         print(f"throughput ratio (batched / one at a time): {batched.completion_tokens / batched.wall_s / (single.completion_tokens / single.wall_s):.2f}x tokens/s, "
