@@ -21,9 +21,10 @@ import requests
 import torch
 import torch.nn.functional as F
 
+from dynamoe.checkpoint import save_checkpoint
 from dynamoe.cli import main
 from dynamoe.config import tiny
-from dynamoe.data.tokenizer import load_tokenizer
+from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dynamoe.evaluate import evaluate_tokens
 from dynamoe.generate import GREEDY, generate
 from dynamoe.model import Transformer, routing_threshold
@@ -427,11 +428,16 @@ def test_malformed_bodies_get_openai_errors(server, path: str, data: bytes, stat
     assert client(url).completions.create(model=MODEL, prompt="still serving", max_tokens=1).choices
 
 
-def test_cli_serve_rejects_bad_settings(capsys, tmp_path: Path) -> None:
+def test_cli_serve_rejects_bad_settings(capsys, tmp_path: Path, tiny_corpus: Path) -> None:
     assert main(["serve", str(tmp_path), "--max-batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "dynamoe: error: --max-batch-size=0 must be at least 1"
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    static = save_checkpoint(tmp_path / "run", 1, Transformer(tiny(router="topk")), {"step": 1, "optimizer": {}}, {},
+                             tiny_corpus / TOKENIZER_FILE)
+    assert main(["serve", str(static), "--threshold", "0.5", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dynamoe: error: --threshold needs a topp or dynamic router") and "\n" not in error
 
 
 @pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"temperature": 2.0, "top_p": 5e-324},
