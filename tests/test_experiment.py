@@ -159,3 +159,12 @@ def test_cli_runs_the_experiment_and_records_its_command(tmp_path: Path, tiny_co
     assert results["profile"]["steps"] == 1 and results["profile"]["model_overrides"] == {}
     assert [row["name"] for row in results["rows"]] == ["top1", "relu-3"] and results["bench"]["0"]["settings"]["dial"] == []
     assert "No verdict" in capsys.readouterr().out
+
+
+def test_verdict_without_a_comparable_trained_dynamic_model() -> None:
+    rows = [*STATIC, row("dynamic-2 @0.5", "dynamic", 0.8, 45.0, 0.3, 0.5),  # below top-1's k: off the static curve
+            row("dynamic-2 @0.7", "dynamic", 1.5, 35.0, 0.35, 0.7, as_trained=False)]
+    result = verdict(rows)
+    assert result.equal_compute_met is None and not result.target_met
+    assert [c.static_perplexity is None for c in result.equal_compute] == [True, False]
+    assert "the dynamic models at their trained threshold have a mean k outside the static range" in verdict_lines(result)[1]

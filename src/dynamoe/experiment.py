@@ -228,13 +228,14 @@ def verdict(rows: Sequence[Row]) -> Verdict:
     """Test the headline claim on the aggregated rows."""
     reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
     dynamic = [row for row in rows if row.router == "dynamic"]
-    adaptive = [row for row in rows if row.router in ("dynamic", "topp", "relu") and row.mean_k is not None]
+    adaptive = [(row, row.mean_k) for row in rows if row.router in ("dynamic", "topp", "relu") and row.mean_k is not None]
     equal = []
-    for row in adaptive:
-        static = static_perplexity_at(rows, row.mean_k)  # type: ignore[arg-type]
-        equal.append(EqualComputeComparison(row.name, row.mean_k, row.perplexity, static,  # type: ignore[arg-type]
+    for row, mean_k in adaptive:
+        static = static_perplexity_at(rows, mean_k)
+        equal.append(EqualComputeComparison(row.name, mean_k, row.perplexity, static,
                                             None if static is None else row.perplexity / static - 1))
-    judged = [c.margin for c, row in zip(equal, adaptive) if row.router == "dynamic" and row.as_trained and c.margin is not None]
+    judged = [c.margin for c, (row, _) in zip(equal, adaptive)
+              if row.router == "dynamic" and row.as_trained and c.margin is not None]
     equal_met = all(margin < 0 for margin in judged) if judged else None
     if reference is None or not dynamic:
         return Verdict(None, None, None, None, None, None, None, equal, False, False, equal_met)
@@ -266,12 +267,13 @@ def verdict_lines(result: Verdict) -> list[str]:
         lines.append(f"Quality parity not reached: the best dynamic variant, {result.closest}, has a perplexity "
                      f"{result.closest_gap:+.1%} from {result.reference}'s {result.reference_perplexity:.2f} "
                      f"(allowed: +{PARITY_TOLERANCE:.0%}), at {result.closest_latency_reduction:.1%} lower latency.")
-    comparable = [c for c in result.equal_compute if c.margin is not None]
-    if comparable:
-        beaten = sum(c.margin < 0 for c in comparable)  # type: ignore[operator]
-        lines.append(f"Equal compute: {beaten} of {len(comparable)} adaptive variants have a lower perplexity than the "
-                     f"static top-k curve at their own mean experts/token; the as-trained dynamic models "
-                     f"{'all do' if result.equal_compute_met else 'do not all do'} so.")
+    margins = [c.margin for c in result.equal_compute if c.margin is not None]
+    if margins:
+        trained = {True: "all do so", False: "do not all do so",
+                   None: "have a mean k outside the static range"}[result.equal_compute_met]
+        lines.append(f"Equal compute: {sum(m < 0 for m in margins)} of {len(margins)} adaptive variants have a lower "
+                     f"perplexity than the static top-k curve at their own mean experts/token; the dynamic models at "
+                     f"their trained threshold {trained}.")
     lines.append(f"Headline target {'MET' if result.target_met else 'NOT met'}.")
     return lines
 
