@@ -96,16 +96,14 @@ class TokenRouting:
 
 
 @torch.no_grad()
-def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-    """k per layer (L, B*T), per-token losses (B*T) when targets are given, and each layer's selected experts.
+def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """k per layer (L, B*T), per-token losses (B*T), and each layer's selected experts.
 
     The selected experts of a layer come as a flat tensor of expert ids, one per (token, expert) pair.
     """
     out = model(x_BT)
-    losses_N = None
-    if y_BT is not None:
-        losses_N = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BT.flatten(), reduction="none")
+    losses_N = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BT.flatten(), reduction="none")
     k_LN = torch.stack([r.k_T for r in out.routings])
     chosen = [r.experts_TK[r.mask_TK] for r in out.routings]
     return k_LN, losses_N, chosen
@@ -229,7 +227,7 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
         text = tokenizer.decode(list(ids[:end]))
         if end < len(ids):
             text = text.rstrip("\ufffd")  # bytes of a character still incomplete
-        if not text.startswith(shown):  # decoding revised earlier text: give the whole revision to this token
+        if not text.startswith(shown):  # decoding changed text already shown (not seen with byte-level BPE): keep it
             text = shown + text[len(shown):]
         pieces.append(text[len(shown):])
         shown = text
@@ -237,7 +235,7 @@ def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def k_colour(k: float, k_max: int) -> str:
-    """A CSS background from blue (few experts) through yellow to red (k_max)."""
+    """A CSS background from blue (few experts) through grey to red (k_max)."""
     from matplotlib import colormaps
 
     red, green, blue, _ = colormaps["coolwarm"](min(max(k / max(k_max, 1), 0.0), 1.0))
