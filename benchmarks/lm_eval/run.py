@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,19 @@ TASKS = ("dynamoe_mc", "dynamoe_rolling", "dynamoe_gen")
 MODEL_NAME = "dynamoe"
 
 
-def run_lm_eval(url: str, max_length: int, out: Path, concurrency: int, batch_size: int) -> None:
+def run_lm_eval(url: str, max_length: int, out: Path, concurrency: int, batch_size: int, api_key: str | None) -> None:
     """The lm-eval command line, as a user would type it."""
     model_args = (f"model={MODEL_NAME},base_url={url}/v1/completions,tokenizer_backend=remote,"
                   f"max_length={max_length},num_concurrent={concurrency},max_retries=1")
+    # With a key, lm-eval sends it from OPENAI_API_KEY (completions) and from auth_token (its remote tokenizer).
+    env = dict(os.environ, **({"OPENAI_API_KEY": api_key} if api_key else {}))
+    model_args += f",auth_token={api_key}" if api_key else ""
     command = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
                "--tasks", ",".join(TASKS), "--include_path", str(HERE / "tasks"), "--batch_size", str(batch_size),
                "--output_path", str(out), "--log_samples"]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=HERE.parents[1])
+    shown = " ".join(command).replace(api_key, "***") if api_key else " ".join(command)
+    print("$", shown, flush=True)
+    subprocess.run(command, check=True, cwd=HERE.parents[1], env=env)
 
 
 def latest(out: Path, pattern: str) -> Path:
@@ -103,14 +108,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lm-eval"))
     parser.add_argument("--concurrency", type=int, default=4, help="lm-eval's num_concurrent")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per lm-eval request")
+    parser.add_argument("--api-key", default=None, help="serve with this API key (lm-eval then sends it)")
     args = parser.parse_args()
 
     model, config = load_model(args.checkpoint)
     tokenizer = load_tokenizer_for(args.checkpoint)
-    app = create_app(model, tokenizer, ServeSettings(model_name=MODEL_NAME))
+    app = create_app(model, tokenizer, ServeSettings(model_name=MODEL_NAME, api_key=args.api_key))
     server = app.state.server
     with serve_in_thread(app) as url:
-        run_lm_eval(url, config.max_seq_len, args.out.resolve(), args.concurrency, args.batch_size)
+        run_lm_eval(url, config.max_seq_len, args.out.resolve(), args.concurrency, args.batch_size, args.api_key)
     results = json.loads(latest(args.out, "results_*.json").read_text())["results"]
     for task in TASKS:
         metrics = {k: v for k, v in results[task].items() if isinstance(v, float) and "stderr" not in k}
