@@ -167,7 +167,9 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when the queue is at its limit."""
         with self._condition:
-            if len(self._waiting) >= self.limits.max_queue or self._stopping:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting, the server's limit")
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
