@@ -7,7 +7,6 @@ Parity is the backbone: a served completion equals `dynamoe.generate`, echoed lo
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
 from contextlib import contextmanager
