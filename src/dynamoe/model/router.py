@@ -167,16 +167,21 @@ class TopPRouter(Router):
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = (logits_TE / self.temperature(h_TD)).softmax(dim=-1)
         sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
-        # An expert is needed while the mass before it is still below the threshold.
-        mass_before_TK = sorted_TK.cumsum(-1) - sorted_TK
-        k_T = (mass_before_TK < self.threshold).sum(-1).clamp(self.k_min, self.k_max)
-        chosen_TK = (self.slots_K < k_T[:, None]).to(sorted_TK.dtype)
+        # An expert is needed while the mass before it is still below the threshold. The exclusive cumsum
+        # never decreases (unlike cumsum - sorted, after rounding), so the needed slots are a prefix of
+        # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
+        # compute, which counts when decoding pays per kernel call.
+        mass_before_TK = F.pad(sorted_TK.cumsum(-1)[:, :-1], (1, 0))
+        chosen_TK = mass_before_TK < self.threshold
+        if self.k_min > 1:
+            chosen_TK = chosen_TK | (self.slots_K < self.k_min)
+        k_T = chosen_TK.sum(-1)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
             soft_chosen_TK = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS)
             soft_k_T = soft_chosen_TK.sum(-1)
             if self.straight_through:
-                chosen_TK = chosen_TK + soft_chosen_TK - soft_chosen_TK.detach()
+                chosen_TK = chosen_TK + (soft_chosen_TK - soft_chosen_TK.detach())
         kept_TK = sorted_TK * chosen_TK
         weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
         return experts_TK, weights_TK, k_T, probs_TE, soft_k_T
