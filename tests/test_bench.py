@@ -115,6 +115,16 @@ def test_bench_measures_every_variant_and_writes_its_outputs(tmp_path: Path, tin
     assert (tmp_path / "latency_vs_perplexity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compiled_bench_counts_the_same_experts_and_bytes(tmp_path: Path, tiny_corpus: Path, checkpoints) -> None:
+    settings = dataclasses.replace(FAST, repeats=1, batch_sizes=(2,))
+    eager = run_bench([checkpoints[1]], tiny_corpus, tmp_path / "eager", settings=settings, progress=False)
+    compiled = run_bench([checkpoints[1]], tiny_corpus, tmp_path / "compiled", settings=settings, progress=False,
+                         compile_decode=True)
+    (e,), (c,) = eager.variants, compiled.variants
+    assert c.decode_mean_k_per_layer == e.decode_mean_k_per_layer and c.bytes_per_token == e.bytes_per_token
+    assert 0 < c.router_share < 1 and compiled.settings["compile_decode"] is True
+
+
 def test_bench_errors(tmp_path: Path, tiny_corpus: Path, checkpoints) -> None:
     from dynamoe.data.tokenizer import train_tokenizer
 

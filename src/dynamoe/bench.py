@@ -297,9 +297,14 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
     samples.step_seconds += run.step_seconds
     samples.prefill_tokens_per_s.append(P / run.prefill_seconds)
     # The router share and k come from a second, identical run under the probe: its hooks cost time on
-    # every layer, which would inflate every variant's latency alike and pull the ratios towards 1.
-    with RouterProbe(model) as probe:
-        probed = timed_decode(model, row[:, :P], row[:, P:], probe=probe)
+    # every layer, which would inflate every variant's latency alike and pull the ratios towards 1. It
+    # runs eagerly, because module hooks do not fire inside a compiled graph.
+    compiled, model.compiled_decode = model.compiled_decode, None
+    try:
+        with RouterProbe(model) as probe:
+            probed = timed_decode(model, row[:, :P], row[:, P:], probe=probe)
+    finally:
+        model.compiled_decode = compiled
     samples.router_seconds += probe.seconds
     samples.probed_seconds += sum(probed.step_seconds)
     k_sum = probe.k_sum_L.cpu().numpy().astype(np.float64)
