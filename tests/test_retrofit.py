@@ -20,18 +20,20 @@ from dynamoe.retrofit import RetrofitConfig, calibrate_thresholds, dynamic_twin,
 from test_cli import assert_one_line_error, run_cli
 
 
-def static_model(top_k: int = 4) -> Transformer:
+def static_model(top_k: int = 4, renormalize: bool = True) -> Transformer:
     """A tiny static top-k model with weights large enough that its gates are far from uniform."""
     torch.manual_seed(0)
-    model = Transformer(tiny(router="topk", top_k=top_k, n_experts=8, k_max=8, target_k=None)).eval()
+    cfg = tiny(router="topk", top_k=top_k, n_experts=8, k_max=8, target_k=None, renormalize_topk=renormalize)
+    model = Transformer(cfg).eval()
     with torch.no_grad():
         for layer in model.layers:
             layer.ffn.router.gate.weight.normal_(std=0.3)
     return model
 
 
-def test_twin_at_threshold_one_equals_the_static_model() -> None:
-    static = static_model()
+@pytest.mark.parametrize("renormalize", [True, False], ids=["mixtral", "qwen2-moe"])
+def test_twin_at_threshold_one_equals_the_static_model(renormalize: bool) -> None:
+    static = static_model(renormalize=renormalize)
     twin = dynamic_twin(static, target_k=2.0)
     tokens = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -39,6 +41,18 @@ def test_twin_at_threshold_one_equals_the_static_model() -> None:
     assert all(bool((r.k_T == 4).all()) for r in got.routings)  # threshold 1: every one of the top_k slots
     assert torch.allclose(got.logits, expected.logits, atol=1e-5)
     assert twin.layers[0].ffn.experts.w_down is not static.layers[0].ffn.experts.w_down  # a copy, not shared
+
+
+def test_twin_keeps_the_static_weights_of_the_experts_it_keeps() -> None:
+    static, tokens = static_model(), torch.randint(0, 512, (2, 16))
+    twin = dynamic_twin(static, target_k=2.0)
+    twin.set_routing_threshold(0.5)
+    h = router_inputs(twin, tokens, 0, batch_size=2)
+    with torch.no_grad():
+        dynamic, fixed = twin.routers()[0](h), static.routers()[0](h)
+    assert torch.equal(dynamic.experts_TK[:, :4], fixed.experts_TK)
+    assert (dynamic.k_T < 4).any()  # some experts were dropped ...
+    torch.testing.assert_close(dynamic.weights_TK[:, :4], fixed.weights_TK * dynamic.mask_TK)  # ... the rest unchanged
 
 
 @pytest.mark.parametrize("target_k", [1.5, 2.5])

@@ -71,6 +71,9 @@ class ModelConfig:
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
     z_loss_coef: float = 1e-3  # router z-loss
     renormalize_topk: bool = True  # topk router: the chosen experts' weights sum to 1 (Mixtral); False keeps softmax probabilities
+    # topp/dynamic routers: weight each chosen expert as a static top-k_max router with renormalize_topk would
+    # (dropped experts simply removed) instead of renormalising over the chosen ones; retrofit sets it.
+    static_weights: bool = False
 
     # Variants that imported checkpoints need (Qwen-MoE, OLMoE); the defaults are dynamoe's own architecture.
     attn_head_dim: int | None = None  # None: dim // n_heads; set when heads are wider or narrower (Qwen3-MoE)

@@ -159,6 +159,7 @@ class TopPRouter(Router):
         # hard choice, the backward pass takes the gradient of the soft one, so a loss that needs a
         # chosen expert can push its token towards keeping it (a flatter temperature).
         self.straight_through = False
+        self.static_weights, self.renormalize = cfg.static_weights, cfg.renormalize_topk
 
     def temperature(self, h_TD: torch.Tensor) -> torch.Tensor | float:
         """Softmax temperature per token; fixed at 1 here."""
@@ -183,7 +184,10 @@ class TopPRouter(Router):
             if self.straight_through:
                 chosen_TK = chosen_TK + (soft_chosen_TK - soft_chosen_TK.detach())
         kept_TK = sorted_TK * chosen_TK
-        weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
+        if not self.static_weights:
+            weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)
+        else:  # what a static top-k_max model gives these experts: a retrofitted model then changes only k
+            weights_TK = kept_TK / sorted_TK.sum(-1, keepdim=True) if self.renormalize else kept_TK
         return experts_TK, weights_TK, k_T, probs_TE, soft_k_T
 
 
