@@ -117,6 +117,15 @@ def test_sampling_is_reproducible_by_seed_and_top_k_one_is_greedy() -> None:
     assert sampled(seed=5, top_p=1e-6) == greedy  # the nucleus always keeps the most probable token
 
 
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=1e-40), SamplingConfig(temperature=1.0, top_p=1e-12)],
+                         ids=["tiny-temperature", "tiny-top-p"])
+def test_extreme_sampling_parameters_degenerate_to_greedy(sampling: SamplingConfig) -> None:
+    from dynamoe.generate import sample
+
+    logits_BV = torch.randn(4, 512) * 30
+    assert torch.equal(sample(logits_BV, sampling, torch.Generator().manual_seed(0)), logits_BV.argmax(-1))
+
+
 def test_stop_string_stops_and_is_trimmed_without_ever_being_shown() -> None:
     model = random_model()
     full = generate(model, PROMPTS[0], 12, decode=letters)[0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
@@ -77,7 +78,8 @@ def sample(logits_BV: torch.Tensor, sampling: SamplingConfig, generator: torch.G
     """Next token of each row: the argmax at temperature 0, else a draw from the tempered, filtered softmax."""
     if sampling.temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV.float() / sampling.temperature
+    # The row's maximum subtracted first: a tiny temperature then sends the others to -inf, never to NaN.
+    logits_BV = (logits_BV.float() - logits_BV.float().amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k:
         logits_BV = keep_top_k(logits_BV, sampling.top_k)
     if sampling.top_p < 1:
@@ -95,8 +97,9 @@ def keep_top_p(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits with -inf outside each row's smallest top set whose probability mass reaches top_p."""
     sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
     probs_BV = sorted_BV.softmax(dim=-1)
-    # A token is kept while the mass before it is below top_p (the router's rule), so the top one always is.
-    drop_sorted_BV = probs_BV.cumsum(dim=-1) - probs_BV >= top_p
+    # A token is kept while the mass before it is below top_p (the router's rule), so the top one always is
+    # (the exclusive cumsum starts at exactly 0, however small top_p).
+    drop_sorted_BV = F.pad(probs_BV.cumsum(dim=-1)[:, :-1], (1, 0)) >= top_p
     drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
     return logits_BV.masked_fill(drop_BV, -math.inf)
 
