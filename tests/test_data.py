@@ -437,3 +437,14 @@ def test_build_from_too_little_user_data_is_a_clear_error(tmp_path: Path) -> Non
 def test_too_small_a_built_in_budget_asks_for_a_bigger_one(tmp_path: Path) -> None:
     with pytest.raises(DynamoeError, match="too few documents.*raise --bytes-per-domain"):
         build_corpus(tmp_path / "corpus", bytes_per_domain=10, vocab_size=300, progress=False)
+
+
+def test_eos_of_an_imported_tokenizer_and_a_clear_error_without_one(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    def word_level(vocab: dict[str, int]) -> Tokenizer:
+        return Tokenizer(models.WordLevel(vocab, unk_token="a"))
+
+    assert eos_id(word_level({"a": 0, "</s>": 1, "<|im_end|>": 2})) == 1  # Mixtral's spelling, before a chat one
+    with pytest.raises(DynamoeError, match="no end-of-text token"):
+        eos_id(word_level({"a": 0, "b": 1}))

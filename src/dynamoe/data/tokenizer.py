@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from dynamoe.errors import DynamoeError
 
 EOS_TOKEN = "<|endoftext|>"
+# End-of-text spellings of imported tokenizers (Mixtral "</s>", Llama 3, chat models, Gemma), tried after ours.
+OTHER_EOS_TOKENS = ("</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256 + 1  # every byte plus the end-of-text token
 
@@ -73,13 +75,14 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
-    """The id of the end-of-text token that separates documents."""
-    token_id = tokenizer.token_to_id(EOS_TOKEN)
-    if token_id is None:
-        raise DynamoeError(
-            f"the tokenizer has no {EOS_TOKEN} token, so dynamoe did not make it: rebuild with `dynamoe data build --force`"
-        )
-    return token_id
+    """The id of the end-of-text token that separates documents (ours, or a known spelling of an imported one)."""
+    for token in (EOS_TOKEN, *OTHER_EOS_TOKENS):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise DynamoeError(f"the tokenizer has no end-of-text token (none of {', '.join((EOS_TOKEN, *OTHER_EOS_TOKENS))}); "
+                       "for a corpus, rebuild it with `dynamoe data build --force`; for an imported model, add one to "
+                       "its tokenizer.json")
 
 
 def _literal_special_tokens(tokenizer: Tokenizer) -> Tokenizer:
