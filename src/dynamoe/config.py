@@ -22,6 +22,19 @@ def requirement(what: str) -> Callable[[bool, str], None]:
     return need
 
 
+def read_json_object(path: Path, missing: str, corrupt: str) -> dict[str, Any]:
+    """A JSON object from a file; one-line errors: `missing` if there is no file, `corrupt` appended if it is not JSON."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DynamoeError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DynamoeError(f"{path} is not valid JSON ({e}); {corrupt}") from None
+    if not isinstance(data, dict):
+        raise DynamoeError(f"{path} must hold a JSON object")
+    return data
+
+
 def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> ConfigT:
     """cls(**data), rejecting unknown keys with a message naming them."""
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
@@ -155,14 +168,8 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> "ModelConfig":
         """Read a config.json, with a one-line error if it is missing or malformed."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise DynamoeError(f"{path} not found: a checkpoint folder needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DynamoeError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-        if not isinstance(data, dict):
-            raise DynamoeError(f"{path} must hold a JSON object")
+        data = read_json_object(Path(path), f"{path} not found: a checkpoint folder needs a config.json",
+                                "the checkpoint is corrupt")
         return cls.from_dict(data)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from dynamoe.config import ModelConfig
+from dynamoe.config import ModelConfig, read_json_object
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
 from dynamoe.hf.families import Family, family_of
@@ -41,16 +40,8 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DynamoeError(f"{folder} is not a folder; pass a transformers checkpoint folder (config.json + *.safetensors)")
-    file = folder / CONFIG_FILE
-    try:
-        hf = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise DynamoeError(f"{folder} has no {CONFIG_FILE}; a transformers checkpoint folder needs one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DynamoeError(f"{file} is not valid JSON ({error})") from None
-    if not isinstance(hf, dict):
-        raise DynamoeError(f"{file} must hold a JSON object")
-    return hf
+    return read_json_object(folder / CONFIG_FILE, f"{folder} has no {CONFIG_FILE}; a transformers checkpoint folder needs one",
+                            "fix or replace the checkpoint's config")
 
 
 def convert(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Family, bool]:
