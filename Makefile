@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo demo-quick test clean
+.PHONY: setup demo demo-quick experiment experiment-quick test clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/dynamoe demo --quick
+
+experiment: $(STAMP)
+	$(VENV)/bin/dynamoe experiment headline
+
+experiment-quick: $(STAMP)
+	$(VENV)/bin/dynamoe experiment headline --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q
