@@ -179,3 +179,14 @@ def test_cli_bench_and_threshold_flags(capsys, tmp_path: Path, tiny_corpus: Path
     code, _, err = run_cli(capsys, "generate", dynamic, "--prompt", "def", "--max-new-tokens", 2, "--temperature", 0,
                            "--threshold", 0.3, "--device", "cpu")
     assert code == 0, err
+
+
+def test_variant_threshold_is_the_dial_else_the_trained_one_unless_per_layer() -> None:
+    from dynamoe.bench import Variant
+
+    model = Transformer(tiny(router="dynamic", threshold=0.5))
+    assert Variant("v", "ckpt", model, None).routing_threshold == 0.5
+    assert Variant("v", "ckpt", model, 0.3).routing_threshold == 0.3
+    per_layer = Transformer(tiny(router="dynamic", layer_thresholds=[0.4, 0.6]))
+    assert Variant("v", "ckpt", per_layer, None).routing_threshold is None
+    assert Variant("v", "ckpt", Transformer(tiny(router="topk")), None).routing_threshold is None

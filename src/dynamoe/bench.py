@@ -76,7 +76,7 @@ class VariantResult:
     name: str
     checkpoint: str
     router: str  # "dense" for a dense feed-forward
-    threshold: float | None  # routing threshold in effect; None for routers without one
+    threshold: float | None  # routing threshold in effect; None for routers without one, or one per layer
     perplexity: float  # held-out, all domains
     perplexity_per_domain: dict[str, float]
     eval_mean_k: float | None  # experts/token over the held-out text; None when dense
@@ -121,10 +121,10 @@ class Variant:
 
     @property
     def routing_threshold(self) -> float | None:
-        """The threshold this variant routes with; None for routers without one."""
-        if not self.model.threshold_routers():
-            return None
-        return self.model.config.threshold if self.threshold is None else self.threshold
+        """The threshold this variant routes with; None for routers without one or with one per layer."""
+        if self.threshold is not None or not self.model.threshold_routers():
+            return self.threshold
+        return None if self.model.config.layer_thresholds else self.model.config.threshold
 
     def apply(self) -> None:
         """Put the shared model in this variant's routing state."""
