@@ -31,7 +31,7 @@ from dynamoe.config import ModelConfig, requirement
 from dynamoe.data import TokenDataset
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
-from dynamoe.model.router import DynamicRouter, TopPRouter
+from dynamoe.model.router import DynamicRouter, TopPRouter, mass_before
 
 NEW_IN_TWIN = (".temperature_head.weight", ".temperature_head.bias", ".k_penalty", ".k_penalty_integral")
 CALIBRATION_STEPS = 40  # bisection steps on a threshold: far below the resolution any k average needs
@@ -100,11 +100,11 @@ def router_inputs(model: Transformer, tokens_BT: torch.Tensor, layer: int, batch
 
 
 @torch.no_grad()
-def threshold_for_mean_k(router: TopPRouter, h_ND: torch.Tensor, target_k: float) -> tuple[float, float]:
-    """The threshold at which this router's mean k over h_ND is closest to target_k (bisection), and that mean k."""
+def threshold_for_mean_k(router: TopPRouter, h_ND: torch.Tensor, target_k: float) -> float:
+    """The threshold at which this router's mean k over h_ND is closest to target_k (bisection)."""
     probs_NE = (router.gate(h_ND).float() / router.temperature(h_ND)).softmax(-1)
     sorted_NK = probs_NE.topk(router.k_max, dim=-1).values
-    mass_before_NK = sorted_NK.cumsum(-1) - sorted_NK
+    mass_before_NK = mass_before(sorted_NK)  # the router's own rule: k = slots whose mass before is below it
 
     def mean_k(threshold: float) -> float:
         return (mass_before_NK < threshold).sum(-1).clamp(router.k_min, router.k_max).float().mean().item()
@@ -114,8 +114,7 @@ def threshold_for_mean_k(router: TopPRouter, h_ND: torch.Tensor, target_k: float
         middle = (low + high) / 2
         low, high = (middle, high) if mean_k(middle) < target_k else (low, middle)
     # k is a step function of the threshold: take the closer side of the step (a threshold must be > 0).
-    best = min([t for t in (high, low) if t > 0], key=lambda t: abs(mean_k(t) - target_k))
-    return best, mean_k(best)
+    return min([t for t in (high, low) if t > 0], key=lambda t: abs(mean_k(t) - target_k))
 
 
 def calibrate_thresholds(model: Transformer, tokens_BT: torch.Tensor, target_k: float, batch_size: int = 8) -> list[float]:
@@ -123,7 +122,7 @@ def calibrate_thresholds(model: Transformer, tokens_BT: torch.Tensor, target_k: 
     thresholds = []
     for layer, router in enumerate(model.threshold_routers()):
         h_ND = router_inputs(model, tokens_BT, layer, batch_size)  # earlier layers already calibrated
-        threshold, _ = threshold_for_mean_k(router, h_ND, target_k)
+        threshold = threshold_for_mean_k(router, h_ND, target_k)
         router.threshold = threshold
         thresholds.append(threshold)
     return thresholds
@@ -166,7 +165,7 @@ def distill_temperature_heads(student: Transformer, teacher: Transformer, data: 
     return history
 
 
-def calibration_tokens(data: TokenDataset, cfg: RetrofitConfig, seq_len: int) -> torch.Tensor:
+def calibration_windows(data: TokenDataset, cfg: RetrofitConfig, seq_len: int) -> torch.Tensor:
     """(B, T) validation windows: the same text for every calibration."""
     rows = max(1, cfg.calibration_tokens // seq_len)
     x_BT, _ = data.batch(0, rows, seq_len, cfg.seed)
@@ -181,7 +180,7 @@ def retrofit(static: Transformer, data_dir: Path, cfg: RetrofitConfig, progress:
     val = TokenDataset(Path(data_dir), "val")
     val.check_window(seq_len)
     device = static.tok_embeddings.weight.device
-    calibration_BT = calibration_tokens(val, cfg, seq_len).to(device)
+    calibration_BT = calibration_windows(val, cfg, seq_len).to(device)
     student = dynamic_twin(static, cfg.target_k)
     thresholds = calibrate_thresholds(student, calibration_BT, cfg.target_k, cfg.batch_size)
     log: dict = {"mode": cfg.mode, "target_k": cfg.target_k, "free_thresholds": thresholds}

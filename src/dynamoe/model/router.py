@@ -149,6 +149,11 @@ def check_threshold(threshold: float) -> None:
                            f"must reach; lower runs fewer experts), got {threshold!r}")
 
 
+def mass_before(sorted_TK: torch.Tensor) -> torch.Tensor:
+    """The probability mass ranked above each slot: an exclusive cumsum, which never decreases along the slots."""
+    return F.pad(sorted_TK.cumsum(-1)[:, :-1], (1, 0))
+
+
 class TopPRouter(Router):
     """Smallest set of top experts whose probability mass reaches the threshold (Huang et al. 2024)."""
 
@@ -172,7 +177,7 @@ class TopPRouter(Router):
         # never decreases (unlike cumsum - sorted, after rounding), so the needed slots are a prefix of
         # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
         # compute, which counts when decoding pays per kernel call.
-        mass_before_TK = F.pad(sorted_TK.cumsum(-1)[:, :-1], (1, 0))
+        mass_before_TK = mass_before(sorted_TK)
         chosen_TK = mass_before_TK < self.threshold
         if self.k_min > 1:
             chosen_TK = chosen_TK | (self.slots_K < self.k_min)
