@@ -211,3 +211,19 @@ def test_weights_file_holds_tied_tensor_once(tmp_path: Path, tiny_corpus: Path) 
     ckpt, _ = _save(tmp_path, tiny_corpus, 1, tiny(tie_embeddings=True))
     names = load_file(ckpt / "model.safetensors").keys()
     assert "tok_embeddings.weight" in names and "output.weight" not in names
+
+
+def test_a_corpus_built_with_a_checkpoints_tokenizer_matches_it(capsys, tmp_path: Path, tiny_corpus: Path) -> None:
+    from dynamoe.cli import main
+    from dynamoe.data import TokenDataset
+
+    _save(tmp_path / "run", tiny_corpus, 1)  # a run folder: its latest checkpoint's tokenizer is used
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n\n" * 2000)
+    argv = ["data", "build", "--data", str(text), "--out", str(tmp_path / "corpus"), "--tokenizer", str(tmp_path / "run")]
+    assert main(argv) == 0
+    check_same_tokenizer(tmp_path / "run", tmp_path / "corpus")  # would raise for a tokenizer trained on text.txt
+    assert TokenDataset(tmp_path / "corpus", "train").vocab_size == 512
+    capsys.readouterr()
+    assert main(argv) == 0 and "reusing" in capsys.readouterr().err  # same arguments and tokenizer: reused
+    assert main([*argv[:-1], str(tmp_path / "nowhere")]) == 2

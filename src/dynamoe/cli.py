@@ -40,12 +40,18 @@ def data_build(
     vocab_size: Annotated[int, "BPE vocabulary size"] = 8192,
     bytes_per_domain: Annotated[int, "cap on each built-in domain"] = 3_000_000,
     seed: Annotated[int, "seed of the splits and the math generator"] = 0,
+    tokenizer: Annotated[Path | None, "encode with this tokenizer.json, or a checkpoint's (an imported model's), "
+                                      "instead of training one; --vocab-size is then ignored"] = None,
     force: Annotated[bool, "rebuild even if a build with the same arguments exists"] = False,
 ) -> None:
     """Build the tokenizer and token shards: the built-in corpus (prose, code, math), or your files."""
+    from dynamoe.checkpoint import tokenizer_file
     from dynamoe.data import build_corpus
 
-    path = build_corpus(out, data=data, vocab_size=vocab_size, bytes_per_domain=bytes_per_domain, seed=seed, force=force)
+    if tokenizer is not None and not tokenizer.is_file():
+        tokenizer = tokenizer_file(tokenizer)  # a checkpoint or run folder: its tokenizer.json, or a clear error
+    path = build_corpus(out, data=data, vocab_size=vocab_size, bytes_per_domain=bytes_per_domain, seed=seed,
+                        tokenizer=tokenizer, force=force)
     meta = json.loads((path / "meta.json").read_text())
     print(f"corpus ready at {path} (domains: {', '.join(meta['domains'])}; vocabulary {meta['vocab_size']})")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dynamoe.data.documents import Document, code_documents, prose_documents, user_data_files, user_documents
@@ -29,7 +30,7 @@ from dynamoe.data.shards import (
     tokens_path,
     write_split,
 )
-from dynamoe.data.tokenizer import TOKENIZER_FILE, check_vocab_size, eos_id, train_tokenizer
+from dynamoe.data.tokenizer import TOKENIZER_FILE, check_vocab_size, eos_id, load_tokenizer, tokenizer_digest, train_tokenizer
 from dynamoe.errors import DynamoeError
 
 _MATH_SAMPLE_DOCS = 32  # documents generated to estimate how many reach the byte budget
@@ -49,10 +50,14 @@ class _Arguments:
     math_difficulty: tuple[int, int]
     seed: int
     splits: tuple[float, float, float]
+    tokenizer_digest: str | None = None  # a given tokenizer (None: one trained on the train split)
 
     def as_json(self) -> dict[str, Any]:
         """The arguments as they read back from meta.json (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        if data["tokenizer_digest"] is None:  # absent rather than null, so that older builds are still reused
+            del data["tokenizer_digest"]
+        return data
 
 
 def build_corpus(
@@ -65,12 +70,22 @@ def build_corpus(
     math_difficulty: tuple[int, int] = (1, 4),
     seed: int = 0,
     splits: tuple[float, float, float] = (0.9, 0.05, 0.05),
+    tokenizer: Path | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Build the tokenized corpus in out_dir (or reuse one built with the same arguments) and return out_dir."""
+    """Build the tokenized corpus in out_dir (or reuse one built with the same arguments) and return out_dir.
+
+    tokenizer: a tokenizer.json (or a folder holding one, such as an imported checkpoint) to encode with
+    instead of training one; vocab_size is then the tokenizer's own.
+    """
     out_dir = Path(out_dir)
+    given = None if tokenizer is None else load_tokenizer(tokenizer)
+    if given is not None:
+        vocab_size = given.get_vocab_size()
     arguments = _checked_arguments(data, vocab_size, bytes_per_domain, math_docs, math_difficulty, seed, splits)
+    if given is not None:
+        arguments = dataclasses.replace(arguments, tokenizer_digest=tokenizer_digest(Path(tokenizer)))
     if not force and _is_built_with(out_dir, arguments):
         _report(progress, f"reusing the corpus in {out_dir}: it was built with the same arguments (force rebuilds it)")
         return out_dir
@@ -84,7 +99,7 @@ def build_corpus(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _build_into(staging, arguments, progress)
+        _build_into(staging, arguments, progress, given)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
@@ -163,7 +178,7 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _build_into(folder: Path, arguments: _Arguments, progress: bool) -> None:
+def _build_into(folder: Path, arguments: _Arguments, progress: bool, given: Tokenizer | None) -> None:
     """Write tokenizer.json, the three splits and meta.json (last, so that it marks completion) into folder."""
     by_domain = _collect(arguments, progress)
     documents = _split_documents(by_domain, arguments.splits, arguments.seed, _more_text_hint(arguments))
@@ -171,10 +186,14 @@ def _build_into(folder: Path, arguments: _Arguments, progress: bool) -> None:
     _report(progress, f"split: {sizes} documents")
 
     started = time.perf_counter()
-    train_texts = (document.text for document in _concatenated(documents["train"]))
-    tokenizer = train_tokenizer(train_texts, arguments.vocab_size)
+    if given is None:
+        train_texts = (document.text for document in _concatenated(documents["train"]))
+        tokenizer = train_tokenizer(train_texts, arguments.vocab_size)
+        _report(progress, f"tokenizer: {tokenizer.get_vocab_size()} tokens learned from the train split ({_since(started)})")
+    else:
+        tokenizer = given
+        _report(progress, f"tokenizer: the given one, {tokenizer.get_vocab_size()} tokens")
     tokenizer.save(str(folder / TOKENIZER_FILE))
-    _report(progress, f"tokenizer: {tokenizer.get_vocab_size()} tokens learned from the train split ({_since(started)})")
 
     domains = list(by_domain)
     counts: dict[str, SplitCounts] = {}
