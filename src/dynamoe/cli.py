@@ -340,7 +340,7 @@ def retrofit(
     target_k: Annotated[float, "mean experts/token to aim at, below the checkpoint's top_k"],
     mode: Annotated[Literal["free", "light"], "free: only calibrate thresholds; light: also distil temperature heads"] = "light",
     corpus: Annotated[Path, "built corpus: its val split calibrates, its train split distils, its test split evaluates"] = DEFAULT_DATA,
-    tokens: Annotated[int, "light mode: distillation tokens"] = 500_000,
+    tokens: Annotated[int, "light mode: distillation tokens"] = 200_000,
     batch_size: Annotated[int, "sequences per batch"] = 8,
     seq_len: Annotated[int | None, "window length (default: the checkpoint's context)"] = None,
     lr: Annotated[float, "light mode: learning rate of the temperature heads"] = 3e-3,
