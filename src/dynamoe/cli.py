@@ -22,11 +22,13 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 from dynamoe.bench import BenchSettings
 from dynamoe.config import PRESETS, ROUTERS, ModelConfig
 from dynamoe.errors import DynamoeError
+from dynamoe.retrofit import RetrofitConfig
 from dynamoe.train import TrainConfig
 
 DEFAULT_DATA = Path("data/corpus")
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 BENCH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchSettings)}
+RETROFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrofitConfig)}
 
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
@@ -340,11 +342,11 @@ def retrofit(
     target_k: Annotated[float, "mean experts/token to aim at, below the checkpoint's top_k"],
     mode: Annotated[Literal["free", "light"], "free: only calibrate thresholds; light: also distil temperature heads"] = "light",
     corpus: Annotated[Path, "built corpus: its val split calibrates, its train split distils, its test split evaluates"] = DEFAULT_DATA,
-    tokens: Annotated[int, "light mode: distillation tokens"] = 200_000,
-    batch_size: Annotated[int, "sequences per batch"] = 8,
+    tokens: Annotated[int, "light mode: distillation tokens"] = RETROFIT_DEFAULTS["tokens"],
+    batch_size: Annotated[int, "sequences per batch"] = RETROFIT_DEFAULTS["batch_size"],
     seq_len: Annotated[int | None, "window length (default: the checkpoint's context)"] = None,
-    lr: Annotated[float, "light mode: learning rate of the temperature heads"] = 3e-3,
-    straight_through: Annotated[bool, "light mode: the distillation loss also sees which experts were kept"] = True,
+    lr: Annotated[float, "light mode: learning rate of the temperature heads"] = RETROFIT_DEFAULTS["lr"],
+    straight_through: Annotated[bool, "light mode: the distillation loss also sees which experts were kept"] = RETROFIT_DEFAULTS["straight_through"],
     eval_tokens: Annotated[int, "held-out tokens per domain for the before/after comparison; 0 skips it"] = 16_384,
     seed: Annotated[int, "seed of the batches"] = 0,
     force: Annotated[bool, "replace OUT if it exists"] = False,
@@ -354,7 +356,7 @@ def retrofit(
     """Make a static top-k checkpoint route dynamically (fewer experts per token) without retraining its experts."""
     from dynamoe.checkpoint import check_same_tokenizer, load_model, save_model, tokenizer_file
     from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
-    from dynamoe.retrofit import RetrofitConfig, retrofit as run_retrofit
+    from dynamoe.retrofit import retrofit as run_retrofit
     from dynamoe.train import resolve_device
 
     cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
