@@ -78,12 +78,18 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, trainer_state:
     return final
 
 
+def check_output_folder(folder: Path, force: bool) -> None:
+    """Refuse to write into a folder that holds something (a file, or a non-empty folder) unless forced."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+        raise DynamoeError(f"{folder} exists and is not empty; choose a new folder or pass --force")
+
+
 def save_model(folder: Path, model: Transformer, tokenizer_path: Path | None = None, force: bool = False,
                metadata: dict[str, str] | None = None) -> Path:
     """Write an inference checkpoint folder (config, weights, tokenizer) atomically: built beside it, then renamed."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
-        raise DynamoeError(f"{folder} exists and is not empty; choose a new folder or pass --force")
+    check_output_folder(folder, force)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()

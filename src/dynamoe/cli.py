@@ -354,15 +354,14 @@ def retrofit(
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
     """Make a static top-k checkpoint route dynamically (fewer experts per token) without retraining its experts."""
-    from dynamoe.checkpoint import check_same_tokenizer, load_model, save_model, tokenizer_file
+    from dynamoe.checkpoint import check_output_folder, check_same_tokenizer, load_model, save_model, tokenizer_file
     from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
     from dynamoe.retrofit import retrofit as run_retrofit
     from dynamoe.train import resolve_device
 
     cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                          straight_through=straight_through)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
+    check_output_folder(out, force)  # before the slow work
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     static, _ = load_model(checkpoint, device=resolve_device(device))
     dynamic, log = run_retrofit(static, corpus, cfg, progress=progress)

@@ -32,7 +32,7 @@ from dynamoe.config import ModelConfig, requirement
 from dynamoe.data import TokenDataset
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
-from dynamoe.model.router import DynamicRouter, TopPRouter, mass_before
+from dynamoe.model.router import DynamicRouter, TopPRouter, chosen_slots, mass_before
 
 NEW_IN_TWIN = (".temperature_head.weight", ".temperature_head.bias", ".k_penalty", ".k_penalty_integral")
 CALIBRATION_STEPS = 40  # bisection steps on a threshold: far below the resolution any k average needs
@@ -105,10 +105,10 @@ def threshold_for_mean_k(router: TopPRouter, h_ND: torch.Tensor, target_k: float
     """The threshold at which this router's mean k over h_ND is closest to target_k (bisection)."""
     probs_NE = (router.gate(h_ND).float() / router.temperature(h_ND)).softmax(-1)
     sorted_NK = probs_NE.topk(router.k_max, dim=-1).values
-    mass_before_NK = mass_before(sorted_NK)  # the router's own rule: k = slots whose mass before is below it
+    mass_before_NK = mass_before(sorted_NK)
 
-    def mean_k(threshold: float) -> float:
-        return (mass_before_NK < threshold).sum(-1).clamp(router.k_min, router.k_max).float().mean().item()
+    def mean_k(threshold: float) -> float:  # the router's own rule
+        return chosen_slots(mass_before_NK, threshold, router.k_min).sum(-1).float().mean().item()
 
     low, high = 0.0, 1.0  # mean_k grows with the threshold: keep mean_k(low) < target <= mean_k(high)
     for _ in range(CALIBRATION_STEPS):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, resolve_checkpoint
+from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_output_folder, load_model, resolve_checkpoint
 from dynamoe.config import ModelConfig
 from dynamoe.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
@@ -71,8 +71,7 @@ def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: b
         raise DynamoeError(f"{ckpt} uses the {cfg.router} router (a variable number of experts per token), which transformers "
                            "cannot run; pass --allow-dynamic to write its weights anyway, with the routing documented")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
+    check_output_folder(out, force)
 
     ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     theirs: dict[str, torch.Tensor] = {}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_output_folder
 from dynamoe.config import ModelConfig, read_json_object
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
@@ -118,8 +118,7 @@ def load_hf(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer
 def import_hf(source: Path, out: Path, force: bool = False) -> Imported:
     """Write a transformers MoE checkpoint folder as a dynamoe checkpoint folder (config, weights, tokenizer)."""
     source, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DynamoeError(f"{out} exists and is not empty; choose a new folder or pass --force")
+    check_output_folder(out, force)
     cfg, tensors, family, fused = convert(source)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_FILE)

@@ -154,12 +154,19 @@ def mass_before(sorted_TK: torch.Tensor) -> torch.Tensor:
     return F.pad(sorted_TK.cumsum(-1)[:, :-1], (1, 0))
 
 
+def chosen_slots(mass_before_TK: torch.Tensor, threshold: float, k_min: int) -> torch.Tensor:
+    """The slots a threshold router keeps: those whose mass before is below the threshold, and the first k_min."""
+    chosen_TK = mass_before_TK < threshold
+    if k_min > 1:
+        chosen_TK[:, :k_min] = True
+    return chosen_TK
+
+
 class TopPRouter(Router):
     """Smallest set of top experts whose probability mass reaches the threshold (Huang et al. 2024)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.register_buffer("slots_K", torch.arange(cfg.k_max), persistent=False)
         # Straight-through selection (off by default; retrofit turns it on): the forward pass keeps the
         # hard choice, the backward pass takes the gradient of the soft one, so a loss that needs a
         # chosen expert can push its token towards keeping it (a flatter temperature).
@@ -178,9 +185,7 @@ class TopPRouter(Router):
         # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
         # compute, which counts when decoding pays per kernel call.
         mass_before_TK = mass_before(sorted_TK)
-        chosen_TK = mass_before_TK < self.threshold
-        if self.k_min > 1:
-            chosen_TK = chosen_TK | (self.slots_K < self.k_min)
+        chosen_TK = chosen_slots(mass_before_TK, self.threshold, self.k_min)
         k_T = chosen_TK.sum(-1)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
