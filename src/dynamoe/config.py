@@ -81,6 +81,11 @@ class ModelConfig:
     controller_kp: float = 0.03  # proportional gain: damps the oscillation an integral alone would cause
     controller_ki: float = 0.003  # integral gain, per optimizer step
     controller_limit: float = 1.0  # bound of the integral term
+    # Warm-up from dense routing: the controller aims at k_max for target_k_hold_steps controller steps, then
+    # its target falls linearly to target_k over target_k_decay_steps, so that every expert trains on many
+    # tokens before the router learns to drop them (0 and 0: aim at target_k from the first step).
+    target_k_hold_steps: int = 0
+    target_k_decay_steps: int = 0
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
     z_loss_coef: float = 1e-3  # router z-loss
     renormalize_topk: bool = True  # topk router: the chosen experts' weights sum to 1 (Mixtral); False keeps softmax probabilities
@@ -144,6 +149,9 @@ class ModelConfig:
              f"layer_thresholds={self.layer_thresholds!r} must list one threshold in (0, 1] per MoE layer ({moe_layers})")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
+        need(all(isinstance(n, int) and n >= 0 for n in (self.target_k_hold_steps, self.target_k_decay_steps)),
+             f"target_k_hold_steps={self.target_k_hold_steps!r} and target_k_decay_steps={self.target_k_decay_steps!r} "
+             "must be integers >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
                  f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "

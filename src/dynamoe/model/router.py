@@ -66,6 +66,25 @@ class Router(nn.Module):
             # The penalty on the differentiable measure of k; buffers, so checkpoints carry the controller.
             self.register_buffer("k_penalty", torch.zeros(()))
             self.register_buffer("k_penalty_integral", torch.zeros(()))
+            self.target_k_hold_steps, self.target_k_decay_steps = cfg.target_k_hold_steps, cfg.target_k_decay_steps
+            if self.has_target_schedule:  # only then: the state dicts of models without a schedule stay as they were
+                self.register_buffer("controller_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def has_target_schedule(self) -> bool:
+        """True when the controller warms up from dense routing (its target starts at k_max)."""
+        return self.target_k is not None and self.target_k_hold_steps + self.target_k_decay_steps > 0
+
+    def aimed_k(self) -> float | None:
+        """The mean k the controller's next step aims at: k_max during the hold, then linearly down to target_k."""
+        if not self.has_target_schedule:
+            return self.target_k
+        assert self.target_k is not None
+        past_hold = int(self.controller_steps) - self.target_k_hold_steps
+        if past_hold < 0:
+            return float(self.k_max)
+        fraction = min(1.0, past_hold / self.target_k_decay_steps) if self.target_k_decay_steps else 1.0
+        return self.k_max + fraction * (self.target_k - self.k_max)
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost."""
@@ -112,12 +131,15 @@ class Router(nn.Module):
         to the penalty like an integrator; an integral term alone then oscillates, and the proportional
         term damps it. The integral is bounded, so an unreachable target cannot wind it up.
         """
-        if self.target_k is None:
+        aimed_k = self.aimed_k()
+        if aimed_k is None:
             return
-        error = mean_k - self.target_k
+        error = mean_k - aimed_k
         limit = self.controller_limit
         self.k_penalty_integral.copy_((self.k_penalty_integral + self.controller_ki * error).clamp(-limit, limit))
         self.k_penalty.copy_(self.k_penalty_integral + self.controller_kp * error)
+        if self.has_target_schedule:
+            self.controller_steps += 1
 
 
 class TopKRouter(Router):
