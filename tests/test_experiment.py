@@ -134,6 +134,11 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     assert configs["dense"].ffn == "dense" and configs["dense"].dense_hidden == 2 * configs["top2"].expert_dim
     assert [configs[f"dynamic-{k}"].target_k for k in (2, 3, 4)] == [2.0, 3.0, 4.0]
     assert (configs["topp-3"].router, configs["relu-3"].router) == ("topp", "relu")
+    # Every adaptive router warms up from dense routing over half the steps; static and dense models have no controller.
+    assert QUICK.dense_warmup_steps == QUICK.steps // 2 == 128
+    assert {key: c.target_k_decay_steps for key, c in configs.items() if c.target_k_decay_steps} == {
+        key: 128 for key in ("dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3")}
+    assert model_config(MODELS[-1], dataclasses.replace(QUICK, dense_warmup=0.0), tiny_corpus).target_k_decay_steps == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -141,6 +146,7 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     (["--seeds", "1", "1"], "give one or more distinct seeds"),
     (["--tokens", "10"], "less than one step"),
     (["--threads", "0"], "--threads=0 must be at least 1"),
+    (["--dense-warmup", "1.5"], "--dense-warmup 1.5 must be a fraction of the steps in [0, 1]"),
 ])
 def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["experiment", "headline", "--out", str(tmp_path), "--data-root", str(tmp_path), *args]) == 2
@@ -151,12 +157,14 @@ def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, 
 def test_cli_runs_the_experiment_and_records_its_command(tmp_path: Path, tiny_corpus: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     args = ["experiment", "headline", "--preset", "tiny", "--tokens", "2048", "--models", "top1", "relu-3",
-            "--corpus", str(tiny_corpus), "--out", str(tmp_path / "h"), "--no-progress", "--device", "cpu"]
+            "--dense-warmup", "0", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "h"), "--no-progress",
+            "--device", "cpu"]
     assert main(args) == 0
     results = json.loads((tmp_path / "h" / RESULTS_JSON).read_text())
-    assert results["command"] == (f"dynamoe experiment headline --preset tiny --tokens 2048 --seeds 0 --models top1 relu-3 "
-                                  f"--out {tmp_path / 'h'}")
+    assert results["command"] == (f"dynamoe experiment headline --preset tiny --tokens 2048 --dense-warmup 0.0 --seeds 0 "
+                                  f"--models top1 relu-3 --out {tmp_path / 'h'}")
     assert results["profile"]["steps"] == 1 and results["profile"]["model_overrides"] == {}
+    assert results["profile"]["dense_warmup"] == 0.0 and results["models"]["relu-3"]["config"]["target_k_decay_steps"] == 0
     assert [row["name"] for row in results["rows"]] == ["top1", "relu-3"] and results["bench"]["0"]["settings"]["dial"] == []
     assert "No verdict" in capsys.readouterr().out
 

@@ -239,6 +239,8 @@ def experiment_headline(
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 dense dynamic-2 dynamic-3 dynamic-4 topp-3 "
                                         "relu-3 (default: all)"] = None,
     quick: Annotated[bool, "the under-20-minute profile: smaller corpus, model and budget"] = False,
+    dense_warmup: Annotated[float | None, "fraction of the steps over which the adaptive routers' target falls from "
+                                          "k_max to their own (default: 0.5; 0: no warm-up from dense routing)"] = None,
     out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
     data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
     corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,
@@ -255,10 +257,10 @@ def experiment_headline(
         if threads < 1:
             raise DynamoeError(f"--threads={threads} must be at least 1")
         torch.set_num_threads(threads)
-    profile = headline_profile(quick, preset, tokens)
+    profile = headline_profile(quick, preset, tokens, dense_warmup)
     seeds, models = seeds or [0], models or list(MODEL_KEYS)
     run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
-                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out))
+                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out, dense_warmup))
 
 
 def analyze(

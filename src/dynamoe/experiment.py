@@ -53,6 +53,17 @@ class HeadlineProfile:
     batch_sizes: tuple[int, ...]  # batched decode throughput sizes
     dial: tuple[float, ...]  # routing thresholds at which every topp/dynamic model is measured
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
+    # Warm-up from dense routing: over this fraction of the steps, the target of every adaptive router's
+    # controller falls from k_max to its own (docs/experiment.md, "Ablations": the lever that closed the gap).
+    dense_warmup: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dense_warmup <= 1.0:  # written so that NaN fails too
+            raise DynamoeError(f"--dense-warmup {self.dense_warmup} must be a fraction of the steps in [0, 1] (0: none)")
+
+    @property
+    def dense_warmup_steps(self) -> int:
+        return round(self.dense_warmup * self.steps)
 
     @property
     def steps(self) -> int:
@@ -68,7 +79,7 @@ class HeadlineProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "steps": self.steps, "warmup_steps": self.warmup_steps,
-                "tokens_per_model": self.tokens_per_model}
+                "tokens_per_model": self.tokens_per_model, "dense_warmup_steps": self.dense_warmup_steps}
 
 
 # Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 80 min of training, 10 of bench).
@@ -105,9 +116,12 @@ MODELS = (  # the reference first: bench ratios are relative to the first checkp
 MODEL_KEYS = tuple(model.key for model in MODELS)
 
 
-def headline_profile(quick: bool = False, preset_name: str | None = None, tokens: int | None = None) -> HeadlineProfile:
-    """The default or quick profile, with another preset (dropping the quick profile's narrowing) or budget."""
+def headline_profile(quick: bool = False, preset_name: str | None = None, tokens: int | None = None,
+                     dense_warmup: float | None = None) -> HeadlineProfile:
+    """The default or quick profile, with another preset (dropping the quick profile's narrowing), budget or warm-up."""
     profile = QUICK if quick else DEFAULT
+    if dense_warmup is not None:
+        profile = dataclasses.replace(profile, dense_warmup=dense_warmup)
     if preset_name is not None and preset_name != profile.preset:
         profile = dataclasses.replace(profile, preset=preset_name, model_overrides={})
     if tokens is not None:
@@ -121,6 +135,8 @@ def headline_profile(quick: bool = False, preset_name: str | None = None, tokens
 def model_config(model: HeadlineModel, profile: HeadlineProfile, data_dir: Path) -> ModelConfig:
     """The model's config: the profile's preset and overrides, its router settings, the corpus's vocabulary."""
     cfg = preset(profile.preset, **{**profile.model_overrides, "max_seq_len": profile.seq_len, **model.overrides})
+    if cfg.ffn == "moe" and cfg.router != "topk":  # an adaptive router: its controller warms up from dense routing
+        cfg = dataclasses.replace(cfg, target_k_decay_steps=profile.dense_warmup_steps)
     return model_config_for_data(cfg, data_dir)
 
 
@@ -514,10 +530,11 @@ def plot_domains(rows: Sequence[Row], path: Path) -> None:
 
 
 def command_line(quick: bool, preset_name: str | None, tokens: int | None, seeds: Sequence[int], models: Sequence[str],
-                 out: Path) -> str:
+                 out: Path, dense_warmup: float | None = None) -> str:
     """The `dynamoe experiment headline` command that reproduces a run (recorded in the report)."""
     words = ["dynamoe", "experiment", "headline", *(["--quick"] if quick else [])]
     words += [*(["--preset", preset_name] if preset_name else []), *(["--tokens", str(tokens)] if tokens else [])]
+    words += ["--dense-warmup", str(dense_warmup)] if dense_warmup is not None else []
     words += ["--seeds", *map(str, seeds), *(["--models", *models] if tuple(models) != MODEL_KEYS else []), "--out", str(out)]
     return shlex.join(words)
 
