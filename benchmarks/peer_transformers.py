@@ -146,9 +146,14 @@ def build_variants(folder: Path, thresholds: list[float], compile_decode: bool) 
             continue
         variants.append(Variant(f"transformers {implementation}", transformers_decoder(model.eval())))
     static, _ = load_hf(folder)
-    variants.append(Variant("dynamoe static top-2", dynamoe_decoder(static)))
+    variants.append(Variant("dynamoe static top-2 unpacked", dynamoe_decoder(static)))
+    packed, _ = load_hf(folder)
+    packed.pack_weights()
+    variants.append(Variant("dynamoe static top-2", dynamoe_decoder(packed)))
     for threshold in thresholds:
-        variants.append(Variant(f"dynamoe dynamic p={threshold}", dynamoe_decoder(with_dynamic_routing(static, threshold))))
+        dynamic = with_dynamic_routing(static, threshold)
+        dynamic.pack_weights()
+        variants.append(Variant(f"dynamoe dynamic p={threshold}", dynamoe_decoder(dynamic)))
     if compile_decode:
         compiled = [("dynamoe static top-2 compiled", load_hf(folder)[0])]
         compiled += [(f"dynamoe dynamic p={t} compiled", with_dynamic_routing(static, t)) for t in thresholds]

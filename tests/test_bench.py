@@ -17,6 +17,7 @@ from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer, routing_threshold
+from dynamoe.model import packed as packed_module
 
 FAST = BenchSettings(decode_tokens=3, repeats=2, eval_tokens=48, prompt_tokens=8, batch_sizes=(2, 4))
 
@@ -123,6 +124,17 @@ def test_compiled_bench_counts_the_same_experts_and_bytes(tmp_path: Path, tiny_c
     (e,), (c,) = eager.variants, compiled.variants
     assert c.decode_mean_k_per_layer == e.decode_mean_k_per_layer and c.bytes_per_token == e.bytes_per_token
     assert 0 < c.router_share < 1 and compiled.settings["compile_decode"] is True
+
+
+def test_packed_and_plain_bench_measure_the_same_model(tmp_path: Path, tiny_corpus: Path, checkpoints,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_module, "PACK_MIN_ELEMENTS", 0)  # the tiny test matrices are packed too
+    settings = dataclasses.replace(FAST, repeats=1, batch_sizes=(2,))
+    plain = run_bench([checkpoints[1]], tiny_corpus, tmp_path / "plain", settings=settings, progress=False, pack=False)
+    packed = run_bench([checkpoints[1]], tiny_corpus, tmp_path / "packed", settings=settings, progress=False)
+    (p,), (q,) = plain.variants, packed.variants
+    assert q.perplexity == pytest.approx(p.perplexity, rel=1e-4) and q.decode_mean_k_per_layer == p.decode_mean_k_per_layer
+    assert packed.settings["pack"] is True and plain.settings["pack"] is False
 
 
 def test_bench_errors(tmp_path: Path, tiny_corpus: Path, checkpoints) -> None:

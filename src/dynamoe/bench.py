@@ -390,7 +390,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequence[float] = (),
               settings: BenchSettings = BenchSettings(), device: str | torch.device = "auto",
-              progress: bool = True, compile_decode: bool = False) -> BenchReport:
+              progress: bool = True, compile_decode: bool = False, pack: bool = True) -> BenchReport:
     """Measure every variant in interleaved rounds; write results.json, results.md and the plot to `out`."""
     if not checkpoints:
         raise DynamoeError("bench needs at least one checkpoint")
@@ -399,7 +399,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     torch_device = resolve_device(device) if isinstance(device, str) else device
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
-    models = [load_model(checkpoint, device=torch_device)[0] for checkpoint in checkpoints]
+    models = [load_model(checkpoint, device=torch_device, pack=pack)[0] for checkpoint in checkpoints]
     if compile_decode:  # compiled during the warm-up round, whose samples are dropped
         for model in models:
             model.compile_decode()
@@ -426,7 +426,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
                                    "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
-                                   "compile_decode": compile_decode},
+                                   "compile_decode": compile_decode, "pack": pack},
                          environment(torch_device))
     write_outputs(report, Path(out))
     return report

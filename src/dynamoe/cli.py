@@ -160,7 +160,7 @@ def generate(
     from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
-    model, cfg = load_model(checkpoint, device=resolve_device(device))
+    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True)
     if threshold is not None:
         model.set_routing_threshold(threshold)
     if compile:
@@ -201,6 +201,7 @@ def bench(
     batch_sizes: Annotated[list[int] | None, f"batch sizes of the decode throughput runs (default: {' '.join(map(str, BENCH_DEFAULTS['batch_sizes']))})"] = None,
     threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
     compile: Annotated[bool, "decode through torch.compile (compiles once per model, batch size and dial)"] = False,
+    pack: Annotated[bool, "decode on oneDNN-packed weights, CPU only (--no-pack: torch's plain matmuls)"] = True,
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
@@ -216,7 +217,7 @@ def bench(
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
-                       compile_decode=compile)
+                       compile_decode=compile, pack=pack)
     print(markdown_table(report.variants))
     print(f"results written to {out}")
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dynamoe.model.layers import swiglu
+from dynamoe.model.layers import PackedPair, fresh_pair, pack_pair, swiglu
 
 
 class Experts(nn.Module):
@@ -17,6 +16,7 @@ class Experts(nn.Module):
         self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.packed: list[PackedPair | None] | None = None  # see pack_weights
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -24,15 +24,19 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_gate_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
+    def pack_weights(self) -> None:
+        """Keep oneDNN-packed copies of every expert's weights for inference (dynamoe.model.packed)."""
+        self.packed = [pack_pair(self.w_gate_up[e], self.w_down[e], self.w_gate_up, self.w_down) for e in range(self.n_experts)]
+
+    def packed_expert(self, expert: int) -> PackedPair | None:
+        """The expert's packed weights if they are usable now."""
+        return None if self.packed is None else fresh_pair(self.packed[expert], self.w_gate_up, self.w_down)
+
     def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Run one expert on the rows routed to it."""
-        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert])
+        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert))
 
     def add_weighted_expert(self, expert: int, x_ND: torch.Tensor, weight_N1: torch.Tensor,
                             out_ND: torch.Tensor | None) -> torch.Tensor:
         """out + weight * expert(x), with the weight folded into the down projection's input (fewer kernel calls)."""
-        gate, up = (x_ND @ self.w_gate_up[expert]).chunk(2, dim=-1)
-        hidden_NF = F.silu(gate) * up * weight_N1
-        if out_ND is None:
-            return hidden_NF @ self.w_down[expert]
-        return torch.addmm(out_ND, hidden_NF, self.w_down[expert])
+        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert), weight_N1, out_ND)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.config import ModelConfig
+from dynamoe.model.packed import PackedWeight, fresh, pack
 
 
 class RMSNorm(nn.Module):
@@ -72,9 +73,17 @@ class Projection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
+        self.packed: PackedWeight | None = None  # see pack_weights
         nn.init.normal_(self.weight, std=0.02)
 
+    def pack_weights(self) -> None:
+        """Keep a oneDNN-packed copy of the weight for inference (dynamoe.model.packed)."""
+        self.packed = pack(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = fresh(self.packed, self.weight)
+        if packed is not None:
+            return packed.matmul(x, self.bias)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
@@ -135,10 +144,37 @@ class Attention(nn.Module):
         return self.q_norm(q_BTHd.flatten(2)).view_as(q_BTHd), self.k_norm(k_BTHd.flatten(2)).view_as(k_BTHd)
 
 
-def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor) -> torch.Tensor:
-    """SwiGLU feed-forward on weights stored input-major ([D, 2F] then [F, D]) for fast x @ W."""
-    gate, up = (x_ND @ w_gate_up_DF2).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w_down_FD
+PackedPair = tuple[PackedWeight, PackedWeight]  # a SwiGLU's packed gate-up and down projections
+
+
+def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor, packed: PackedPair | None = None,
+           scale_N1: torch.Tensor | None = None, out_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """[out +] SwiGLU(x) [* scale], on weights stored input-major ([D, 2F] then [F, D]) for fast x @ W.
+
+    `packed`, when given, replaces both matmuls; the scale is folded into the down projection's input
+    and the sum into its call, which saves kernel calls at batch-1 decoding.
+    """
+    gate, up = (x_ND @ w_gate_up_DF2 if packed is None else packed[0].matmul(x_ND)).chunk(2, dim=-1)
+    hidden_NF = F.silu(gate) * up
+    if scale_N1 is not None:
+        hidden_NF = hidden_NF * scale_N1
+    if packed is not None:
+        return packed[1].matmul(hidden_NF) if out_ND is None else packed[1].addmm(out_ND, hidden_NF)
+    return hidden_NF @ w_down_FD if out_ND is None else torch.addmm(out_ND, hidden_NF, w_down_FD)
+
+
+def pack_pair(w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor, source_gate_up: torch.Tensor,
+              source_down: torch.Tensor) -> PackedPair | None:
+    """Packed copies of a SwiGLU's two weights, or None if either is too small to gain from packing."""
+    gate_up, down = pack(w_gate_up_DF2, source=source_gate_up), pack(w_down_FD, source=source_down)
+    return (gate_up, down) if gate_up is not None and down is not None else None
+
+
+def fresh_pair(packed: PackedPair | None, source_gate_up: torch.Tensor, source_down: torch.Tensor) -> PackedPair | None:
+    """The packed pair if both copies are usable now, else None."""
+    if packed is None or fresh(packed[0], source_gate_up) is None or fresh(packed[1], source_down) is None:
+        return None
+    return packed
 
 
 class DenseFFN(nn.Module):
@@ -148,7 +184,12 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(hidden, dim))
+        self.packed: PackedPair | None = None  # see pack_weights
         self.reset_parameters()
+
+    def pack_weights(self) -> None:
+        """Keep oneDNN-packed copies of both weights for inference (dynamoe.model.packed)."""
+        self.packed = pack_pair(self.w_gate_up, self.w_down, self.w_gate_up, self.w_down)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal init; Transformer.reset_parameters rescales the output projection by depth."""
@@ -156,4 +197,4 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w_down, std=std)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return swiglu(x_BTD, self.w_gate_up, self.w_down)
+        return swiglu(x_BTD, self.w_gate_up, self.w_down, fresh_pair(self.packed, self.w_gate_up, self.w_down))

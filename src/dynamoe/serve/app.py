@@ -537,7 +537,7 @@ def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8
     settings.validate()
     if not 0 <= port <= 65535:
         raise DynamoeError(f"--port={port} must be in 0..65535")
-    model, _ = load_model(checkpoint, device=resolve_device(device))
+    model, _ = load_model(checkpoint, device=resolve_device(device), pack=True)
     app = create_app(model, load_tokenizer_for(checkpoint), settings)
     print(f"serving {checkpoint} as {model_name!r} on http://{host}:{port}/v1 "
           f"(API key {'required' if api_key else 'not required'}); Ctrl-C stops", flush=True)
