@@ -43,9 +43,9 @@ class Block(nn.Module):
         sparse = cfg.ffn == "moe" and index not in cfg.dense_layers
         self.ffn: MoE | DenseFFN = MoE(cfg) if sparse else DenseFFN(cfg.dim, cfg.dense_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, input_pos_BT: torch.Tensor | None,
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos_BT: torch.Tensor | None,
                 cache_mask_B1TS: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, input_pos_BT, cache_mask_B1TS)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, input_pos_BT, cache_mask_B1TS)
         if isinstance(self.ffn, MoE):
             y_BTD, routing = self.ffn(self.ffn_norm(x_BTD))
             return x_BTD + y_BTD, routing
@@ -165,22 +165,22 @@ class Transformer(nn.Module):
         """input_pos_T: positions of this call's tokens, (T,) shared by every row or (B, T) one row each."""
         B, T = idx_BT.shape
         input_pos_BT, cache_mask_B1TS = None, None
+        # RoPE tables at this call's positions, with a unit axis that broadcasts over the heads of (B, T, H, d).
         if input_pos_T is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            cos_Td, sin_Td = self.rope_cos[:T], self.rope_sin[:T]
+            cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, d)
         else:
             # Rows at their own positions let prompts of different lengths decode as one batch.
             input_pos_BT = input_pos_T.expand(B, T)
-            # (B, 1, T, d): broadcasts over heads as the shared (T, d) tables do.
-            cos_Td, sin_Td = self.rope_cos[input_pos_BT][:, None], self.rope_sin[input_pos_BT][:, None]
+            cos, sin = self.rope_cos[input_pos_BT][:, :, None], self.rope_sin[input_pos_BT][:, :, None]  # (B, T, 1, d)
             cache = self.layers[0].attn.kv_cache
             if cache is not None:  # one mask for every layer: they share the cache length and positions
                 cache_mask_B1TS = cache_mask(input_pos_BT, cache.k_BHSd.shape[2])
         x_BTD = self.tok_embeddings(idx_BT)
         routings: list[Routing] = []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, cos_Td, sin_Td, input_pos_BT, cache_mask_B1TS)
+            x_BTD, routing = block(x_BTD, cos, sin, input_pos_BT, cache_mask_B1TS)
             if routing is not None:
                 routings.append(routing)
         logits_BTV = self.head(self.norm(x_BTD))
