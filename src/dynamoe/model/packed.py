@@ -18,7 +18,7 @@ import torch
 
 # Below about 2 MiB of fp32 the two kernels are even (measured at 1 and 2 threads, one matvec on
 # weights streamed from memory: 0.84-1.4x the plain time from 64k to 256k elements, 0.56-0.79x from
-# 512k up), and in a whole decode step small packed matrices made a top-3 model 10% slower.
+# 512k up); packing the small preset's 64k-256k matrices too gained nothing in whole decode steps.
 PACK_MIN_ELEMENTS = 1 << 19
 
 
