@@ -134,11 +134,14 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     assert configs["dense"].ffn == "dense" and configs["dense"].dense_hidden == 2 * configs["top2"].expert_dim
     assert [configs[f"dynamic-{k}"].target_k for k in (2, 3, 4)] == [2.0, 3.0, 4.0]
     assert (configs["topp-3"].router, configs["relu-3"].router) == ("topp", "relu")
-    # Every adaptive router warms up from dense routing over half the steps; static and dense models have no controller.
-    assert QUICK.dense_warmup_steps == QUICK.steps // 2 == 128
-    assert {key: c.target_k_decay_steps for key, c in configs.items() if c.target_k_decay_steps} == {
-        key: 128 for key in ("dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3")}
-    assert model_config(MODELS[-1], dataclasses.replace(QUICK, dense_warmup=0.0), tiny_corpus).target_k_decay_steps == 0
+    # Every adaptive router warms up from dense routing: k_max for 30% of the steps, then falling to its target
+    # over the next 30%; static and dense models have no controller.
+    assert QUICK.dense_warmup_steps == int(0.3 * QUICK.steps) == 76
+    adaptive = ("dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3")
+    assert {key: (c.target_k_hold_steps, c.target_k_decay_steps) for key, c in configs.items()
+            if c.target_k_hold_steps or c.target_k_decay_steps} == {key: (76, 76) for key in adaptive}
+    unwarmed = model_config(MODELS[-1], dataclasses.replace(QUICK, dense_warmup=0.0), tiny_corpus)
+    assert (unwarmed.target_k_hold_steps, unwarmed.target_k_decay_steps) == (0, 0)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -164,7 +167,7 @@ def test_cli_runs_the_experiment_and_records_its_command(tmp_path: Path, tiny_co
     assert results["command"] == (f"dynamoe experiment headline --preset tiny --tokens 2048 --dense-warmup 0.0 --seeds 0 "
                                   f"--models top1 relu-3 --out {tmp_path / 'h'}")
     assert results["profile"]["steps"] == 1 and results["profile"]["model_overrides"] == {}
-    assert results["profile"]["dense_warmup"] == 0.0 and results["models"]["relu-3"]["config"]["target_k_decay_steps"] == 0
+    assert results["profile"]["dense_warmup"] == 0.0 and results["models"]["relu-3"]["config"]["target_k_hold_steps"] == 0
     assert [row["name"] for row in results["rows"]] == ["top1", "relu-3"] and results["bench"]["0"]["settings"]["dial"] == []
     assert "No verdict" in capsys.readouterr().out
 

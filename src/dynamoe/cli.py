@@ -240,8 +240,8 @@ def experiment_headline(
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 dense dynamic-2 dynamic-3 dynamic-4 topp-3 "
                                         "relu-3 (default: all)"] = None,
     quick: Annotated[bool, "the under-20-minute profile: smaller corpus, model and budget"] = False,
-    dense_warmup: Annotated[float | None, "fraction of the steps over which the adaptive routers' target falls from "
-                                          "k_max to their own (default: 0.5; 0: no warm-up from dense routing)"] = None,
+    dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers up from dense routing: "
+                                          "k_max for its first half, then falling to their target (default: 0.6; 0: none)"] = None,
     out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
     data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
     corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,

@@ -53,9 +53,10 @@ class HeadlineProfile:
     batch_sizes: tuple[int, ...]  # batched decode throughput sizes
     dial: tuple[float, ...]  # routing thresholds at which every topp/dynamic model is measured
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
-    # Warm-up from dense routing: over this fraction of the steps, the target of every adaptive router's
-    # controller falls from k_max to its own (docs/experiment.md, "Ablations": the lever that closed the gap).
-    dense_warmup: float = 0.5
+    # Warm-up from dense routing over this fraction of the steps: every adaptive router's controller aims at
+    # k_max for the first half of it, then its target falls linearly to the model's own over the second half
+    # (docs/experiment.md, "Ablations": the lever that closed the gap).
+    dense_warmup: float = 0.6
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dense_warmup <= 1.0:  # written so that NaN fails too
@@ -63,7 +64,8 @@ class HeadlineProfile:
 
     @property
     def dense_warmup_steps(self) -> int:
-        return round(self.dense_warmup * self.steps)
+        """Steps of each half of the warm-up: the hold at k_max, then the fall to the target."""
+        return int(self.dense_warmup / 2 * self.steps)
 
     @property
     def steps(self) -> int:
@@ -79,7 +81,8 @@ class HeadlineProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "steps": self.steps, "warmup_steps": self.warmup_steps,
-                "tokens_per_model": self.tokens_per_model, "dense_warmup_steps": self.dense_warmup_steps}
+                "tokens_per_model": self.tokens_per_model, "dense_warmup_hold_steps": self.dense_warmup_steps,
+                "dense_warmup_decay_steps": self.dense_warmup_steps}
 
 
 # Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 87 min of training, 10 of bench).
@@ -136,7 +139,8 @@ def model_config(model: HeadlineModel, profile: HeadlineProfile, data_dir: Path)
     """The model's config: the profile's preset and overrides, its router settings, the corpus's vocabulary."""
     cfg = preset(profile.preset, **{**profile.model_overrides, "max_seq_len": profile.seq_len, **model.overrides})
     if cfg.ffn == "moe" and cfg.router != "topk":  # an adaptive router: its controller warms up from dense routing
-        cfg = dataclasses.replace(cfg, target_k_decay_steps=profile.dense_warmup_steps)
+        cfg = dataclasses.replace(cfg, target_k_hold_steps=profile.dense_warmup_steps,
+                                  target_k_decay_steps=profile.dense_warmup_steps)
     return model_config_for_data(cfg, data_dir)
 
 
