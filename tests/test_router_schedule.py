@@ -77,3 +77,14 @@ def test_schedule_survives_checkpoint_and_resume(tiny_corpus: Path, tmp_path: Pa
     for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [r.aimed_k() for r in resumed.routers()] == [2.0, 2.0]
+
+
+def test_relu_penalty_never_becomes_a_reward_on_its_unbounded_cost() -> None:
+    settings = dict(target_k=3.0, controller_kp=0.1, controller_ki=0.01, target_k_hold_steps=5)
+    relu, dynamic = build_router(tiny(router="relu", **settings)), build_router(tiny(router="dynamic", **settings))
+    for _ in range(5):  # below the k_max target: the soft-k routers' penalty turns into a reward, ReLU's stays at 0
+        relu.update_controller(4.0)
+        dynamic.update_controller(4.0)
+    assert float(relu.k_penalty) == float(relu.k_penalty_integral) == 0.0 and float(dynamic.k_penalty) < 0
+    relu.update_controller(5.0)  # the target is now 3: too many experts, penalised at once (no wound-up reward)
+    assert float(relu.k_penalty) == pytest.approx(0.01 * 2 + 0.1 * 2)

@@ -50,6 +50,9 @@ class Router(nn.Module):
     """Shared machinery: the gate, balance and z losses, and the compute controller."""
 
     uses_controller = True
+    # Whether the controller may turn the penalty into a reward (below target). Only for a bounded cost:
+    # a reward on an unbounded one (ReLU's sum of gates) would grow the gates without limit.
+    penalty_may_reward = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -135,9 +138,9 @@ class Router(nn.Module):
         if aimed_k is None:
             return
         error = mean_k - aimed_k
-        limit = self.controller_limit
-        self.k_penalty_integral.copy_((self.k_penalty_integral + self.controller_ki * error).clamp(-limit, limit))
-        self.k_penalty.copy_(self.k_penalty_integral + self.controller_kp * error)
+        limit, floor = self.controller_limit, -self.controller_limit if self.penalty_may_reward else 0.0
+        self.k_penalty_integral.copy_((self.k_penalty_integral + self.controller_ki * error).clamp(floor, limit))
+        self.k_penalty.copy_((self.k_penalty_integral + self.controller_kp * error).clamp(min=floor))
         if self.has_target_schedule:
             self.controller_steps += 1
 
@@ -252,8 +255,11 @@ class DynamicRouter(TopPRouter):
 class ReLURouter(Router):
     """ReLU gates with an L1 penalty (ReMoE): every expert with a positive gate runs, up to k_max.
 
-    A token whose gates are all zero uses no expert (k = 0), as in ReMoE; k_min does not apply.
+    A token whose gates are all zero uses no expert (k = 0), as in ReMoE; k_min does not apply. The L1
+    penalty's coefficient stays >= 0, as in ReMoE: below target the controller only relaxes it.
     """
+
+    penalty_may_reward = False
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         gates_TE = F.relu(logits_TE)
