@@ -85,7 +85,7 @@ class HeadlineProfile:
                 "dense_warmup_decay_steps": self.dense_warmup_steps}
 
 
-# Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 87 min of training, 10 of bench).
+# Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 94 min of training, 10 of bench).
 DEFAULT = HeadlineProfile("default", preset="small", tokens=1_000_000, bytes_per_domain=1_500_000, vocab_size=8192,
                           batch_size=8, seq_len=256, lr=3e-3, eval_tokens=8192, decode_tokens=64, repeats=5,
                           batch_sizes=(8,), dial=(0.3, 0.4, 0.5, 0.6, 0.7))
