@@ -17,7 +17,8 @@ from dynamoe.cli import main
 from dynamoe.errors import DynamoeError
 from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK, RESULTS_JSON,
                                 SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config, run_headline,
-                                static_perplexity_at, verdict, verdict_lines)
+                                static_perplexity_at, training_cost, verdict, verdict_lines)
+from dynamoe.runs import default_workers
 
 SMOKE = HeadlineProfile("smoke", preset="tiny", tokens=4 * 2 * 32, bytes_per_domain=40_000, vocab_size=512, batch_size=2,
                         seq_len=32, lr=3e-3, eval_tokens=48, decode_tokens=3, repeats=1, batch_sizes=(2,), dial=(0.4, 0.6))
@@ -149,6 +150,7 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     (["--seeds", "1", "1"], "give one or more distinct seeds"),
     (["--tokens", "10"], "less than one step"),
     (["--threads", "0"], "--threads=0 must be at least 1"),
+    (["--jobs", "0"], "--jobs=0 must be at least 1"),
     (["--dense-warmup", "1.5"], "--dense-warmup 1.5 must be a fraction of the steps in [0, 1]"),
 ])
 def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,3 +181,30 @@ def test_verdict_without_a_comparable_trained_dynamic_model() -> None:
     assert result.equal_compute_met is None and not result.target_met
     assert [c.static_perplexity is None for c in result.equal_compute] == [True, False]
     assert "the dynamic models at their trained threshold have a mean k outside the static range" in verdict_lines(result)[1]
+
+
+def test_trainings_in_parallel_processes_give_the_same_models_as_one_by_one(tmp_path: Path, tiny_corpus: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    kwargs = dict(profile=SMOKE, models=["top2", "dynamic-3"], corpus=tiny_corpus, device="cpu", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: matmul results may depend on it
+    try:
+        serial = run_headline(out=tmp_path / "serial", **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_headline(out=tmp_path / "parallel", workers=2, threads=1, **kwargs)
+    for key in ("top2", "dynamic-3"):
+        one, two = (r["models"][key]["training"]["0"] for r in (serial, parallel))
+        assert two["val_loss"] == one["val_loss"] and two["mean_k"] == one["mean_k"]
+    assert [row["perplexity"] for row in parallel["rows"]] == [row["perplexity"] for row in serial["rows"]]
+    assert parallel["training_workers"] == 2 and "training dynamic, target k=3 (seed 0)" in capsys.readouterr().out
+
+
+def test_costliest_trainings_go_first_and_workers_share_the_cores(tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = {model.key: training_cost(model_config(model, DEFAULT, tiny_corpus), DEFAULT) for model in MODELS}
+    assert costs["top8"] == 8 and costs["dense"] == costs["top2"] == 2 and costs["top1"] == 1
+    # The warm-up holds k_max for 30% of the steps and falls over the next 30%: 0.3 * 8 + 0.3 * 5.5 + 0.4 * 3.
+    assert costs["dynamic-3"] == pytest.approx(0.3 * 8 + 0.3 * 5.5 + 0.4 * 3, rel=0.01)
+    assert costs["top8"] > costs["dynamic-4"] > costs["dynamic-3"] > costs["dynamic-2"] > costs["top4"] > costs["top2"]
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert default_workers("cpu") == (4, 2) and default_workers("cpu", jobs=8) == (8, 1) and default_workers("cuda") == (1, 8)

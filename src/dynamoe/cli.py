@@ -245,23 +245,30 @@ def experiment_headline(
     out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
     data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
     corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,
-    threads: Annotated[int | None, "torch CPU threads (default: torch's choice)"] = None,
+    jobs: Annotated[int | None, "models trained at once, each in its own process (default: one per CPU core up to 4; "
+                                "1 on a GPU)"] = None,
+    threads: Annotated[int | None, "torch CPU threads of each training and of the bench (default: the cores / --jobs)"] = None,
     device: Device = "auto",
-    progress: Annotated[bool, "show progress bars"] = True,
+    progress: Annotated[bool, "show progress bars (one training at a time only)"] = True,
 ) -> None:
     """Dense, static top-k and adaptive routers on one budget, benched side by side: latency at quality parity."""
     import torch
 
     from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
+    from dynamoe.runs import default_workers
+    from dynamoe.train import resolve_device
 
-    if threads is not None:
-        if threads < 1:
-            raise DynamoeError(f"--threads={threads} must be at least 1")
-        torch.set_num_threads(threads)
+    for name, value in (("jobs", jobs), ("threads", threads)):
+        if value is not None and value < 1:
+            raise DynamoeError(f"--{name}={value} must be at least 1")
+    jobs, auto_threads = default_workers(resolve_device(device), jobs)
+    threads = threads or auto_threads
+    torch.set_num_threads(threads)
     profile = headline_profile(quick, preset, tokens, dense_warmup)
     seeds, models = seeds or [0], models or list(MODEL_KEYS)
     run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
-                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out, dense_warmup))
+                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out, dense_warmup),
+                 workers=jobs, threads=threads)
 
 
 def analyze(

@@ -325,10 +325,26 @@ def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Seq
     return run_bench(checkpoints, data_dir, out, dial=dial, settings=settings, device=device, progress=progress)
 
 
+def training_cost(cfg: ModelConfig, profile: HeadlineProfile) -> float:
+    """Experts per token averaged over the training steps: what orders the trainings by their length."""
+    if cfg.ffn != "moe":
+        return float(cfg.top_k)  # the dense baseline has the active size of top-k
+    if cfg.router == "topk":
+        return float(cfg.top_k)
+    aimed = cfg.target_k or cfg.k_max
+    hold, fall = cfg.target_k_hold_steps, cfg.target_k_decay_steps  # at k_max, then falling linearly to the target
+    rest = max(profile.steps - hold - fall, 0)
+    return (hold * cfg.k_max + fall * (cfg.k_max + aimed) / 2 + rest * aimed) / max(profile.steps, 1)
+
+
 def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,), models: Sequence[str] = MODEL_KEYS,
                  out: Path = Path("runs/headline"), data_root: Path = Path("data"), corpus: Path | None = None,
-                 device: str = "auto", progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Train (or reuse) every model for every seed, bench them, analyse one, and write the report folder `out`."""
+                 device: str = "auto", progress: bool = True, command: str = "", workers: int = 1,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Train (or reuse) every model for every seed, bench them, analyse one, and write the report folder `out`.
+
+    workers: trainings at once, each in its own process of `threads` CPU threads (see runs.train_jobs).
+    """
     check_choices(seeds, models)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -339,12 +355,15 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
     timings["corpus_s"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    training: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        for model in chosen:
-            cfg = train_config(profile, data_dir, out / f"seed-{seed}" / model.key, seed, device, progress)
-            training.setdefault(seed, {})[model.key] = runs.train_or_reuse(
-                f"{model.title} (seed {seed})", configs[model.key], cfg, tag="headline")
+    keys = [(seed, model) for seed in seeds for model in chosen]
+    # Costliest first, so that with several workers no long training starts last while the others sit idle.
+    keys.sort(key=lambda key: -training_cost(configs[key[1].key], profile))
+    jobs = [runs.TrainingJob(f"{model.title} (seed {seed})", configs[model.key],
+                             train_config(profile, data_dir, out / f"seed-{seed}" / model.key, seed, device, progress), "headline")
+            for seed, model in keys]
+    training: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
+    for (seed, model), summary in zip(keys, runs.train_jobs(jobs, workers, threads)):
+        training[seed][model.key] = summary
     timings["training_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -373,7 +392,7 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
 
     results = {
         "experiment": "headline", "command": command, "profile": profile.to_dict(), "seeds": list(seeds),
-        "corpus": str(data_dir), "wall_time_s": wall, "timings": timings,
+        "corpus": str(data_dir), "wall_time_s": wall, "timings": timings, "training_workers": workers, "threads": threads,
         "training_wall_time_s_total": sum(s["wall_time_s"] for per_seed in training.values() for s in per_seed.values()),
         "environment": environment(resolve_device(device)),
         "models": {m.key: {"title": m.title, "config": configs[m.key].to_dict(),

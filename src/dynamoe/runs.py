@@ -4,11 +4,15 @@ a kill, or reuse it once finished, and write the job's JSON files atomically."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from dynamoe.checkpoint import latest_checkpoint, load_config, load_train_config, load_trainer_state
 from dynamoe.config import ModelConfig
@@ -48,6 +52,49 @@ def train_or_reuse(title: str, model_cfg: ModelConfig, train_cfg: TrainConfig, t
     summary = {**asdict(result), "checkpoint": str(result.checkpoint), "model_config": model_cfg.to_dict()}
     write_json(summary_path, summary)
     return summary
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One model a job trains into its run folder (the arguments of train_or_reuse)."""
+
+    title: str
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tag: str
+
+
+def default_workers(device: str | torch.device, jobs: int | None = None) -> tuple[int, int]:
+    """(trainings at once, CPU threads each): `jobs` or one per core up to 4 on CPU (one on a GPU), sharing the cores.
+
+    Small models train faster as separate one-thread processes than as one process on every core
+    (measured on 2 cores: two one-thread trainings ran at about 1,300 tokens/s each, where one
+    two-thread training beside other work stalled at 150-300).
+    """
+    cores = os.cpu_count() or 1
+    if jobs is None:
+        jobs = max(1, min(cores, 4)) if torch.device(device).type == "cpu" else 1
+    return jobs, max(1, cores // jobs)
+
+
+def train_jobs(jobs: Sequence[TrainingJob], workers: int = 1, threads: int | None = None) -> list[dict[str, Any]]:
+    """train_or_reuse every job, in order, or `workers` at a time in separate processes of `threads` CPU threads each.
+
+    Jobs are independent, so the runs and their summaries are the same either way (for a given thread
+    count). In worker processes the per-step progress bars are off: several would garble one terminal.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [train_or_reuse(job.title, job.model_cfg, job.train_cfg, job.tag) for job in jobs]
+    quiet = [replace(job, train_cfg=replace(job.train_cfg, progress=False)) for job in jobs]
+    # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads or 1,)) as pool:
+        return list(pool.map(_train_job, quiet))
+
+
+def _train_job(job: TrainingJob) -> dict[str, Any]:
+    """train_or_reuse in a worker process (a module-level function, so that it pickles)."""
+    return train_or_reuse(job.title, job.model_cfg, job.train_cfg, job.tag)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
