@@ -78,13 +78,14 @@ def default_workers(device: str | torch.device, jobs: int | None = None) -> tupl
 
 
 def train_jobs(jobs: Sequence[TrainingJob], workers: int = 1, threads: int | None = None) -> list[dict[str, Any]]:
-    """train_or_reuse every job, in order, or `workers` at a time in separate processes of `threads` CPU threads each.
+    """train_or_reuse every job, in order in this process, or `workers` at a time in separate processes of `threads`
+    CPU threads each.
 
     Jobs are independent, so the runs and their summaries are the same either way (for a given thread
     count). In worker processes the per-step progress bars are off: several would garble one terminal.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [train_or_reuse(job.title, job.model_cfg, job.train_cfg, job.tag) for job in jobs]
+        return [_train_job(job) for job in jobs]
     quiet = [replace(job, train_cfg=replace(job.train_cfg, progress=False)) for job in jobs]
     # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
