@@ -16,8 +16,8 @@ from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.errors import DynamoeError
 from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK, RESULTS_JSON,
-                                SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config, run_headline,
-                                static_perplexity_at, training_cost, verdict, verdict_lines)
+                                SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config, report_lines,
+                                run_headline, static_perplexity_at, training_cost, verdict, verdict_lines)
 from dynamoe.runs import default_workers
 
 SMOKE = HeadlineProfile("smoke", preset="tiny", tokens=4 * 2 * 32, bytes_per_domain=40_000, vocab_size=512, batch_size=2,
@@ -181,6 +181,22 @@ def test_verdict_without_a_comparable_trained_dynamic_model() -> None:
     assert result.equal_compute_met is None and not result.target_met
     assert [c.static_perplexity is None for c in result.equal_compute] == [True, False]
     assert "the dynamic models at their trained threshold have a mean k outside the static range" in verdict_lines(result)[1]
+
+
+def test_report_names_other_models_at_parity_and_adaptive_models_off_target() -> None:
+    rows = [*STATIC[:4], row("dense", "dense", None, 29.9, 0.34), row("dynamic-2 @0.5", "dynamic", 2.2, 29.8, 0.5, 0.5),
+            row("relu-3", "relu", 1.16, 29.0, 0.33), row("topp-3 @0.5", "topp", 3.3, 30.5, 0.6, 0.5),
+            row("topp-3 @0.3", "topp", 1.2, 31.0, 0.4, 0.3, as_trained=False)]
+    models = {"dynamic-2": 2.0, "relu-3": 3.0, "topp-3": 3.0, "top8": 3.0, "dense": 3.0}  # ModelConfig's default is 3
+    results = {"models": {key: {"config": {"target_k": k}} for key, k in models.items()}}
+    lines = report_lines(results, rows, verdict(rows))
+    assert lines[:3] == verdict_lines(verdict(rows))
+    # The dynamic variant is the verdict's; the other models within 1% of top-8 are named with their speed-up.
+    assert lines[3] == ("Also within 1% of top8's perplexity: dense (29.90, 66.0% lower latency), "
+                        "relu-3 (29.00, 67.0% lower latency).")
+    # relu-3 is 61% below its target; dynamic-2 (+10%) and topp-3 (+10%) are within 25%; static models and a
+    # dial setting are never flagged.
+    assert lines[4:] == ["Off target: relu-3 runs 1.16 experts/token on the held-out text against its target of 3."]
 
 
 def test_trainings_in_parallel_processes_give_the_same_models_as_one_by_one(tmp_path: Path, tiny_corpus: Path,

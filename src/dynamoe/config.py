@@ -207,3 +207,17 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise DynamoeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)
+
+
+def with_dense_warmup(cfg: ModelConfig, steps: int, fraction: float) -> ModelConfig:
+    """cfg warmed up from dense routing over `fraction` of `steps`: its controller aims at k_max for the first
+    half of it, then its target falls linearly to target_k over the second (adaptive routers only)."""
+    if cfg.ffn != "moe" or cfg.router == "topk" or cfg.target_k is None:
+        return cfg
+    half = dense_warmup_half(steps, fraction)
+    return dataclasses.replace(cfg, target_k_hold_steps=half, target_k_decay_steps=half)
+
+
+def dense_warmup_half(steps: int, fraction: float) -> int:
+    """Steps of each half of a warm-up from dense routing over `fraction` of `steps`: the hold, then the fall."""
+    return int(fraction / 2 * steps)

@@ -22,7 +22,7 @@ import numpy as np
 from dynamoe import runs
 from dynamoe.analyze import analyze_checkpoint
 from dynamoe.bench import BenchReport, BenchSettings, VariantResult, environment, run_bench
-from dynamoe.config import ModelConfig, preset
+from dynamoe.config import ModelConfig, dense_warmup_half, preset, with_dense_warmup
 from dynamoe.data import build_corpus
 from dynamoe.errors import DynamoeError
 from dynamoe.train import TrainConfig, model_config_for_data, resolve_device
@@ -33,6 +33,7 @@ PARITY_TOLERANCE = 0.01  # "reaches top-8's perplexity": within 1%
 TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
 REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
 ANALYSED = "dynamic-3"  # the model whose routing the report analyses
+ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu")  # routers whose k varies per token
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class HeadlineProfile:
     @property
     def dense_warmup_steps(self) -> int:
         """Steps of each half of the warm-up: the hold at k_max, then the fall to the target."""
-        return int(self.dense_warmup / 2 * self.steps)
+        return dense_warmup_half(self.steps, self.dense_warmup)
 
     @property
     def steps(self) -> int:
@@ -138,9 +139,7 @@ def headline_profile(quick: bool = False, preset_name: str | None = None, tokens
 def model_config(model: HeadlineModel, profile: HeadlineProfile, data_dir: Path) -> ModelConfig:
     """The model's config: the profile's preset and overrides, its router settings, the corpus's vocabulary."""
     cfg = preset(profile.preset, **{**profile.model_overrides, "max_seq_len": profile.seq_len, **model.overrides})
-    if cfg.ffn == "moe" and cfg.router != "topk":  # an adaptive router: its controller warms up from dense routing
-        cfg = dataclasses.replace(cfg, target_k_hold_steps=profile.dense_warmup_steps,
-                                  target_k_decay_steps=profile.dense_warmup_steps)
+    cfg = with_dense_warmup(cfg, profile.steps, profile.dense_warmup)  # adaptive routers only
     return model_config_for_data(cfg, data_dir)
 
 
@@ -248,7 +247,7 @@ def verdict(rows: Sequence[Row]) -> Verdict:
     """Test the headline claim on the aggregated rows."""
     reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
     dynamic = [row for row in rows if row.router == "dynamic"]
-    adaptive = [(row, row.mean_k) for row in rows if row.router in ("dynamic", "topp", "relu") and row.mean_k is not None]
+    adaptive = [(row, row.mean_k) for row in rows if row.router in ADAPTIVE_ROUTERS and row.mean_k is not None]
     equal = []
     for row, mean_k in adaptive:
         static = static_perplexity_at(rows, mean_k)
@@ -296,6 +295,35 @@ def verdict_lines(result: Verdict) -> list[str]:
                      f"their trained threshold {trained}.")
     lines.append(f"Headline target {'MET' if result.target_met else 'NOT met'}.")
     return lines
+
+
+OFF_TARGET_TOLERANCE = 0.25  # a trained adaptive model whose held-out mean k is this far from its target is flagged
+
+
+def context_lines(rows: Sequence[Row], target_k: dict[str, float | None]) -> list[str]:
+    """What the verdict leaves out: the other models at quality parity, and adaptive models far from their target k."""
+    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    lines = []
+    if reference is not None:
+        others = [row for row in rows if row.router != "dynamic" and row is not reference
+                  and row.perplexity <= reference.perplexity * (1 + PARITY_TOLERANCE)]
+        if others:
+            lines.append(f"Also within {PARITY_TOLERANCE:.0%} of {reference.name}'s perplexity: " + ", ".join(
+                f"{row.name} ({row.perplexity:.2f}, {1 - row.latency_ratio:.1%} lower latency)" for row in others) + ".")
+    for row in rows:
+        target = target_k.get(row.model)
+        if row.router not in ADAPTIVE_ROUTERS or not row.as_trained or not target or row.mean_k is None:
+            continue
+        if abs(row.mean_k / target - 1) > OFF_TARGET_TOLERANCE:
+            lines.append(f"Off target: {row.name} runs {row.mean_k:.2f} experts/token on the held-out text against "
+                         f"its target of {target:g}.")
+    return lines
+
+
+def report_lines(results: dict[str, Any], rows: Sequence[Row], result: Verdict) -> list[str]:
+    """The verdict's sentences, then its context: other models at parity, adaptive models off their target."""
+    target_k = {key: model["config"].get("target_k") for key, model in results["models"].items()}
+    return verdict_lines(result) + context_lines(rows, target_k)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -401,7 +429,7 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
         "bench": {str(seed): report.to_dict() for seed, report in reports.items()}, "analysis": analysis,
     }
     write_report(results, rows, result, Path(out))
-    print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(verdict_lines(result)))
+    print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(report_lines(results, rows, result)))
     print(f"headline experiment ({profile.name}) finished in {wall:.0f} s; report in {out}/{SUMMARY_MD}")
     return results
 
@@ -465,7 +493,7 @@ def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdi
         f"rounds of {profile['decode_tokens']} tokens, ratios to the first row (static top-8 unless left out) within each seed's bench. "
         f"Rows marked (dial) are a dynamic or top-p model run at another routing threshold than it was trained with.\n",
         markdown_rows(rows) + "\n",
-        "\n".join(f"- {line}" for line in verdict_lines(result)) + "\n",
+        "\n".join(f"- {line}" for line in report_lines(results, rows, result)) + "\n",
         "Against the static curve at equal experts/token (log-perplexity interpolated in log k; negative margin = better):\n",
         "| variant | mean k | ppl | static top-k at that k | margin % |\n|---|---:|---:|---:|---:|\n" + "\n".join(equal) + "\n",
         f"![perplexity against experts per token]({EXPERTS_PNG})\n\n![perplexity against decode latency]({LATENCY_PNG})\n\n"
