@@ -6,16 +6,15 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dynamoe import runs
 from dynamoe.checkpoint import load_model
-from dynamoe.config import ModelConfig, preset
+from dynamoe.config import ModelConfig, preset, with_dense_warmup
 from dynamoe.data import build_corpus
 from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
-from dynamoe.train import TrainConfig
+from dynamoe.train import TrainConfig, resolve_device
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ FULL = DemoProfile("full", bytes_per_domain=1_500_000, vocab_size=8192, steps=30
 QUICK = DemoProfile("quick", bytes_per_domain=400_000, vocab_size=4096, steps=100, batch_size=4, seq_len=128,
                     lr=3e-3, warmup_steps=10, eval_tokens=2_048)
 TARGET_K = 3.0
+DENSE_WARMUP = 0.6  # as the headline experiment: the dynamic router holds k_max for 30% of the steps, then falls over 30%
 STATIC, DYNAMIC = "static", "dynamic"  # the models' keys, which also name their run folders
 
 
@@ -51,20 +51,21 @@ class DemoModel:
 
 
 def demo_models(profile: DemoProfile) -> dict[str, DemoModel]:
-    """Static top-k at k = target and the dynamic router aimed at the same mean k, under stable keys."""
+    """Static top-k at k = target and the dynamic router aimed at the same mean k (warmed up from dense routing)."""
     common = dict(vocab_size=profile.vocab_size, max_seq_len=profile.seq_len)
     static = preset(profile.preset, router="topk", top_k=int(TARGET_K), **common)
-    dynamic = preset(profile.preset, router="dynamic", target_k=TARGET_K, **common)
+    dynamic = with_dense_warmup(preset(profile.preset, router="dynamic", target_k=TARGET_K, **common), profile.steps,
+                                DENSE_WARMUP)
     return {STATIC: DemoModel(f"static top-{int(TARGET_K)}", static),
             DYNAMIC: DemoModel(f"dynamic (target k={TARGET_K:g})", dynamic)}
 
 
-def train_or_reuse(model: DemoModel, profile: DemoProfile, data_dir: Path, run_dir: Path) -> dict[str, Any]:
-    """Train one demo model, resume it if it was interrupted, or reuse it if it is complete."""
+def training_job(model: DemoModel, profile: DemoProfile, data_dir: Path, run_dir: Path) -> runs.TrainingJob:
+    """How one demo model trains (or resumes, or is reused when complete): both on the same budget and seed."""
     train_cfg = TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
                             lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
                             eval_every=profile.steps, seed=0)
-    return runs.train_or_reuse(model.title, model.config, train_cfg, tag="demo")
+    return runs.TrainingJob(model.title, model.config, train_cfg, tag="demo")
 
 
 def side_by_side(reports: dict[str, EvalReport], summaries: dict[str, dict]) -> str:
@@ -89,20 +90,24 @@ def k_variety(report: EvalReport, min_share: float = 0.05) -> list[int]:
 
 
 def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root: Path = Path("data"),
-             profile: DemoProfile | None = None) -> dict:
-    """Build the corpus, train both models (or reuse them), evaluate, print and save the comparison."""
+             profile: DemoProfile | None = None, workers: int | None = None) -> dict:
+    """Build the corpus, train both models (or reuse them), evaluate, print and save the comparison.
+
+    workers: trainings at once in separate processes (default: one per CPU core, so both at once on 2 cores).
+    """
     profile = profile or (QUICK if quick else FULL)
     started = time.perf_counter()
     data_dir = build_corpus(data_root / f"demo-{profile.name}", vocab_size=profile.vocab_size,
                             bytes_per_domain=profile.bytes_per_domain, seed=0)
     tokens = split_tokens_by_domain(data_dir, "test")
     models = demo_models(profile)
-    reports: dict[str, EvalReport] = {}
-    summaries: dict[str, dict] = {}
-    for key, model in models.items():
-        run_dir = out_root / profile.name / key
-        summaries[model.title] = train_or_reuse(model, profile, data_dir, run_dir)
-        reports[model.title] = evaluate_tokens(load_model(run_dir)[0], tokens, max_tokens=profile.eval_tokens)
+    run_dirs = {key: out_root / profile.name / key for key in models}
+    jobs = [training_job(model, profile, data_dir, run_dirs[key]) for key, model in models.items()]
+    workers, threads = runs.default_workers(resolve_device("auto"), workers)
+    summaries = {job.title: summary for job, summary in zip(jobs, runs.train_jobs(jobs, workers, threads))}
+    reports: dict[str, EvalReport] = {model.title: evaluate_tokens(load_model(run_dirs[key])[0], tokens,
+                                                                   max_tokens=profile.eval_tokens)
+                                      for key, model in models.items()}
     wall = time.perf_counter() - started
     dynamic = reports[models[DYNAMIC].title]
     used = k_variety(dynamic)
@@ -114,9 +119,11 @@ def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root:
     print(f"\ndynamic k histogram: {shares}")
     print(f"k values used by >=5% of decisions: {used} ({'ok' if len(used) >= 3 else 'fewer than 3'}); "
           f"mean k {dynamic.total.mean_k:.2f} vs target {TARGET_K:g} ({'within' if on_target else 'outside'} ±10%)")
-    print(f"demo ({profile.name}) finished in {wall:.0f} s on {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"demo ({profile.name}) finished in {wall:.0f} s ({len(jobs)} trainings, {workers} at a time, {threads} threads each; "
+          f"evaluation on {torch.get_num_threads()} threads), {platform.processor() or platform.machine()}")
     results = {
         "profile": asdict(profile), "wall_time_s": wall, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "training_workers": workers, "training_threads": threads,
         "models": {n: {"eval": reports[n].to_dict(), "train": summaries[n]} for n in reports},
         "dynamic_k_values_over_5pct": used, "dynamic_mean_k_within_10pct": on_target,
     }
