@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynamoe.checkpoint import latest_checkpoint, load_model
-from dynamoe.config import tiny
+from dynamoe.config import tiny, with_dense_warmup
 from dynamoe.errors import DynamoeError
 from dynamoe.model.router import build_router
 from dynamoe.train import TrainConfig, train
@@ -88,3 +88,22 @@ def test_relu_penalty_never_becomes_a_reward_on_its_unbounded_cost() -> None:
     assert float(relu.k_penalty) == float(relu.k_penalty_integral) == 0.0 and float(dynamic.k_penalty) < 0
     relu.update_controller(5.0)  # the target is now 3: too many experts, penalised at once (no wound-up reward)
     assert float(relu.k_penalty) == pytest.approx(0.01 * 2 + 0.1 * 2)
+
+
+def test_with_dense_warmup_splits_its_share_of_the_steps_and_leaves_static_models_alone() -> None:
+    for router in ("dynamic", "topp", "relu"):
+        warmed = with_dense_warmup(tiny(router=router, target_k=3.0), steps=300, fraction=0.6)
+        assert (warmed.target_k_hold_steps, warmed.target_k_decay_steps) == (90, 90)
+    for static in (tiny(router="topk"), tiny(ffn="dense"), tiny(router="dynamic", target_k=None)):
+        assert with_dense_warmup(static, steps=300, fraction=0.6) == static
+
+
+def test_relu_router_goes_without_the_z_loss_that_would_switch_its_experts_off() -> None:
+    h_TD = torch.randn(16, tiny().dim, generator=torch.Generator().manual_seed(0))
+    for name, has_z_loss in (("relu", False), ("dynamic", True)):
+        losses = []
+        for z_loss_coef in (0.0, 1.0):
+            torch.manual_seed(0)  # the same gate weights for both coefficients
+            routing = build_router(tiny(router=name, target_k=3.0, z_loss_coef=z_loss_coef))(h_TD)
+            losses.append(routing.aux_loss.item())
+        assert (losses[0] != losses[1]) == has_z_loss and ("z_loss" in routing.stats) == has_z_loss

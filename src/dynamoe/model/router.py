@@ -53,6 +53,9 @@ class Router(nn.Module):
     # Whether the controller may turn the penalty into a reward (below target). Only for a bounded cost:
     # a reward on an unbounded one (ReLU's sum of gates) would grow the gates without limit.
     penalty_may_reward = True
+    # The z-loss keeps softmax logits small. On ReLU gates it would push every logit below zero and switch
+    # experts off whatever the controller aims at, so that router goes without it, as ReMoE does.
+    uses_z_loss = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -104,11 +107,14 @@ class Router(nn.Module):
         return routing
 
     def aux_loss(self, routing: Routing, logits_TE: torch.Tensor, probs_TE: torch.Tensor, cost_T: torch.Tensor | None) -> torch.Tensor:
-        """Balance loss + z-loss + the controller's penalty on the soft cost; records each in routing.stats."""
+        """Balance loss + z-loss (if used) + the controller's penalty on the soft cost; records each in routing.stats."""
         balance = self.balance_loss(routing, probs_TE)
-        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
-        routing.stats.update(balance_loss=balance.detach(), z_loss=z_loss.detach())
-        aux = self.balance_coef * balance + self.z_loss_coef * z_loss
+        routing.stats["balance_loss"] = balance.detach()
+        aux = self.balance_coef * balance
+        if self.uses_z_loss:
+            z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+            routing.stats["z_loss"] = z_loss.detach()
+            aux = aux + self.z_loss_coef * z_loss
         if cost_T is not None:
             cost = cost_T.mean()
             routing.stats["soft_k"] = cost.detach()
@@ -256,10 +262,12 @@ class ReLURouter(Router):
     """ReLU gates with an L1 penalty (ReMoE): every expert with a positive gate runs, up to k_max.
 
     A token whose gates are all zero uses no expert (k = 0), as in ReMoE; k_min does not apply. The L1
-    penalty's coefficient stays >= 0, as in ReMoE: below target the controller only relaxes it.
+    penalty's coefficient stays >= 0, as in ReMoE: below target the controller only relaxes it. No router
+    z-loss either (see Router.uses_z_loss).
     """
 
     penalty_may_reward = False
+    uses_z_loss = False
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         gates_TE = F.relu(logits_TE)
