@@ -312,3 +312,13 @@ def test_controller_reaches_target_k(tiny_corpus: Path, tmp_path: Path, target_k
     assert abs(last - target_k) <= 0.1 * target_k, \
         f"mean k of the last 20 steps is {last:.2f}; every 10th step: {[round(k, 2) for k in trajectory[::10]]}"
     assert summary.mean_k == pytest.approx(last)
+
+
+def test_status_lines_replace_the_bar_one_line_per_checkpoint(tiny_corpus: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    train(tiny(), config(tiny_corpus, tmp_path / "quiet", steps=4))
+    assert capsys.readouterr().out == ""  # no bar and no lines unless asked
+    train(tiny(), config(tiny_corpus, tmp_path / "run", steps=5, status_lines=True))  # saves at 2, 4 and the last, 5
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[run] step 2/5", "[run] step 4/5", "[run] step 5/5"]
+    assert all(", tok/s " in line and ", k " in line and line.split(": ")[1].startswith("loss ") for line in lines)

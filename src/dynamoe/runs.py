@@ -86,7 +86,7 @@ def train_jobs(jobs: Sequence[TrainingJob], workers: int = 1, threads: int | Non
     """
     if workers <= 1 or len(jobs) <= 1:
         return [_train_job(job) for job in jobs]
-    quiet = [replace(job, train_cfg=replace(job.train_cfg, progress=False)) for job in jobs]
+    quiet = [replace(job, train_cfg=replace(job.train_cfg, progress=False, status_lines=True)) for job in jobs]
     # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads or 1,)) as pool:

@@ -70,6 +70,9 @@ class TrainConfig:
     eval_batches: int = 20  # 0: never evaluate
     device: str = "auto"  # "auto": cuda if available, else cpu
     progress: bool = True
+    # Without the bar: one plain status line per checkpoint, for runs whose bars would garble a shared
+    # terminal (several trainings in worker processes).
+    status_lines: bool = False
     # Under torchrun: ranks that split the experts between them (the world is data parallel either way);
     # batch_size stays the global batch, so a run may resume on another world size.
     expert_parallel: int = 1
@@ -327,6 +330,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             # Saved after the step's log line, so a resume from it never lacks that line.
             if step % cfg.save_every == 0 and not last:
                 ckpt = _save(model, optimizer, counters, cfg, parallel)
+            if cfg.status_lines and parallel.is_main and (last or step % cfg.save_every == 0):
+                status = ", ".join(f"{key} {value}" for key, value in _postfix(result, tokens_per_step / elapsed, counters).items())
+                print(f"[{cfg.out_dir.name}] step {step}/{cfg.steps}: {status}", flush=True)
     finally:
         bar.close()
         for writer in writers or ():
