@@ -223,7 +223,7 @@ def bench(
 
 
 def demo(
-    quick: Annotated[bool, "the 3-minute profile: a smaller corpus and budget"] = False,
+    quick: Annotated[bool, "the 2-minute profile: a smaller corpus and budget"] = False,
     out: Annotated[Path, "where the runs and results go"] = Path("runs/demo"),
     data_root: Annotated[Path, "where the corpus goes"] = Path("data"),
 ) -> None:

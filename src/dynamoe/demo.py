@@ -119,7 +119,7 @@ def run_demo(quick: bool = False, out_root: Path = Path("runs/demo"), data_root:
     print(f"\ndynamic k histogram: {shares}")
     print(f"k values used by >=5% of decisions: {used} ({'ok' if len(used) >= 3 else 'fewer than 3'}); "
           f"mean k {dynamic.total.mean_k:.2f} vs target {TARGET_K:g} ({'within' if on_target else 'outside'} ±10%)")
-    print(f"demo ({profile.name}) finished in {wall:.0f} s ({len(jobs)} trainings, {workers} at a time, {threads} threads each; "
+    print(f"demo ({profile.name}) finished in {wall:.0f} s ({len(jobs)} trainings, {workers} at a time, {threads} thread{'s' * (threads != 1)} each; "
           f"evaluation on {torch.get_num_threads()} threads), {platform.processor() or platform.machine()}")
     results = {
         "profile": asdict(profile), "wall_time_s": wall, "torch": torch.__version__, "threads": torch.get_num_threads(),
