@@ -86,7 +86,7 @@ class HeadlineProfile:
                 "dense_warmup_decay_steps": self.dense_warmup_steps}
 
 
-# Sized for 2 CPU cores: docs/experiment.md has the arithmetic (about 94 min of training, 10 of bench).
+# Sized for 2 CPU cores: measured 85 min end to end with two one-thread trainings at a time (docs/experiment.md).
 DEFAULT = HeadlineProfile("default", preset="small", tokens=1_000_000, bytes_per_domain=1_500_000, vocab_size=8192,
                           batch_size=8, seq_len=256, lr=3e-3, eval_tokens=8192, decode_tokens=64, repeats=5,
                           batch_sizes=(8,), dial=(0.3, 0.4, 0.5, 0.6, 0.7))
@@ -243,9 +243,14 @@ class Verdict:
         return self.parity_met and self.latency_met and bool(self.equal_compute_met)
 
 
+def reference_row(rows: Sequence[Row]) -> Row | None:
+    """Static top-8's row, the bar of quality and the unit of latency; None when it was left out."""
+    return next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+
+
 def verdict(rows: Sequence[Row]) -> Verdict:
     """Test the headline claim on the aggregated rows."""
-    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    reference = reference_row(rows)
     dynamic = [row for row in rows if row.router == "dynamic"]
     adaptive = [(row, row.mean_k) for row in rows if row.router in ADAPTIVE_ROUTERS and row.mean_k is not None]
     equal = []
@@ -302,7 +307,7 @@ OFF_TARGET_TOLERANCE = 0.25  # a trained adaptive model whose held-out mean k is
 
 def context_lines(rows: Sequence[Row], target_k: dict[str, float | None]) -> list[str]:
     """What the verdict leaves out: the other models at quality parity, and adaptive models far from their target k."""
-    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    reference = reference_row(rows)
     lines = []
     if reference is not None:
         others = [row for row in rows if row.router != "dynamic" and row is not reference
@@ -355,10 +360,8 @@ def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Seq
 
 def training_cost(cfg: ModelConfig, profile: HeadlineProfile) -> float:
     """Experts per token averaged over the training steps: what orders the trainings by their length."""
-    if cfg.ffn != "moe":
+    if cfg.ffn != "moe" or cfg.router == "topk":
         return float(cfg.top_k)  # the dense baseline has the active size of top-k
-    if cfg.router == "topk":
-        return float(cfg.top_k)
     aimed = cfg.target_k or cfg.k_max
     hold, fall = cfg.target_k_hold_steps, cfg.target_k_decay_steps  # at k_max, then falling linearly to the target
     rest = max(profile.steps - hold - fall, 0)
@@ -546,7 +549,7 @@ def plot_perplexity_against(rows: Sequence[Row], attribute: str, label: str, pat
         if row.as_trained or row.router == "topk":
             axes.annotate(row.name, (_x(row, attribute), row.perplexity), textcoords="offset points", xytext=(4, 4),
                           fontsize=7)
-    reference = next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
+    reference = reference_row(rows)
     if reference is not None:
         axes.axhline(reference.perplexity * (1 + PARITY_TOLERANCE), color="grey", ls=":", lw=1,
                      label=f"top-8 perplexity + {PARITY_TOLERANCE:.0%}")

@@ -321,8 +321,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                 if writers is not None:
                     _write_log(*writers, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
                 window_time, window_steps = 0.0, 0
+            postfix = _postfix(result, tokens_per_step / elapsed, counters)
             bar.update(1)
-            bar.set_postfix(_postfix(result, tokens_per_step / elapsed, counters), refresh=False)
+            bar.set_postfix(postfix, refresh=False)
 
             if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {step} had "
@@ -331,7 +332,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             if step % cfg.save_every == 0 and not last:
                 ckpt = _save(model, optimizer, counters, cfg, parallel)
             if cfg.status_lines and parallel.is_main and (last or step % cfg.save_every == 0):
-                status = ", ".join(f"{key} {value}" for key, value in _postfix(result, tokens_per_step / elapsed, counters).items())
+                status = ", ".join(f"{key} {value}" for key, value in postfix.items())
                 print(f"[{cfg.out_dir.name}] step {step}/{cfg.steps}: {status}", flush=True)
     finally:
         bar.close()
