@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,12 +105,78 @@ def test_compiling_the_decode_drops_the_packs(pack_everything: None) -> None:
     assert all(getattr(module, "packed", None) is None for module in packed.modules())
 
 
-def test_bf16_weights_pack_and_match_the_plain_bf16_path(pack_everything: None) -> None:
+def test_bf16_weights_pack_where_the_cpu_can_and_match_the_plain_bf16_path(pack_everything: None) -> None:
     torch.manual_seed(0)
     plain = Transformer(tiny(router="topk")).eval().to(torch.bfloat16)
     packed = copy.deepcopy(plain)
     packed.pack_weights()
-    assert packed.layers[0].attn.wqkv.packed is not None
+    # bf16 packing needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: where the probe says no, nothing is packed.
+    assert (packed.layers[0].attn.wqkv.packed is not None) == packed_module.onednn_supports(torch.bfloat16)
     idx = torch.randint(0, plain.config.vocab_size, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx).logits.float(), plain(idx).logits.float(), rtol=1e-2, atol=1e-2)  # logits std ~0.16
+
+
+@pytest.fixture
+def onednn_refuses_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CPU or build without oneDNN support looks like to the model: every dtype probed as unsupported."""
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setitem(packed_module.ONEDNN_SUPPORT, dtype, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_where_onednn_cannot_pack_nothing_is_packed_and_decoding_is_the_plain_path(
+        dtype: torch.dtype, pack_everything: None, onednn_refuses_everything: None) -> None:
+    torch.manual_seed(0)
+    plain = Transformer(tiny(router="dynamic", tie_embeddings=True)).eval().to(dtype)
+    unpacked = copy.deepcopy(plain)
+    unpacked.pack_weights()
+    assert packed_module.count_packed(unpacked) == 0
+    assert "oneDNN cannot pack" in unpacked.kernel_summary()
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    assert generate(unpacked, prompts, 12, GREEDY) == generate(plain, prompts, 12, GREEDY)
+
+
+def test_the_kernel_summary_names_dtype_and_packing(pack_everything: None) -> None:
+    packed, plain = packed_and_plain(router="topk")
+    assert plain.kernel_summary().startswith("float32 on cpu: plain torch matmuls (not packed)")
+    assert f"oneDNN-packed matmuls ({packed_module.count_packed(packed)} matrices)" in packed.kernel_summary()
+    assert packed_module.count_packed(packed) > 0
+
+
+def test_an_unsupported_dtype_is_never_probed_as_packable() -> None:
+    assert not packed_module.onednn_supports(torch.float64)
+    assert not packed_module.can_pack(torch.zeros(1024, 1024, dtype=torch.float16))
+
+
+# oneDNN honours ONEDNN_MAX_CPU_ISA: capped at AVX2, this CPU behaves for oneDNN as one without AVX-512 does
+# (bf16 packing refused), whatever CPU the suite runs on.
+WITHOUT_AVX512 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def run_without_avx512(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env={**os.environ, **WITHOUT_AVX512}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_generate_decodes_a_bf16_model_on_a_cpu_without_avx512(tiny_corpus: Path, tmp_path: Path) -> None:
+    from dynamoe.checkpoint import save_model
+    from dynamoe.data import load_tokenizer
+
+    vocab_size = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
+    torch.manual_seed(0)
+    # Wide enough that its attention and experts pass the real packing threshold (PACK_MIN_ELEMENTS).
+    cfg = tiny(router="dynamic", vocab_size=vocab_size, dim=1024, n_layers=1, n_heads=8, n_experts=4, k_max=4, target_k=1.5,
+              expert_dim=256)
+    save_model(tmp_path / "ckpt", Transformer(cfg), tiny_corpus / "tokenizer.json")
+    probe = run_without_avx512("-c", "import torch; from dynamoe.model.packed import onednn_supports; "
+                                     "print(onednn_supports(torch.bfloat16))")
+    done = run_without_avx512("-m", "dynamoe", "generate", str(tmp_path / "ckpt"), "--prompt", "To be", "--dtype",
+                              "bfloat16", "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("To be") and len(done.stdout.strip()) > len("To be")
+    summary = done.stderr.strip().splitlines()[-1]
+    assert "8 tokens" in summary and "bfloat16 on cpu" in summary
+    refused = probe.stdout.strip() == "False"
+    assert ("oneDNN cannot pack bfloat16" in summary) == refused
+    assert ("oneDNN-packed matmuls" in summary) == (not refused)

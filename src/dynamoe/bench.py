@@ -96,6 +96,7 @@ class VariantResult:
     bytes_per_token: int  # weights one decoded token reads, at the decode mean k per layer
     ideal_latency_ratio: float = 1.0  # bytes_per_token / the first variant's
     measured_latency_ratio: float = 1.0  # decode_median_ms / the first variant's
+    kernels: str = ""  # Transformer.kernel_summary: dtype, device, packed or plain matmuls
 
 
 @dataclass
@@ -346,6 +347,7 @@ def summarize(variant: Variant, samples: Samples, report: EvalReport, settings: 
         cuda_peak_mb=samples.cuda_peak_bytes / MIB if samples.cuda_peak_bytes else None,
         rss_peak_mb=samples.rss_peak_bytes / MIB,
         bytes_per_token=bytes_per_token(model, mean_k_per_layer),
+        kernels=model.kernel_summary(),
     )
 
 
@@ -390,7 +392,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequence[float] = (),
               settings: BenchSettings = BenchSettings(), device: str | torch.device = "auto",
-              progress: bool = True, compile_decode: bool = False, pack: bool = True) -> BenchReport:
+              progress: bool = True, compile_decode: bool = False, pack: bool = True,
+              dtype: torch.dtype | None = None) -> BenchReport:
     """Measure every variant in interleaved rounds; write results.json, results.md and the plot to `out`."""
     if not checkpoints:
         raise DynamoeError("bench needs at least one checkpoint")
@@ -399,7 +402,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     torch_device = resolve_device(device) if isinstance(device, str) else device
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
-    models = [load_model(checkpoint, device=torch_device, pack=pack)[0] for checkpoint in checkpoints]
+    models = [load_model(checkpoint, device=torch_device, pack=pack, dtype=dtype)[0] for checkpoint in checkpoints]
     if compile_decode:  # compiled during the warm-up round, whose samples are dropped
         for model in models:
             model.compile_decode()
@@ -426,7 +429,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
                                    "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
-                                   "compile_decode": compile_decode, "pack": pack},
+                                   "compile_decode": compile_decode, "pack": pack, "dtype": str(dtype or torch.float32)},
                          environment(torch_device))
     write_outputs(report, Path(out))
     return report
@@ -479,6 +482,12 @@ def markdown_table(results: list[VariantResult]) -> str:
     return "\n".join(lines)
 
 
+def kernels_line(results: list[VariantResult]) -> str:
+    """One line naming the kernels each checkpoint decoded on (a latency means little without them)."""
+    kernels = {r.checkpoint: r.kernels for r in results}
+    return "kernels: " + "; ".join(f"{checkpoint}: {summary}" for checkpoint, summary in kernels.items())
+
+
 def markdown_report(report: BenchReport) -> str:
     """The table with the conditions it was measured under and how to read the ratios."""
     env, settings = report.environment, report.settings
@@ -489,7 +498,8 @@ def markdown_report(report: BenchReport) -> str:
             "router gates, the measured mean k experts per layer, output head). "
             f"Cost at ${settings['price_per_hour']:g}/hour. RSS peak is process-wide (it holds every model).\n\n"
             f"torch {env['torch']}, {env['torch_threads']} threads, {env['device']}"
-            f"{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {env['processor']}, {env['platform']}\n")
+            f"{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {env['processor']}, {env['platform']}\n\n"
+            f"{kernels_line(report.variants)}\n")
 
 
 def plot_latency_vs_perplexity(results: list[VariantResult], path: Path) -> None:

@@ -157,11 +157,13 @@ def load_config(path: Path) -> ModelConfig:
         raise DynamoeError(f"checkpoint {ckpt}: {CONFIG_FILE} has a field of the wrong type ({e})") from None
 
 
-def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = False) -> tuple[Transformer, ModelConfig]:
+def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = False,
+               dtype: torch.dtype | None = None) -> tuple[Transformer, ModelConfig]:
     """Build the model a checkpoint describes and load its weights; returned in eval mode.
 
     pack: for inference, keep oneDNN-packed copies of the large weights (Transformer.pack_weights),
-    which decode faster on CPU at the cost of their memory twice over.
+    which decode faster on CPU at the cost of their memory twice over; matrices of a dtype this CPU
+    cannot pack stay plain. dtype: cast the model to it (default: float32, whatever the file holds).
     """
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt)
@@ -171,7 +173,7 @@ def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = Fals
     _check_weights(ckpt, weights, unique_state_dict(model))
     # Tied aliases are absent from the file by design; every other key was checked above.
     model.load_state_dict(weights, strict=False)
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     if pack:
         model.pack_weights()
     return model, cfg

@@ -32,6 +32,8 @@ RETROFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrofitConfi
 
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
+WeightDType = Annotated[Literal["float32", "bfloat16"], "weight dtype for decoding: bfloat16 reads half the bytes "
+                        "(oneDNN-packed where the CPU supports it, plain matmuls elsewhere)"]
 Threshold = Annotated[float | None, "compute dial of topp/dynamic routers: the probability mass the chosen experts must "
                                     "reach, in (0, 1]; lower runs fewer experts (default: the trained value)"]
 
@@ -151,16 +153,23 @@ def generate(
     color: Annotated[Literal["auto", "always", "never"], "colour of --show-experts; auto: on a terminal"] = "auto",
     threshold: Threshold = None,
     compile: Annotated[bool, "decode through torch.compile: faster tokens after a compilation of some seconds"] = False,
+    dtype: WeightDType = "float32",
     device: Device = "auto",
 ) -> None:
-    """Continue a prompt with a checkpoint, printing the text as it is decoded."""
+    """Continue a prompt with a checkpoint, printing the text as it is decoded.
+
+    The last line (on stderr) gives the speed and the kernels behind it: weight dtype, device, and whether
+    the matmuls ran on oneDNN-packed weights (CPU, where the instruction set supports the dtype) or plain.
+    """
+    import torch
+
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.data.tokenizer import eos_id
     from dynamoe.generate import SamplingConfig, experts_legend, paint, stream
     from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
-    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True)
+    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, dtype=getattr(torch, dtype))
     if threshold is not None:
         model.set_routing_threshold(threshold)
     if compile:
@@ -186,7 +195,8 @@ def generate(
     print()
     if show_experts:
         print(experts_legend(experts, cfg.k_max, colour))
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; finished: {finish}]", file=sys.stderr)
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tokens/s; finished: {finish}; "
+          f"{model.kernel_summary()}]", file=sys.stderr)
 
 
 def bench(
@@ -202,13 +212,14 @@ def bench(
     threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
     compile: Annotated[bool, "decode through torch.compile (compiles once per model, batch size and dial)"] = False,
     pack: Annotated[bool, "decode on oneDNN-packed weights, CPU only (--no-pack: torch's plain matmuls)"] = True,
+    dtype: WeightDType = "float32",
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
     """Compare checkpoints and dial settings: perplexity, decode latency, throughput, memory, cost."""
     import torch
 
-    from dynamoe.bench import markdown_table, run_bench
+    from dynamoe.bench import kernels_line, markdown_table, run_bench
 
     if threads is not None:
         if threads < 1:
@@ -217,8 +228,9 @@ def bench(
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
-                       compile_decode=compile, pack=pack)
+                       compile_decode=compile, pack=pack, dtype=getattr(torch, dtype))
     print(markdown_table(report.variants))
+    print(kernels_line(report.variants))
     print(f"results written to {out}")
 
 

@@ -10,22 +10,60 @@ A `PackedWeight` is an inference-only copy: it has no autograd, and it belongs t
 source tensor. Any in-place change of the source (an optimizer step, `load_state_dict`), new storage
 under it (`model.to(...)`) or a new source tensor makes it stale, and callers then fall back to the
 plain matmul.
+
+Which dtypes oneDNN can pack depends on the CPU: bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and a
+build without oneDNN (or a CPU it does not support) packs nothing. `onednn_supports` answers by running
+the op on a tiny matrix once per process, so every path falls back to the plain matmul instead of crashing.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from typing import Any
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Below about 2 MiB of fp32 the two kernels are even (measured at 1 and 2 threads, one matvec on
 # weights streamed from memory: 0.84-1.4x the plain time from 64k to 256k elements, 0.56-0.79x from
 # 512k up); packing the small preset's 64k-256k matrices too gained nothing in whole decode steps.
 PACK_MIN_ELEMENTS = 1 << 19
 
+ONEDNN_SUPPORT: dict[torch.dtype, bool] = {}  # onednn_supports' answers: each dtype is probed once per process
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU and torch build can pack and multiply `dtype` weights with oneDNN (probed once per dtype)."""
+    if dtype not in ONEDNN_SUPPORT:
+        ONEDNN_SUPPORT[dtype] = _probe_onednn(dtype)
+    return ONEDNN_SUPPORT[dtype]
+
+
+def _probe_onednn(dtype: torch.dtype) -> bool:
+    """Run both ops PackedWeight uses on a tiny matrix and check the answer; False on any refusal."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)
+            x = torch.ones(2, 8, dtype=dtype)
+            product = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            total = torch.ops.mkldnn._linear_pointwise.binary(x, product, packed, None, "add")
+    except (RuntimeError, NotImplementedError) as error:  # e.g. "bf16 path needs the cpu support avx_ne_convert or ..."
+        logger.debug("oneDNN cannot pack %s weights here, using the plain matmul: %s", dtype, error)
+        return False
+    if not bool((total.float() == 16).all()):
+        logger.debug("oneDNN's packed %s matmul gave a wrong result here, using the plain matmul", dtype)
+        return False
+    return True
+
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether packing can speed up products with this 2-D weight: a large fp32/bf16 CPU matrix, with oneDNN built in."""
-    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and weight.numel() >= PACK_MIN_ELEMENTS and torch.backends.mkldnn.is_available())
+    """Whether packing can speed up products with this 2-D weight: a large CPU matrix of a dtype oneDNN packs here."""
+    return (weight.dim() == 2 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN_ELEMENTS
+            and onednn_supports(weight.dtype))
 
 
 def stamp(tensor: torch.Tensor) -> tuple[int, int]:
@@ -72,3 +110,17 @@ def fresh(packed: PackedWeight | None, source: torch.Tensor) -> PackedWeight | N
 def pack(weight: torch.Tensor, input_major: bool = True, source: torch.Tensor | None = None) -> PackedWeight | None:
     """A packed copy of the weight if packing helps it (see can_pack), else None."""
     return PackedWeight(weight, input_major, source) if can_pack(weight) else None
+
+
+def packed_weights(value: Any) -> Iterator[PackedWeight]:
+    """The PackedWeight objects in an attribute's value (one, or a list/tuple of them, nested)."""
+    if isinstance(value, PackedWeight):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from packed_weights(item)
+
+
+def count_packed(model: torch.nn.Module) -> int:
+    """How many weight matrices of a model hold a packed copy."""
+    return sum(1 for module in model.modules() for value in vars(module).values() for _ in packed_weights(value))

@@ -15,7 +15,7 @@ from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
 from dynamoe.model.layers import Attention, DenseFFN, KVCache, Projection, RMSNorm, cache_mask, rope_tables
 from dynamoe.model.moe import MoE
-from dynamoe.model.packed import PackedWeight, fresh, pack
+from dynamoe.model.packed import PackedWeight, count_packed, fresh, onednn_supports, pack
 from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
 INIT_STD = 0.02
@@ -154,6 +154,22 @@ class Transformer(nn.Module):
                 module.pack_weights()
         if self.output is None:
             self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False)
+
+    def kernel_summary(self) -> str:
+        """Which kernels decoding runs on: weight dtype, device, packed or plain matmuls, compiled or not."""
+        weight = self.tok_embeddings.weight
+        dtype = str(weight.dtype).removeprefix("torch.")
+        if weight.device.type != "cpu":
+            matmuls = "torch matmuls"
+        elif (packed := count_packed(self)):
+            matmuls = f"oneDNN-packed matmuls ({packed} matrices)"
+        elif not onednn_supports(weight.dtype):
+            matmuls = f"plain torch matmuls (oneDNN cannot pack {dtype} on this CPU or build)"
+        else:
+            matmuls = "plain torch matmuls (not packed)"
+        compiled = ", torch.compile" if self.compiled_decode is not None else ""
+        capability = f", CPU {torch.backends.cpu.get_cpu_capability()}" if weight.device.type == "cpu" else ""
+        return f"{dtype} on {weight.device}: {matmuls}{compiled}{capability}"
 
     def clear_caches(self) -> None:
         """Drop KV caches (full-sequence forward passes again)."""
