@@ -159,6 +159,33 @@ def test_partial_characters_and_possible_stop_strings_are_held_back() -> None:
     assert visible_text(ids, ["b€x"], utf8, final=False) == ("ab€c", False)
 
 
+class CountingStop(str):
+    """A stop string that counts the characters read out of it by indexing and slicing."""
+
+    read = 0
+
+    def __getitem__(self, key):  # type: ignore[override]
+        piece = super().__getitem__(key)
+        CountingStop.read += len(piece)
+        return piece
+
+
+def test_stop_string_work_does_not_grow_with_the_stop_length() -> None:
+    """Found by a hostile client: four stops of 240,000 characters took minutes (every prefix was compared)."""
+    def text_of(ids: list[int]) -> str:
+        return "".join("abc"[token % 3] for token in ids)
+
+    ids = list(range(40))  # "abcabc...bca"
+    shown, reads = [], []
+    for length in (100, 1_000, 10_000):
+        CountingStop.read = 0
+        shown.append(visible_text(ids, [CountingStop("q" * length), CountingStop("c" + "a" * (length - 1))],
+                                  text_of, final=False))
+        reads.append(CountingStop.read)
+    assert reads[0] == reads[1] == reads[2] <= 10, reads
+    assert shown == [("ab", False)] * 3  # held back from the first "c": the first that may begin the second stop
+
+
 def test_max_new_tokens_and_eos() -> None:
     model = random_model()
     result = generate(model, PROMPTS[0], 5)[0]
