@@ -3,8 +3,10 @@
 Starts the server as a subprocess and measures, on loopback:
 
 - huge stop strings: a completion of 20 tokens with four stop strings of 240,000 characters (960 KB) against
-  the same completion without stops (median of --repeats), and an ordinary request sent while the hostile one runs;
-- a 1 MB prompt: the slowest /health answer (polled every 20 ms) while the server tokenizes it, against idle;
+  the same completion without stops (median of --repeats); then an ordinary request sent 50 ms after a hostile
+  one, against one sent 50 ms after an ordinary one (a batch that has started runs to its end, so it waits either way);
+- a 1 MB prompt (text, then token ids): the slowest /health answer (polled every 20 ms) while the server
+  reads and tokenizes it, against idle;
 - a slow body: how long a request declaring Content-Length: 100 and sending 2 bytes holds its connection;
 - slow headers: how long a connection dripping one header byte every 0.1 s stays open.
 
@@ -67,17 +69,23 @@ def in_background(function: Any, *args: Any) -> threading.Thread:
 def stop_strings(base: str, cap: float, repeats: int) -> None:
     plain = {"model": "bench", "prompt": PROMPT, "max_tokens": 20, "temperature": 0}
     hostile = {**plain, "stop": [(word * STOP_CHARACTERS)[:STOP_CHARACTERS] for word in ("To be", " or", "not ", "e")]}
-    alone = statistics.median(seconds(base, plain, cap)[0] for _ in range(repeats))
-    hostile_runs = [seconds(base, hostile, cap) for _ in range(repeats)]
-    with_stops = statistics.median(run[0] for run in hostile_runs)
+    plain_runs, hostile_runs = [], []
+    for _ in range(repeats):  # interleaved, so that both see the same load on a shared machine
+        plain_runs.append(seconds(base, plain, cap))
+        hostile_runs.append(seconds(base, hostile, cap))
+    alone, with_stops = (statistics.median(run[0] for run in runs) for runs in (plain_runs, hostile_runs))
     print(f"stops      without: {alone:.3f} s   four of {STOP_CHARACTERS:,} characters: {with_stops:.3f} s "
           f"({with_stops / alone:.2f}x; {', '.join(status for _, status in hostile_runs)})")
-    neighbour = in_background(seconds, base, hostile, cap)
-    time.sleep(0.05)  # the hostile body is on its way
-    beside, status = seconds(base, plain, cap)
-    neighbour.join()
-    print(f"           an ordinary request sent while a hostile one runs: {beside:.3f} s ({status}), "
-          f"{beside - alone:+.3f} s against alone")
+    beside: dict[str, list[tuple[float, str]]] = {"ordinary": [], "hostile": []}
+    for _ in range(repeats):
+        for label, first in (("ordinary", plain), ("hostile", hostile)):
+            running = in_background(seconds, base, first, cap)
+            time.sleep(0.05)  # the first request is on its way
+            beside[label].append(seconds(base, plain, cap))
+            running.join()
+    ordinary, after_hostile = (statistics.median(run[0] for run in beside[label]) for label in ("ordinary", "hostile"))
+    print(f"           an ordinary request sent 50 ms after an ordinary one: {ordinary:.3f} s; after a hostile one: "
+          f"{after_hostile:.3f} s ({after_hostile - ordinary:+.3f} s; {', '.join(s for _, s in beside['hostile'])})")
 
 
 def health_during_big_prompt(base: str, cap: float) -> None:
@@ -88,8 +96,9 @@ def health_during_big_prompt(base: str, cap: float) -> None:
             worst.append(time.perf_counter() - started)
             time.sleep(0.02)
 
-    megabyte = {"model": "bench", "prompt": (PROMPT + " ") * (990_000 // (len(PROMPT) + 1)), "max_tokens": 1}
-    for label, busy in (("idle", None), ("1 MB prompt", megabyte)):
+    text = {"model": "bench", "prompt": (PROMPT + " ") * (990_000 // (len(PROMPT) + 1)), "max_tokens": 1}
+    ids = {"model": "bench", "prompt": [i % 1000 for i in range(200_000)], "max_tokens": 1}  # 978 KB of JSON
+    for label, busy in (("idle", None), ("1 MB of text", text), ("1 MB of ids", ids)):
         done, latencies = threading.Event(), []
         poller = in_background(worst_health, done, latencies)
         if busy is None:

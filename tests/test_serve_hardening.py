@@ -40,9 +40,8 @@ def server(tokenizer) -> Iterator[tuple[str, Any]]:
         yield url, app
 
 
-def post(url: str, path: str, raw: bytes, headers: dict[str, str] | None = None, timeout: float = 60) -> requests.Response:
-    return requests.post(f"{url}{path}", data=raw, headers={"Content-Type": "application/json", **(headers or {})},
-                         timeout=timeout)
+def post(url: str, path: str, raw: bytes) -> requests.Response:
+    return requests.post(f"{url}{path}", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
 
 
 def assert_openai_error(response: requests.Response, status: int) -> dict[str, Any]:
@@ -54,8 +53,7 @@ def assert_openai_error(response: requests.Response, status: int) -> dict[str, A
 
 def connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)  # the bound on a server that never answers
-    return sock
+    return socket.create_connection((host, int(port)), timeout=10)  # the bound on a server that never answers
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -99,9 +97,9 @@ def test_huge_stop_strings_neither_slow_the_request_nor_its_neighbours(server) -
     ([], {"DYNAMOE_API_KEY": ""}, "$DYNAMOE_API_KEY"),
     ([], {"DYNAMOE_API_KEY": " \t"}, "$DYNAMOE_API_KEY"),
 ], ids=["empty-flag", "blank-flag", "spaced-flag", "empty-variable", "blank-variable"])
-def test_an_empty_or_blank_api_key_is_an_error_not_an_open_server(flag: list[str], environment: dict[str, str], source: str,
-                                                                  tmp_path: Path, tiny_corpus: Path, monkeypatch,
-                                                                  capsys) -> None:
+def test_an_empty_or_blank_api_key_is_an_error_not_an_open_server(flag: list[str], environment: dict[str, str],
+                                                                  source: str, tmp_path: Path, tiny_corpus: Path,
+                                                                  monkeypatch, capsys) -> None:
     """`--api-key ""` served without a key, while a blank $DYNAMOE_API_KEY was refused."""
     checkpoint = save_checkpoint(tmp_path / "run", 1, Transformer(tiny()), {"step": 1, "optimizer": {}}, {},
                                  tiny_corpus / TOKENIZER_FILE)
@@ -119,7 +117,7 @@ def test_an_empty_or_blank_api_key_is_an_error_not_an_open_server(flag: list[str
 
 
 def test_unauthenticated_requests_are_refused_before_their_body_is_read(tokenizer) -> None:
-    """Unauthenticated bodies got 400 with field-level detail, and /docs, /redoc, /openapi.json answered without a key."""
+    """Unauthenticated bodies got 400 with field-level detail; /docs, /redoc, /openapi.json answered without a key."""
     with running(tokenizer, api_key="sesame") as (url, _):
         error = assert_openai_error(post(url, "/v1/completions", b'{"prompt": 5, "temperature": "hot"}'), 401)
         assert error["code"] == "invalid_api_key" and "prompt" not in error["message"]

@@ -8,9 +8,10 @@ encodable as UTF-8: JSON can spell a lone surrogate (`"\\ud800"`), which no toke
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
@@ -32,13 +33,13 @@ class Body(Strict):
     @model_validator(mode="before")
     @classmethod
     def text_is_unicode(cls, data: Any) -> Any:
-        path = unencodable(data)
-        if path is not None:
-            param = ".".join(path)
-            raise PydanticCustomError(
-                INVALID_UNICODE, "{where} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
-                                 "which is not text; send valid Unicode", {"param": param, "where": param or "the body"})
-        return data
+        # Serialising is one pass in C over every string and field name; a body that fails is walked to name the field.
+        if is_text(json.dumps(data, ensure_ascii=False, default=repr)):
+            return data
+        param = ".".join(unencodable(data) or ())
+        raise PydanticCustomError(
+            INVALID_UNICODE, "{where} holds a lone surrogate (a JSON escape such as \\ud800 without its pair), "
+                             "which is not text; send valid Unicode", {"param": param, "where": param or "the body"})
 
 
 def unencodable(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -82,7 +83,19 @@ class StreamOptions(Strict):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]]
+
+
+def prompt_form(value: Any) -> str:
+    """Which form of Prompt a value has, by its first item: so that a long list is validated once, not per form."""
+    first = value[0] if isinstance(value, list) and value else None
+    # The tags are the forms' type names, which errors.validation_message recognises as a union's members.
+    return {str: "list[str]", int: "list[int]", list: "list[list[int]]"}.get(type(first), "str")
+
+
+Prompt = Annotated[Union[Annotated[str, Tag("str")], Annotated[list[str], Field(min_length=1), Tag("list[str]")],
+                         Annotated[TokenIds, Tag("list[int]")],
+                         Annotated[list[TokenIds], Field(min_length=1), Tag("list[list[int]]")]],
+                   Discriminator(prompt_form)]
 Stop = Union[Annotated[str, Field(min_length=1)],
              Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)], None]
 

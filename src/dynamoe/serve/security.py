@@ -22,7 +22,7 @@ CLOSE = {"Connection": "close"}  # for answers sent before the body is read: the
 
 
 def api_key_from(flag: str | None, environ: Mapping[str, str]) -> str | None:
-    """The key from --api-key, else from $DYNAMOE_API_KEY, else None (no key); a blank one is an error, never 'no key'."""
+    """The key from --api-key, else from $DYNAMOE_API_KEY, else None; a blank one is an error, never 'no key'."""
     if flag is not None:
         check_api_key(flag, "--api-key")
         return flag
