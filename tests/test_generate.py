@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -184,6 +185,26 @@ def test_stop_string_work_does_not_grow_with_the_stop_length() -> None:
         reads.append(CountingStop.read)
     assert reads[0] == reads[1] == reads[2] <= 10, reads
     assert shown == [("ab", False)] * 3  # held back from the first "c": the first that may begin the second stop
+
+
+def test_text_shown_token_by_token_is_never_taken_back() -> None:
+    """Against the plain definition: the shown text only grows, never holds any of a stop, and ends cut at the first
+    stop string to appear (before the first of its occurrences, which may have begun before another stop's)."""
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(3) for _ in range(rng.randint(1, 12))]
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        texts = [letters(ids[:n]) for n in range(1, len(ids) + 1)]
+        at_stop = next((text for text in texts if any(s in text for s in stops)), None)
+        expected = texts[-1] if at_stop is None else at_stop[:min(at_stop.find(s) for s in stops if s in at_stop)]
+        shown = ""
+        for n in range(1, len(ids) + 1):
+            text, stopped = visible_text(ids[:n], stops, letters, final=n == len(ids))
+            assert text.startswith(shown) and expected.startswith(text), (ids, stops, n, text)
+            shown = text
+            if stopped:
+                break
+        assert shown == expected and stopped == (at_stop is not None), (ids, stops)
 
 
 def test_max_new_tokens_and_eos() -> None:
