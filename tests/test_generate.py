@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -157,6 +158,53 @@ def test_partial_characters_and_possible_stop_strings_are_held_back() -> None:
     assert visible_text(ids[:3], [], utf8, final=True) == ("ab\ufffd", False)
     assert [visible_text(ids[:n], ["b€"], utf8, final=False) for n in range(1, 7)] == [("a", False)] * 4 + [("a", True)] * 2
     assert visible_text(ids, ["b€x"], utf8, final=False) == ("ab€c", False)
+
+
+class CountingStop(str):
+    """A stop string that counts the characters read out of it by indexing and slicing."""
+
+    read = 0
+
+    def __getitem__(self, key):  # type: ignore[override]
+        piece = super().__getitem__(key)
+        CountingStop.read += len(piece)
+        return piece
+
+
+def test_stop_string_work_does_not_grow_with_the_stop_length() -> None:
+    """Found by a hostile client: four stops of 240,000 characters took minutes (every prefix was compared)."""
+    def text_of(ids: list[int]) -> str:
+        return "".join("abc"[token % 3] for token in ids)
+
+    ids = list(range(40))  # "abcabc...bca"
+    shown, reads = [], []
+    for length in (100, 1_000, 10_000):
+        CountingStop.read = 0
+        shown.append(visible_text(ids, [CountingStop("q" * length), CountingStop("c" + "a" * (length - 1))],
+                                  text_of, final=False))
+        reads.append(CountingStop.read)
+    assert reads[0] == reads[1] == reads[2] <= 10, reads
+    assert shown == [("ab", False)] * 3  # held back from the first "c": the first that may begin the second stop
+
+
+def test_text_shown_token_by_token_is_never_taken_back() -> None:
+    """Against the plain definition: the shown text only grows, never holds any of a stop, and ends cut at the first
+    stop string to appear (before the first of its occurrences, which may have begun before another stop's)."""
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(3) for _ in range(rng.randint(1, 12))]
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        texts = [letters(ids[:n]) for n in range(1, len(ids) + 1)]
+        at_stop = next((text for text in texts if any(s in text for s in stops)), None)
+        expected = texts[-1] if at_stop is None else at_stop[:min(at_stop.find(s) for s in stops if s in at_stop)]
+        shown = ""
+        for n in range(1, len(ids) + 1):
+            text, stopped = visible_text(ids[:n], stops, letters, final=n == len(ids))
+            assert text.startswith(shown) and expected.startswith(text), (ids, stops, n, text)
+            shown = text
+            if stopped:
+                break
+        assert shown == expected and stopped == (at_stop is not None), (ids, stops)
 
 
 def test_max_new_tokens_and_eos() -> None:

@@ -315,16 +315,18 @@ def serve(
     max_prompt_tokens: Annotated[int | None, "longest prompt in tokens (default: the model's context)"] = None,
     max_body_bytes: Annotated[int, "largest request body"] = 1_000_000,
     timeout: Annotated[float, "seconds a request may wait and run before it is cancelled (504)"] = 300.0,
+    read_timeout: Annotated[float, "seconds a client may take to send a request's headers, and again its body"] = 5.0,
     batch_window_ms: Annotated[float, "an idle server waits this long for requests to batch together"] = 5.0,
     device: Device = "auto",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, lm-eval's endpoints)."""
     from dynamoe.serve.app import serve_checkpoint
+    from dynamoe.serve.security import api_key_from
 
-    serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key or os.environ.get("DYNAMOE_API_KEY"),
+    serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key_from(api_key, os.environ),
                      model_name=model_name, threshold=threshold, max_batch_size=max_batch_size, max_queue=max_queue,
                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                     timeout=timeout, batch_window_ms=batch_window_ms, device=device)
+                     timeout=timeout, read_timeout=read_timeout, batch_window_ms=batch_window_ms, device=device)
 
 
 def import_hf(

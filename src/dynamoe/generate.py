@@ -243,10 +243,12 @@ def visible_text(token_ids: list[int], stop: Sequence[str], decode: Callable[[li
         return text[:min(hits)], True
     if final:
         return text, False
-    # Hold back a character whose bytes are still arriving, then any text that may begin a stop string.
+    # Hold back a character whose bytes are still arriving, then any text that may begin a stop string: from the
+    # first character equal to a stop's first among its last len(stop) - 1. One scan per stop, never longer than
+    # the text, however long the stop (testing every prefix of the stop would be quadratic in its length).
     text = text.rstrip(REPLACEMENT_CHAR)
-    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-    return text[:len(text) - held], False
+    starts = (text.find(s[0], max(len(text) - len(s) + 1, 0)) for s in stop)
+    return text[:min((start for start in starts if start >= 0), default=len(text))], False
 
 
 # --show-experts: a token's colour says how many experts it used, from blue (few) to red (many).

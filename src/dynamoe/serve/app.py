@@ -4,7 +4,10 @@
 `run_server` loads a checkpoint and serves it with uvicorn. Each request becomes one engine job (one
 row per prompt and choice); the handler then either collects the job's events into one JSON answer
 or streams them as server-sent events. A request that waits or runs past the timeout is cancelled
-and answered 504; a client that disconnects cancels its job; a full queue answers 429.
+and answered 504; a client that disconnects cancels its job; a full queue answers 429. Middleware
+checks the API key, then the body's size and read deadline, before any route reads the body; work
+that grows with a request (tokenizing, building a long answer) runs on worker threads, so that one
+big request never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+import uvicorn
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from dynamoe.data.tokenizer import EOS_TOKEN, eos_id
 from dynamoe.errors import DynamoeError
@@ -33,11 +37,13 @@ from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
 from dynamoe.serve.engine import (Engine, EngineLimits, Event, Job, JobFailed, NewToken, PromptScored, QueueFull, RowDone,
                                   Sequence)
 from dynamoe.serve.errors import APIError, error_body, error_response, install_error_handlers
+from dynamoe.serve.limits import BodyLimits, with_header_deadline
 from dynamoe.serve.metrics import Metrics
 from dynamoe.serve.responses import (DONE_LINE, RowResult, Vocabulary, chat_logprobs, completion_choice,
                                      completion_logprobs, envelope, new_id, now, sse, usage)
-from dynamoe.serve.schemas import (MAX_SEED, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                                   TokenizeRequest)
+from dynamoe.serve.schemas import (MAX_SEED, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                   SamplingFields, TokenizeRequest)
+from dynamoe.serve.security import APIKeyGuard, check_api_key
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ class ServeSettings:
     max_prompts: int = 64  # prompts in one completions request
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0  # waiting plus running; then the job is cancelled and the answer is 504
+    read_timeout_s: float = 5.0  # for a request's headers, and again for its body; then the connection is dropped
     engine: EngineLimits = field(default_factory=EngineLimits)
 
     def validate(self) -> None:
@@ -68,19 +75,20 @@ class ServeSettings:
         for flag, value in positive.items():
             if value < 1:
                 raise DynamoeError(f"{flag}={value} must be at least 1")
-        if not self.request_timeout_s > 0:
-            raise DynamoeError(f"--timeout={self.request_timeout_s} must be a positive number of seconds")
+        for flag, seconds in {"--timeout": self.request_timeout_s, "--read-timeout": self.read_timeout_s}.items():
+            if not seconds > 0:
+                raise DynamoeError(f"{flag}={seconds} must be a positive number of seconds")
         if not self.engine.batch_window_s >= 0:
             raise DynamoeError(f"--batch-window-ms={self.engine.batch_window_s * 1000} must be >= 0")
-        if self.api_key is not None and not self.api_key.strip():
-            raise DynamoeError("--api-key is empty; pass a key or leave it out")
+        if self.api_key is not None:
+            check_api_key(self.api_key, "--api-key")
 
 
-class BodyLimitAndMetrics:
-    """ASGI middleware: refuse bodies over the limit with 413, and count every answer by route and status."""
+class CountRequests:
+    """ASGI middleware: count every answer by route and status, and time it."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, routes: frozenset[str]) -> None:
-        self.app, self.metrics, self.max_body_bytes, self.routes = app, metrics, max_body_bytes, routes
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,15 +96,6 @@ class BodyLimitAndMetrics:
             return
         started, status = time.perf_counter(), [500]
         endpoint = scope["path"] if scope["path"] in self.routes else "other"  # bounded label values
-        too_large = f"the request body exceeds the server's limit of {self.max_body_bytes} bytes"
-        received = [0]
-
-        async def counted_receive() -> Message:
-            message = await receive()
-            received[0] += len(message.get("body", b""))
-            if received[0] > self.max_body_bytes:  # raised inside the route, so the 413 handler answers it
-                raise StarletteHTTPException(413, too_large)
-            return message
 
         async def status_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -104,11 +103,7 @@ class BodyLimitAndMetrics:
             await send(message)
 
         try:
-            declared = dict(scope["headers"]).get(b"content-length", b"0")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
-                await error_response(413, too_large)(scope, receive, status_send)
-            else:
-                await self.app(scope, counted_receive, status_send)
+            await self.app(scope, receive, status_send)
         finally:
             self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
             self.metrics.request_seconds.observe(time.perf_counter() - started, endpoint=endpoint)
@@ -123,6 +118,8 @@ class Server:
         # boundary), so that /tokenize gives lm-eval the real EOS id.
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer.encode_special_tokens = False
+        self.tokenizer.no_padding()  # a tokenizer.json may ask for them; a prompt is encoded as it is
+        self.tokenizer.no_truncation()
         self.eos_id = eos_id(self.tokenizer)
         self.vocab = Vocabulary(self.tokenizer.decode)
         self.metrics = Metrics()
@@ -160,25 +157,37 @@ class Server:
                                 f"{self.config.router if self.routed else 'absent (dense)'}", "dynamoe.threshold")
         return float(requested)
 
-    def encode(self, text: str) -> list[int]:
-        """A text prompt's token ids; the empty prompt is the start of a document (the end-of-text token)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.eos_id]
+    # The methods below do work that grows with the request: routes call them on a worker thread. The
+    # tokenizer's batch calls release the GIL, so that even a megabyte of text leaves the event loop free.
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """The token ids of each text."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids, checked against the vocabulary."""
+        self.check_prompt(ids, "tokens")
+        return self.tokenizer.decode_batch([ids])[0]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The token ids of text prompts; the empty prompt is the start of a document (the end-of-text token)."""
+        return [ids or [self.eos_id] for ids in self.tokenize(texts)]
 
     def prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """The token ids of each prompt of a completions request, checked against the vocabulary and limits."""
-        if isinstance(prompt, str):
-            prompts = [self.encode(prompt)]
-        elif isinstance(prompt[0], str):
-            prompts = [self.encode(text) for text in prompt]  # type: ignore[arg-type]
-        elif isinstance(prompt[0], int):
-            prompts = [list(prompt)]  # type: ignore[arg-type]
-        else:
-            prompts = [list(ids) for ids in prompt]  # type: ignore[union-attr]
+        prompts: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         if len(prompts) > self.settings.max_prompts:
             raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {self.settings.max_prompts}", "prompt")
-        for ids in prompts:
+        ids_per_prompt = self.encode(prompts) if isinstance(prompts[0], str) else [list(ids) for ids in prompts]
+        for ids in ids_per_prompt:
             self.check_prompt(ids, "prompt")
-        return prompts
+        return ids_per_prompt
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """The token ids of a chat rendered with the template, checked against the limits."""
+        [prompt] = self.encode([render_chat((message.role, message.text()) for message in messages)])
+        self.check_prompt(prompt, "messages")
+        return prompt
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         """400 for a token id outside the vocabulary or a prompt over the length limit."""
@@ -304,27 +313,19 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         yield
         server.engine.stop()
 
-    app = FastAPI(title="dynamoe", version="0.1.0", lifespan=lifespan,
+    # With a key, the interactive pages are off: a browser cannot send it. The schema stays, behind the key.
+    pages = {"docs_url": None, "redoc_url": None} if settings.api_key is not None else {}
+    app = FastAPI(title="dynamoe", version="0.1.0", lifespan=lifespan, **pages,
                   description="OpenAI-compatible API for dynamoe MoE models, with a per-request compute dial.")
     app.state.server = server
     install_error_handlers(app)
-
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "a valid API key is needed: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-
-    guarded = [Depends(authorize)]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: 200 while the server runs (no API key needed)."""
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: requests, tokens, latency histograms, batch sizes, experts per token."""
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -333,42 +334,41 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         return {"id": settings.model_name, "object": "model", "created": server.created, "owned_by": "dynamoe",
                 "max_model_len": server.config.max_seq_len}
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         """The one model this server serves."""
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=guarded)
+    @app.get("/v1/models/{model_id}")
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         """The served model, by id."""
         server.check_model(model_id)
         return model_card()
 
-    @app.get("/tokenizer_info", dependencies=guarded)
+    @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         """What lm-eval's remote tokenizer needs: special tokens, context length, the chat template."""
         return {"eos_token": EOS_TOKEN, "bos_token": None, "pad_token": None, "model_max_length": server.config.max_seq_len,
                 "vocab_size": server.config.vocab_size, "chat_template": JINJA_TEMPLATE}
 
-    @app.post("/tokenize", dependencies=guarded)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         """Text to token ids, as the completions endpoint encodes a text prompt."""
         server.check_model(body.model)
-        ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        [ids] = await asyncio.to_thread(server.tokenize, [body.prompt], body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.config.max_seq_len}
 
-    @app.post("/detokenize", dependencies=guarded)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         """Token ids to text."""
         server.check_model(body.model)
-        server.check_prompt(body.tokens, "tokens")
-        return {"prompt": server.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(server.detokenize, body.tokens)}
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion: prompts as text or token ids, echo and logprobs (lm-eval's loglikelihood), streaming."""
         server.check_model(body.model)
-        prompts = server.prompt_ids(body.prompt)
+        prompts = await asyncio.to_thread(server.prompt_ids, body.prompt)
         sequences = server.sequences(prompts, body, body.max_tokens, "max_tokens", body.stop_strings(), body.logprobs,
                                      score_prompt=body.echo and body.logprobs is not None)
         job, queue = server.submit(sequences, server.threshold_for(body))
@@ -380,17 +380,20 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
             return StreamingResponse(chunks, media_type="text/event-stream")
         if not await server.collect(request, job, queue, rows):
             return error_response(CLIENT_CLOSED, "the client closed the connection")
-        choices = [completion_choice(server.vocab, index, row, body.echo, body.logprobs is not None)
-                   for index, row in enumerate(rows)]
-        return JSONResponse(envelope(response_id, "text_completion", name, created, choices,
-                                     usage(rows, body.n, server.routed)))
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+        def answer() -> JSONResponse:  # echoed prompts and their log probabilities grow with the prompts
+            choices = [completion_choice(server.vocab, index, row, body.echo, body.logprobs is not None)
+                       for index, row in enumerate(rows)]
+            return JSONResponse(envelope(response_id, "text_completion", name, created, choices,
+                                         usage(rows, body.n, server.routed)))
+
+        return await asyncio.to_thread(answer)
+
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """Chat: the messages rendered with the chat template (see docs/serve.md), then a completion."""
         server.check_model(body.model)
-        prompt = server.encode(render_chat((message.role, message.text()) for message in body.messages))
-        server.check_prompt(prompt, "messages")
+        prompt = await asyncio.to_thread(server.chat_prompt, body.messages)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         alternatives = (body.top_logprobs or 0) if body.logprobs else None
         sequences = server.sequences([prompt], body, body.max_completion_tokens or body.max_tokens, param,
@@ -413,9 +416,19 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         return JSONResponse(envelope(response_id, "chat.completion", settings.model_name, created, choices,
                                      usage(rows, body.n, server.routed)))
 
-    app.add_middleware(BodyLimitAndMetrics, metrics=server.metrics, max_body_bytes=settings.max_body_bytes,
+    # The last added runs first: count every answer, then check the key, then the body's size and deadline.
+    app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyGuard, api_key=settings.api_key)
+    app.add_middleware(CountRequests, metrics=server.metrics,
                        routes=frozenset(route.path for route in app.routes if "{" not in getattr(route, "path", "{")))
     return app
+
+
+def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for an app of `create_app`: its HTTP protocol gets the app's deadline for request headers."""
+    read_timeout_s = app.state.server.settings.read_timeout_s
+    return uvicorn.Config(app, http=with_header_deadline(AutoHTTPProtocol, read_timeout_s), **options)
 
 
 async def stream_events(server: Server, job: Job, queue: asyncio.Queue[Event],
@@ -522,18 +535,16 @@ def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: lis
 def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                      model_name: str = "dynamoe", threshold: float | None = None, max_batch_size: int = 32,
                      max_queue: int = 256, max_tokens: int = 1024, max_prompt_tokens: int | None = None,
-                     max_body_bytes: int = 1_000_000, timeout: float = 300.0, batch_window_ms: float = 5.0,
-                     device: str = "auto") -> None:
+                     max_body_bytes: int = 1_000_000, timeout: float = 300.0, read_timeout: float = 5.0,
+                     batch_window_ms: float = 5.0, device: str = "auto") -> None:
     """Check the settings, load a checkpoint and serve it with uvicorn until interrupted (`dynamoe serve`)."""
-    import uvicorn
-
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.train import resolve_device
 
     limits = EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_ms / 1000)
     settings = ServeSettings(model_name=model_name, api_key=api_key, threshold=threshold, max_tokens_limit=max_tokens,
                              max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                             request_timeout_s=timeout, engine=limits)
+                             request_timeout_s=timeout, read_timeout_s=read_timeout, engine=limits)
     settings.validate()
     if not 0 <= port <= 65535:
         raise DynamoeError(f"--port={port} must be in 0..65535")
@@ -541,4 +552,4 @@ def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8
     app = create_app(model, load_tokenizer_for(checkpoint), settings)
     print(f"serving {checkpoint} as {model_name!r} on http://{host}:{port}/v1 "
           f"(API key {'required' if api_key else 'not required'}); Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()

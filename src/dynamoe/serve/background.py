@@ -11,15 +11,17 @@ from typing import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from dynamoe.serve.app import uvicorn_config
+
 
 @contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", startup_timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve app until the block ends; yields its base URL, e.g. http://127.0.0.1:54321."""
+    """Serve an app of `create_app` until the block ends; yields its base URL, e.g. http://127.0.0.1:54321."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))  # port 0: the kernel picks a free one, with no race between choosing and binding
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dynamoe-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s

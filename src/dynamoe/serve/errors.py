@@ -16,10 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dynamoe.serve.schemas import INVALID_UNICODE
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "server_error", 504: "timeout_error"}
 
 
@@ -64,6 +66,8 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     message = str(error.get("msg", "invalid value"))
     if error.get("type") == "json_invalid":
         return f"the body is not valid JSON ({error.get('ctx', {}).get('error', message)})", None
+    if error.get("type") == INVALID_UNICODE:
+        return message, error["ctx"]["param"] or None
     if error.get("type") == "extra_forbidden":
         return f"unknown field {param!r}; see docs/serve.md for the fields this server accepts", param
     return (f"{param}: {message}" if param else f"the body: {message}"), param
