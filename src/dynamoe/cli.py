@@ -127,14 +127,13 @@ def evaluate(
     if max_tokens < 1:
         raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
     model, _ = load_model(checkpoint, device=resolve_device(device))
-    if threshold is not None:
-        model.set_routing_threshold(threshold)
+    model.layer_thresholds(threshold)  # a model without a dial refuses one before the data is read
     if data is not None:
         tokens = user_tokens_by_domain(data, load_tokenizer_for(checkpoint))
     else:
         check_same_tokenizer(checkpoint, corpus)
         tokens = split_tokens_by_domain(corpus, split)
-    report = evaluate_tokens(model, tokens, max_tokens=max_tokens, progress=not as_json)
+    report = evaluate_tokens(model, tokens, max_tokens=max_tokens, progress=not as_json, dial=threshold)
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, title=str(checkpoint)))
 
 
@@ -161,15 +160,13 @@ def generate(
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
     model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True)
-    if threshold is not None:
-        model.set_routing_threshold(threshold)
     if compile:
         model.compile_decode()
     tokenizer = load_tokenizer_for(checkpoint)
     if show_experts and not model.routers():
         raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
     events = stream(model, tokenizer.encode(prompt).ids, max_new_tokens, sampling, stop_ids={eos_id(tokenizer)},
-                    stop=stop or (), decode=tokenizer.decode)
+                    stop=stop or (), decode=tokenizer.decode, dial=threshold)
     colour = show_experts and (color == "always" or (color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ))
     sys.stdout.write(prompt)
     sys.stdout.flush()
