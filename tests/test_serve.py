@@ -26,12 +26,13 @@ from dynamoe.config import tiny
 from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dynamoe.evaluate import evaluate_tokens
 from dynamoe.generate import GREEDY, generate
-from dynamoe.model import Transformer, routing_threshold
+from dynamoe.decoding import DecodeRequest, NewToken, RowDone
+from dynamoe.model import Dial, Transformer
 from dynamoe.model.layers import Projection
 from dynamoe.serve import EngineLimits, ServeSettings, create_app
 from dynamoe.serve.background import serve_in_thread
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
-from dynamoe.serve.engine import Engine, Job, JobFailed, NewToken, RowDone, Sequence
+from dynamoe.serve.engine import Engine, Job, JobFailed
 
 MODEL = "tiny"
 
@@ -93,9 +94,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def expected_greedy(reference: Transformer, tokenizer, prompt_ids: list[int], max_tokens: int, stop=()) -> str:
+def expected_greedy(reference: Transformer, tokenizer, prompt_ids: list[int], max_tokens: int, stop=(),
+                    dial: Dial = None) -> str:
     eos = tokenizer.token_to_id("<|endoftext|>")
-    return generate(reference, prompt_ids, max_tokens, GREEDY, stop_ids={eos}, stop=stop, decode=tokenizer.decode)[0].text
+    return generate(reference, prompt_ids, max_tokens, GREEDY, stop_ids={eos}, stop=stop, decode=tokenizer.decode,
+                    dial=dial)[0].text
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -260,14 +263,13 @@ def test_per_request_threshold_changes_the_experts(server, tokenizer) -> None:
 
     low, high = served(0.2), served(0.9)
     assert low.usage.model_extra["mean_experts_per_token"] < high.usage.model_extra["mean_experts_per_token"]
-    with routing_threshold(reference, 0.2):
-        assert low.choices[0].text == expected_greedy(reference, tokenizer, prompt, 8)
+    assert low.choices[0].text == expected_greedy(reference, tokenizer, prompt, 8, dial=0.2)
     with pytest.raises(openai.BadRequestError, match="threshold"):
         served(1.5)
 
 
-def test_batches_group_jobs_by_threshold_and_equal_solo_answers(tokenizer) -> None:
-    """Requests queued together run as real batches: one per threshold, each row as if alone."""
+def test_requests_at_different_dials_share_a_batch_and_equal_solo_answers(tokenizer) -> None:
+    """Requests queued together run as one batch whatever their dials, each row as if alone."""
     model = tiny_model()
     reference = copy.deepcopy(model)
     thresholds = [0.3, 0.8, 0.3, 0.8, 0.3]
@@ -287,10 +289,10 @@ def test_batches_group_jobs_by_threshold_and_equal_solo_answers(tokenizer) -> No
         server.engine.start()
         for thread in threads:
             thread.join()
-        assert server.metrics.batch_rows.count() == 2  # one batch per threshold
+        metrics = server.metrics
+        assert metrics.value("dynamoe_batch_rows_bucket", le="4.0") < metrics.value("dynamoe_batch_rows_count")  # 5 rows
     for i, threshold in enumerate(thresholds):
-        with routing_threshold(reference, threshold):
-            assert answers[i] == expected_greedy(reference, tokenizer, prompts[i], 6)
+        assert answers[i] == expected_greedy(reference, tokenizer, prompts[i], 6, dial=threshold)
 
 
 def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
@@ -314,7 +316,6 @@ def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
         server.engine.start()
         for thread in threads:
             thread.join()
-        assert server.metrics.batch_rows.count() == 1
     assert results["generate"].choices[0].text == expected_greedy(reference, tokenizer, short_prompt, 40)
     with torch.no_grad():
         logits = reference(torch.tensor([long_prompt])).logits[0, :-1].float()
@@ -340,7 +341,7 @@ def test_api_key(tokenizer) -> None:
 def test_full_queue_answers_429(tokenizer) -> None:
     with running(tokenizer, start_engine=False, engine=EngineLimits(max_queue=1)) as (url, app):
         server = app.state.server
-        server.engine.submit(Job([Sequence((1, 2), 1, GREEDY)], None, lambda event: None))  # fills the queue
+        server.engine.submit(Job([DecodeRequest((1, 2), 1)], lambda event: None))  # fills the queue
         with pytest.raises(openai.RateLimitError, match="busy"):
             client(url).completions.create(model=MODEL, prompt="a", max_tokens=2)
 
@@ -364,8 +365,9 @@ def test_client_disconnect_cancels_generation(tokenizer, stream: bool) -> None:
         else:
             with pytest.raises(requests.Timeout):
                 requests.post(f"{url}/v1/completions", json=body, timeout=0.5)
-        wait_until(lambda: metrics.cancelled_rows.value() == 1)
-        assert metrics.generated_tokens.value() < 2000
+        wait_until(lambda: metrics.value("dynamoe_cancelled_rows_total") == 1)
+        assert metrics.value("dynamoe_generated_tokens_total") < 2000
+        assert len(app.state.server.engine.batch) == 0  # its slot is free
 
 
 def test_body_over_the_limit_is_413(server, tokenizer) -> None:
@@ -451,15 +453,15 @@ def test_extreme_but_valid_values_are_served(server, extreme: dict) -> None:
 
 def test_engine_stop_cancels_the_running_batch(tokenizer) -> None:
     eos = tokenizer.token_to_id("<|endoftext|>")
-    engine = Engine(never_ending(tiny_model(max_seq_len=2048), eos), tokenizer.decode, eos)
+    engine = Engine(never_ending(tiny_model(max_seq_len=2048), eos), tokenizer.decode)
     events: list = []
-    job = Job([Sequence((1, 2, 3), 2000, GREEDY)], None, events.append)
+    job = Job([DecodeRequest((1, 2, 3), 2000, stop_ids=frozenset({eos}))], events.append)
     engine.start()
     engine.submit(job)
     wait_until(lambda: len(events) >= 3)  # decoding
     engine.stop()
     assert job.cancelled.is_set() and not any(isinstance(event, RowDone) for event in events)
-    assert len(events) < 2000 and engine.metrics.cancelled_rows.value() == 1
+    assert len(events) < 2000 and engine.metrics.value("dynamoe_cancelled_rows_total") == 1
 
 
 def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> None:
@@ -470,15 +472,15 @@ def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> Non
             raise ValueError("decoder exploded")
         return tokenizer.decode(ids)
 
-    engine = Engine(tiny_model(), decode, tokenizer.token_to_id("<|endoftext|>"))
+    engine = Engine(tiny_model(), decode)
     first, second = [], []
     engine.start()
     try:
-        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, first.append))
+        engine.submit(Job([DecodeRequest((1, 2), 3)], first.append))
         wait_until(lambda: bool(first))
         assert isinstance(first[0], JobFailed) and "decoder exploded" in first[0].message
         broken[0] = False
-        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, second.append))
+        engine.submit(Job([DecodeRequest((1, 2), 3)], second.append))
         wait_until(lambda: any(isinstance(event, RowDone) for event in second))
         assert sum(isinstance(event, NewToken) for event in second) == 3
     finally:

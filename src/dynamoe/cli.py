@@ -300,7 +300,13 @@ def serve(
     max_prompt_tokens: Annotated[int | None, "longest prompt in tokens (default: the model's context)"] = None,
     max_body_bytes: Annotated[int, "largest request body"] = 1_000_000,
     timeout: Annotated[float, "seconds a request may wait and run before it is cancelled (504)"] = 300.0,
-    batch_window_ms: Annotated[float, "an idle server waits this long for requests to batch together"] = 5.0,
+    batch_window_ms: Annotated[float, "an idle server waits this long for requests to prefill together"] = 5.0,
+    scheduler: Annotated[Literal["continuous", "static"], "continuous: requests join the running batch between decode "
+                         "steps; static: the former dynamic batching (a batch of one dial runs until its last row ends), "
+                         "kept for comparison"] = "continuous",
+    prefill_chunk: Annotated[int, "prompt tokens per prefill call; a longer prompt is prefilled over several decode "
+                             "steps, so that it does not stall the others"] = 512,
+    compile: Annotated[bool, "decode through torch.compile: faster steps after a compilation per batch size"] = False,
     device: Device = "auto",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, lm-eval's endpoints)."""
@@ -309,7 +315,8 @@ def serve(
     serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key or os.environ.get("DYNAMOE_API_KEY"),
                      model_name=model_name, threshold=threshold, max_batch_size=max_batch_size, max_queue=max_queue,
                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                     timeout=timeout, batch_window_ms=batch_window_ms, device=device)
+                     timeout=timeout, batch_window_ms=batch_window_ms, scheduler=scheduler, prefill_chunk=prefill_chunk,
+                     compile=compile, device=device)
 
 
 def import_hf(

@@ -27,7 +27,7 @@ MIN_CACHE_LENGTH = 64  # positions a new KV cache holds at least; it doubles whe
 
 
 @dataclass(frozen=True)
-class Request:
+class DecodeRequest:
     """One prompt to score and continue: a row of the batch."""
 
     prompt_ids: tuple[int, ...]
@@ -88,7 +88,7 @@ Event = Union[PromptScored, NewToken, RowDone]
 class Row:
     """A request in the batch and its decoding state."""
 
-    request: Request
+    request: DecodeRequest
     tag: int  # the `row` of its events
     on_event: Callable[[Event], None]
     generator: torch.Generator | None  # its own, so that its tokens do not depend on its batch-mates; None: greedy
@@ -115,6 +115,7 @@ class DecodeBatch:
         self.device = model.tok_embeddings.weight.device
         self.decoding: list[Row] = []  # decoding[i] is in cache slot i
         self.prefilling: list[Row] = []  # joined, prompt not all in the cache yet; oldest first
+        self.decoded_rows = 0  # rows in the last decode call
         self._thresholds_BL: torch.Tensor | None = None
         self._thresholds_stale = False
 
@@ -126,7 +127,7 @@ class DecodeBatch:
         """Rows that may still join."""
         return self.slots - len(self)
 
-    def add(self, request: Request, on_event: Callable[[Event], None], tag: int = 0) -> Row:
+    def add(self, request: DecodeRequest, on_event: Callable[[Event], None], tag: int = 0) -> Row:
         """Join a request to the batch; its prefill runs at the next steps. DynamoeError for a request it cannot serve."""
         if not self.free_slots:
             raise DynamoeError(f"the batch already holds {self.slots} rows")
@@ -151,6 +152,7 @@ class DecodeBatch:
     @torch.no_grad()
     def step(self) -> None:
         """One prefill call if a prompt waits, then one decode step of every decoding row (those just prefilled too)."""
+        self.decoded_rows = 0
         if self.prefilling:
             self._prefill(self._next_prefill())
         if self.decoding:
@@ -230,6 +232,7 @@ class DecodeBatch:
     def _decode(self) -> None:
         """Feed every decoding row its last token; each row's next token, sampled its own way."""
         rows = list(self.decoding)
+        self.decoded_rows = len(rows)
         tokens_B1 = torch.tensor([[row.generated[-1]] for row in rows], device=self.device)
         input_pos_B1 = torch.tensor([[row.prompt_length + len(row.generated) - 1] for row in rows], device=self.device)
         self._ensure_cache(int(input_pos_B1.max()) + 1)

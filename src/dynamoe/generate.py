@@ -202,7 +202,7 @@ def _stream(model: Transformer, rows: list[list[int]], max_new_tokens: int, samp
     Every row samples from its own generator seeded with sampling.seed, so that a prompt gives the same
     tokens alone or in a batch.
     """
-    from dynamoe.decoding import DecodeBatch, NewToken, Request  # the decode core builds on this module
+    from dynamoe.decoding import DecodeBatch, DecodeRequest, NewToken  # the decode core builds on this module
 
     events: list[NewToken] = []
 
@@ -213,7 +213,7 @@ def _stream(model: Transformer, rows: list[list[int]], max_new_tokens: int, samp
     batch = DecodeBatch(model, len(rows), decode)
     try:
         for index, row in enumerate(rows):
-            batch.add(Request(tuple(row), max_new_tokens, sampling, stop, stop_ids, dial), keep_tokens, index)
+            batch.add(DecodeRequest(tuple(row), max_new_tokens, sampling, stop, stop_ids, dial), keep_tokens, index)
         while len(batch):
             batch.step()
             yield from events
