@@ -20,15 +20,16 @@ import requests
 import torch
 import torch.nn.functional as F
 
-from dynamoe.checkpoint import save_checkpoint
+from dynamoe.checkpoint import load_model, save_checkpoint
 from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dynamoe.evaluate import evaluate_tokens
-from dynamoe.generate import GREEDY, generate
 from dynamoe.decoding import DecodeRequest, NewToken, RowDone
+from dynamoe.generate import GREEDY, generate
 from dynamoe.model import Dial, Transformer
 from dynamoe.model.layers import Projection
+from dynamoe.retrofit import RetrofitConfig, retrofit
 from dynamoe.serve import EngineLimits, ServeSettings, create_app
 from dynamoe.serve.background import serve_in_thread
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
@@ -248,6 +249,8 @@ def test_metrics_page(server) -> None:
                  "dynamoe_batch_rows_bucket", "dynamoe_mean_experts_per_token"):
         assert name in page
     assert 'endpoint="/v1/completions",status="200"' in page
+    mean_k = float(next(line for line in page.splitlines() if line.startswith("dynamoe_mean_experts_per_token ")).split()[1])
+    assert 1 <= mean_k <= 8  # experts over every position the finished requests ran
 
 
 # -- the compute dial -------------------------------------------------------------------------------------------
@@ -322,6 +325,108 @@ def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
     expected = -F.cross_entropy(logits, torch.tensor(long_prompt[1:]), reduction="none").numpy()
     served = np.array(results["score"].choices[0].logprobs.token_logprobs[1:64])
     assert np.abs(served - expected).max() < 1e-3
+
+
+def test_reasoning_effort_sets_the_dial_relative_to_the_trained_routing(server, tokenizer) -> None:
+    url, _, reference = server
+    messages = [{"role": "user", "content": "Count: one two three"}]
+    prompt = encode(tokenizer, render_chat([("user", messages[0]["content"])]))
+
+    def served(**extra: Any) -> Any:
+        return client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, **extra)
+
+    efforts = {effort: served(reasoning_effort=effort) for effort in ("minimal", "low", "medium", "high")}
+    ks = [reply.usage.model_extra["mean_experts_per_token"] for reply in efforts.values()]
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+    # Trained at 0.5: medium routes as trained, low at 0.6 x 0.5 in every layer.
+    for effort, dial in (("medium", None), ("low", 0.3)):
+        expected = expected_greedy(reference, tokenizer, prompt, 8, (CHAT_STOP,), dial=dial).lstrip()
+        assert efforts[effort].choices[0].message.content == expected
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        served(reasoning_effort="low", extra_body={"dynamoe": {"threshold": 0.4}})
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        served(reasoning_effort="maximal")
+
+
+def test_reasoning_effort_on_a_model_without_a_dial(tokenizer) -> None:
+    torch.manual_seed(0)
+    with running(tokenizer, Transformer(tiny(router="topk")).eval()) as (url, _):
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert client(url).chat.completions.create(**ask, reasoning_effort="medium").choices  # as trained: any model
+        with pytest.raises(openai.BadRequestError, match="reasoning_effort needs a topp or dynamic router"):
+            client(url).chat.completions.create(**ask, reasoning_effort="low")
+
+
+def test_usage_experts_per_layer_and_streamed_token_experts_equal_generate(server, tokenizer) -> None:
+    url, _, reference = server
+    prompt = list(range(30, 50))
+    alone = generate(reference, prompt, 8, stop_ids={tokenizer.token_to_id("<|endoftext|>")})[0]
+    request = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    whole = client(url).completions.create(**request, extra_body={"dynamoe": {"experts_per_layer": True}}).usage
+    layers = whole.model_extra["experts_per_layer"]
+    assert len(layers) == 2 and sum(layers) / 2 == pytest.approx(whole.model_extra["mean_experts_per_token"], abs=1e-4)
+    assert whole.model_extra["mean_experts_per_token"] == pytest.approx(sum(alone.experts) / len(alone.experts), abs=1e-4)
+    chunks = list(client(url).completions.create(**request, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"dynamoe": {"token_experts": True}}))
+    tokens = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason is None]
+    assert [choice.model_extra["dynamoe"]["experts"] for choice in tokens] == [round(k, 4) for k in alone.experts]
+    assert "experts_per_layer" not in chunks[-1].usage.model_extra  # only on request
+
+
+def test_a_retrofitted_model_served_as_trained_equals_dynamoe_generate(capsys, tmp_path: Path, tiny_corpus: Path,
+                                                                         tokenizer) -> None:
+    """Per-layer thresholds (retrofit's calibration) are the trained routing: the server must not replace them."""
+    torch.manual_seed(0)
+    static = Transformer(tiny(router="topk", top_k=4, target_k=None)).eval()
+    with torch.no_grad():
+        for block in static.layers:
+            block.ffn.router.gate.weight.normal_(std=0.3)
+    dynamic, log = retrofit(static, tiny_corpus, RetrofitConfig(target_k=2.0, mode="free", seq_len=32,
+                                                                calibration_tokens=8 * 32), progress=False)
+    assert dynamic.config.threshold == 1.0 and len(set(log["thresholds"])) == 2  # config.threshold alone: top-4
+    checkpoint = save_checkpoint(tmp_path / "run", 1, dynamic, {"step": 1, "optimizer": {}}, {},
+                                 tiny_corpus / TOKENIZER_FILE)
+    text = "To be, or not to be"
+    assert main(["generate", str(checkpoint), "--prompt", text, "--max-new-tokens", "12", "--temperature", "0",
+                 "--show-experts", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    generated, legend = out[len(text):].rstrip("\n").rsplit("\n", 1)
+    cli_mean_k = float(legend.split("mean ")[1].split()[0])
+    model, _ = load_model(checkpoint, pack=True)  # as `dynamoe serve` loads it
+    with running(tokenizer, model, max_tokens_limit=48) as (url, _):
+        reply = client(url).completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0)
+    assert reply.choices[0].text == generated
+    served_mean_k = reply.usage.model_extra["mean_experts_per_token"]
+    assert round(served_mean_k, 2) == cli_mean_k and served_mean_k < 3.5  # at top-4 routing it would be 4
+
+
+def test_a_request_arriving_mid_batch_starts_within_one_step(tokenizer) -> None:
+    """Continuous batching: a short request joins the running batch at the next step and ends long before its
+    batch-mate, which decodes on unchanged; under --scheduler static it waits for the whole batch."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    model = never_ending(tiny_model(max_seq_len=256), eos)
+    reference = copy.deepcopy(model)
+    for scheduler in ("continuous", "static"):
+        engine = Engine(model, tokenizer.decode, EngineLimits(batch_window_s=0.0, scheduler=scheduler))
+        order: list[tuple[str, Any]] = []  # (job, event) in the order the engine thread sent them
+        engine.start()
+        try:
+            engine.submit(Job([DecodeRequest((1, 2, 3), 150)], lambda event: order.append(("long", event))))
+            wait_until(lambda: len(order) >= 5)
+            submitted_at = len(order)
+            engine.submit(Job([DecodeRequest((4, 5), 4)], lambda event: order.append(("short", event))))
+            wait_until(lambda: any(job == "short" and isinstance(event, RowDone) for job, event in order), timeout=60)
+        finally:
+            engine.stop()
+        first_short = next(i for i, (job, _) in enumerate(order) if job == "short")
+        long_done = any(job == "long" and isinstance(event, RowDone) for job, event in order[:first_short])
+        if scheduler == "static":
+            assert long_done  # the short request waited for the batch's last row
+            continue
+        assert not long_done and first_short - submitted_at <= 1  # at most the step under way finished first
+        for job, prompt, n in (("short", [4, 5], 4), ("long", [1, 2, 3], 150)):
+            tokens = [event.token_id for name, event in order if name == job and isinstance(event, NewToken)]
+            assert tokens == generate(reference, prompt, n)[0].token_ids[:len(tokens)] and tokens
 
 
 # -- safety: keys, limits, queue, timeouts, disconnects -------------------------------------------------------------
