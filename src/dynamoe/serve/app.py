@@ -13,13 +13,14 @@ import asyncio
 import logging
 import secrets
 import time
+from importlib import resources
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
@@ -328,6 +329,13 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
 
     guarded = [Depends(authorize)]
 
+    playground = (resources.files("dynamoe.serve") / "static" / "playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground_page() -> HTMLResponse:
+        """The playground: a prompt, the compute dial, and the streamed tokens coloured by the experts each used."""
+        return HTMLResponse(playground)  # a static page (no key needed); its requests carry the key it is given
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: 200 while the server runs (no API key needed)."""
@@ -339,8 +347,12 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         return PlainTextResponse(server.metrics.render(), media_type=server.metrics.content_type)
 
     def model_card() -> dict[str, Any]:
+        cfg = server.config
+        routing = {"router": cfg.router if server.routed else None, "dialable": server.dialable,
+                   "k_max": (cfg.top_k if cfg.router == "topk" else cfg.k_max) if server.routed else None,
+                   "trained_thresholds": model.trained_thresholds()}
         return {"id": settings.model_name, "object": "model", "created": server.created, "owned_by": "dynamoe",
-                "max_model_len": server.config.max_seq_len}
+                "max_model_len": server.config.max_seq_len, "dynamoe": routing}
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models() -> dict[str, Any]:
