@@ -443,12 +443,15 @@ def test_api_key(tokenizer) -> None:
         assert client(url, api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
 
 
-def test_full_queue_answers_429(tokenizer) -> None:
+def test_full_queue_answers_429_and_a_stopping_engine_503(tokenizer) -> None:
     with running(tokenizer, start_engine=False, engine=EngineLimits(max_queue=1)) as (url, app):
         server = app.state.server
         server.engine.submit(Job([DecodeRequest((1, 2), 1)], lambda event: None))  # fills the queue
         with pytest.raises(openai.RateLimitError, match="busy"):
             client(url).completions.create(model=MODEL, prompt="a", max_tokens=2)
+        server.engine.stop()
+        response = requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
 
 
 def test_timeout_answers_504_and_cancels(tokenizer) -> None:

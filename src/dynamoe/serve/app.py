@@ -32,7 +32,7 @@ from dynamoe.generate import SamplingConfig
 from dynamoe.model import Dial, Transformer
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
 from dynamoe.serve.dial import effort_dial
-from dynamoe.serve.engine import Engine, EngineLimits, Job, JobEvent, JobFailed, QueueFull, Scheduler
+from dynamoe.serve.engine import Engine, EngineLimits, EngineStopped, Job, JobEvent, JobFailed, QueueFull, Scheduler
 from dynamoe.serve.errors import APIError, error_body, error_response, install_error_handlers
 from dynamoe.serve.metrics import Metrics
 from dynamoe.serve.responses import (DONE_LINE, RowResult, Vocabulary, chat_logprobs, completion_choice,
@@ -245,6 +245,8 @@ class Server:
             self.engine.submit(job)
         except QueueFull as full:
             raise APIError(429, f"the server is busy ({full}); retry shortly", code="queue_full") from None
+        except EngineStopped as stopped:
+            raise APIError(503, f"{stopped}; retry on another server or later", code="shutting_down") from None
         return job, events
 
     async def events(self, job: Job, queue: asyncio.Queue[JobEvent], deadline: float) -> AsyncIterator[JobEvent]:

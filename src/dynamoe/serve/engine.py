@@ -47,6 +47,10 @@ class QueueFull(Exception):
     """The engine's queue holds as many jobs as it may; the client should retry later."""
 
 
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more jobs."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request: its rows, and the callback its events go to (called on the engine thread)."""
@@ -97,8 +101,8 @@ class Engine:
     def stop(self) -> None:
         """Cancel every job, waiting or running, and wait for the scheduler thread to end."""
         with self._condition:
-            self._stopping = True
-            for job in (*self._waiting, *self._rows.values()):
+            self._stopping = True  # the scheduler thread cancels the running jobs (it alone touches the batch)
+            for job in self._waiting:
                 job.cancel()
             self._waiting.clear()
             self._condition.notify_all()
@@ -106,10 +110,10 @@ class Engine:
             self._thread.join()
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull when the queue is at its limit."""
+        """Queue a job, or raise QueueFull when the queue is at its limit (EngineStopped once stopping)."""
         with self._condition:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise EngineStopped("the server is shutting down")
             if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting, the server's limit")
             self._waiting.append(job)
@@ -122,6 +126,8 @@ class Engine:
             with self._condition:
                 self._admit()
             self._step()
+        for job in set(self._rows.values()):
+            job.cancel()
         self._drop_cancelled()
         self.batch.close()
 
