@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/serve-playground.png"))
     parser.add_argument("--prompt", default="KING HENRY. Once more unto the breach, dear friends, once more;")
     parser.add_argument("--max-tokens", type=int, default=80)
+    parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threshold", type=float, default=None, help="the dial (default: as trained)")
     args = parser.parse_args()
     if missing_browser():
@@ -30,7 +31,7 @@ def main() -> None:
     model, _ = load_model(args.checkpoint, pack=True)
     app = create_app(model, load_tokenizer_for(args.checkpoint), ServeSettings(model_name=args.checkpoint.name))
     with tempfile.TemporaryDirectory() as profile, serve_in_thread(app) as url, headless_chromium(Path(profile)) as driver:
-        figures = run_playground(driver, url, args.prompt, args.max_tokens, args.threshold)
+        figures = run_playground(driver, url, args.prompt, args.max_tokens, args.threshold, args.temperature)
         driver.save_screenshot(str(args.out))
     print(f"{args.out}: {figures}")
 

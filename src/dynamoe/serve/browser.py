@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1100,900")
+                  "--window-size=1100,1000")
 
 
 def missing_browser() -> str | None:
@@ -46,20 +46,20 @@ def headless_chromium(profile: Path) -> Iterator[Any]:
 
 
 def run_playground(driver: Any, url: str, prompt: str, max_tokens: int, threshold: float | None = None,
-                   timeout_s: float = 60.0) -> dict[str, str]:
-    """Open the playground at url, generate greedily from prompt (at threshold, or as trained), wait for the end;
+                   temperature: float = 0.0, timeout_s: float = 60.0) -> dict[str, str]:
+    """Open the playground at url, generate from prompt (at threshold, or as trained), wait for the end;
     the page's figures (status, token count, mean experts/token, tokens/s)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url + "/")
     WebDriverWait(driver, timeout_s).until(lambda d: d.find_element("id", "legend").text)  # the model card has loaded
     driver.execute_script(
-        "const [prompt, maxTokens, threshold] = arguments;"
+        "const [prompt, maxTokens, threshold, temperature] = arguments;"
         "document.getElementById('prompt').value = prompt;"
         "document.getElementById('max-tokens').value = maxTokens;"
-        "document.getElementById('temperature').value = 0;"
+        "document.getElementById('temperature').value = temperature;"
         "if (threshold !== null) { const dial = document.getElementById('dial'); dial.value = threshold;"
-        "  dial.dispatchEvent(new Event('input')); }", prompt, max_tokens, threshold)
+        "  dial.dispatchEvent(new Event('input')); }", prompt, max_tokens, threshold, temperature)
     driver.find_element("id", "generate").click()
     WebDriverWait(driver, timeout_s).until(lambda d: d.find_element("id", "status").text.startswith(("done", "error")))
     return {name: driver.find_element("id", name).text for name in ("status", "token-count", "mean-k", "tokens-per-s")}
