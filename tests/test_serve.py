@@ -581,12 +581,15 @@ def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> Non
         return tokenizer.decode(ids)
 
     engine = Engine(tiny_model(), decode)
-    first, second = [], []
+    first, refused, second = [], [], []
     engine.start()
     try:
         engine.submit(Job([DecodeRequest((1, 2), 3)], first.append))
         wait_until(lambda: bool(first))
         assert isinstance(first[0], JobFailed) and "decoder exploded" in first[0].message
+        engine.submit(Job([DecodeRequest((1,) * 60, 10)], refused.append))  # does not fit the context of 64
+        wait_until(lambda: bool(refused))
+        assert isinstance(refused[0], JobFailed) and "context" in refused[0].message
         broken[0] = False
         engine.submit(Job([DecodeRequest((1, 2), 3)], second.append))
         wait_until(lambda: any(isinstance(event, RowDone) for event in second))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Union
 
 from dynamoe.decoding import DecodeBatch, DecodeRequest, Event, NewToken, Row, RowDone
+from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
 from dynamoe.serve.metrics import Metrics
 
@@ -167,10 +168,15 @@ class Engine:
         """Join as many of the job's waiting rows as there are free slots; the job leaves the queue once all have."""
         while job.admitted < len(job.requests) and self.batch.free_slots:
             index = job.admitted
-            row = self.batch.add(job.requests[index], lambda event, job=job: self._deliver(job, event), index)
+            try:
+                row = self.batch.add(job.requests[index], lambda event, job=job: self._deliver(job, event), index)
+            except DynamoeError as refused:  # the server checks requests before; this keeps the thread alive regardless
+                job.cancel()
+                job.on_event(JobFailed(str(refused)))
+                break
             self._rows[row] = job
             job.admitted += 1
-        if job.admitted == len(job.requests):
+        if job.admitted == len(job.requests) or job.cancelled.is_set():
             self._waiting.remove(job)
 
     def _deliver(self, job: Job, event: Event) -> None:
