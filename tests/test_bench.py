@@ -16,7 +16,7 @@ from dynamoe.checkpoint import save_checkpoint
 from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
-from dynamoe.model import Transformer, routing_threshold
+from dynamoe.model import Dial, Transformer
 from dynamoe.model import packed as packed_module
 
 FAST = BenchSettings(decode_tokens=3, repeats=2, eval_tokens=48, prompt_tokens=8, batch_sizes=(2, 4))
@@ -33,61 +33,60 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> 
     return root / "topk", root / "dynamic"
 
 
-def mean_k(model: Transformer, idx: torch.Tensor) -> float:
+def mean_k(model: Transformer, idx: torch.Tensor, dial: Dial = None) -> float:
     with torch.no_grad():
-        return torch.stack([r.k_T.float() for r in model(idx).routings]).mean().item()
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_bytes_per_token_matches_a_hand_count(tied: bool) -> None:
-    model = Transformer(tiny(router="dynamic", tie_embeddings=tied))  # D=64, 2 layers, 8 experts of 64, vocab 512
-    per_block = 64 + 4 * 64 * 64 + 64 + 8 * 64 + (64 + 1)  # attn norm, wq wk wv wo, ffn norm, gate, temperature head
-    expert = 64 * 2 * 64 + 64 * 64  # w_gate_up [D, 2F] and w_down [F, D] of one expert
-    # One embedding row, the blocks, the final norm, the whole head (tied or not), then 1 + 3 experts.
-    floats = 64 + 2 * per_block + 64 + 512 * 64 + (1 + 3) * expert
-    assert bytes_per_token(model, [1.0, 3.0]) == 4 * floats
-
-
-def test_more_experts_read_more_bytes() -> None:
-    model = Transformer(tiny(router="topk"))
-    counts = [bytes_per_token(model, [k, k]) for k in (1, 2, 4, 8)]
-    assert counts == sorted(counts) and len(set(counts)) == 4
-    assert bytes_per_token(model, [1.5, 2.5]) == bytes_per_token(model, [2, 2])
-    with pytest.raises(ValueError, match="one mean k per MoE layer"):
-        bytes_per_token(model, [2.0])
-    assert bytes_per_token(Transformer(tiny(ffn="dense")), []) > 0
+        out = model(idx, thresholds_BL=model.routing_thresholds([dial] * idx.shape[0]))
+        return torch.stack([r.k_T.float() for r in out.routings]).mean().item()
 
 
 @pytest.mark.parametrize("router", ["dynamic", "topp"])
-def test_lower_threshold_runs_fewer_experts_and_restoring_is_exact(router: str) -> None:
+def test_lower_threshold_runs_fewer_experts_and_leaves_the_model_as_trained(router: str) -> None:
     torch.manual_seed(0)
     model = Transformer(tiny(router=router)).eval()
     idx = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         before = model(idx).logits
-    ks = []
-    for threshold in (0.2, 0.5, 1.0):
-        with routing_threshold(model, threshold):
-            ks.append(mean_k(model, idx))
+    ks = [mean_k(model, idx, threshold) for threshold in (0.2, 0.5, 1.0)]
     assert ks[0] < ks[1] < ks[2] == 8.0
-    model.set_routing_threshold(0.3)
-    model.set_routing_threshold(None)  # back to config.threshold
+    assert mean_k(model, idx) == ks[1]  # None is the trained threshold, 0.5
     with torch.no_grad():
-        assert torch.equal(model(idx).logits, before)
+        assert torch.equal(model(idx).logits, before)  # a dial is data: the model itself is unchanged
+        assert torch.equal(model(idx, thresholds_BL=model.routing_thresholds([0.5, None])).logits, before)
+
+
+def test_rows_at_different_dials_share_a_batch_and_each_equals_itself_alone() -> None:
+    torch.manual_seed(0)
+    model = Transformer(tiny(router="dynamic", layer_thresholds=[0.6, 0.8])).double().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(std=0.15)
+    idx = torch.randint(0, 512, (4, 12))
+    dials: list[Dial] = [0.2, None, [0.3, 0.95], 1.0]
+    with torch.no_grad():
+        together = model(idx, thresholds_BL=model.routing_thresholds(dials))
+        k_BL = torch.stack([r.k_T.view(4, 12) for r in together.routings], -1)
+        for b, dial in enumerate(dials):
+            alone = model(idx[b:b + 1], thresholds_BL=model.routing_thresholds([dial]))
+            torch.testing.assert_close(together.logits[b:b + 1], alone.logits, rtol=0, atol=1e-12)
+            assert torch.equal(k_BL[b], torch.stack([r.k_T for r in alone.routings], -1))
+    assert len({round(k_BL[b].double().mean().item(), 6) for b in range(4)}) == 4  # the dials really differ
 
 
 @pytest.mark.parametrize("cfg", [tiny(router="topk"), tiny(router="relu"), tiny(ffn="dense")], ids=["topk", "relu", "dense"])
 def test_dial_refuses_models_without_a_threshold_router(cfg) -> None:
+    model = Transformer(cfg)
+    assert not model.dialable and model.trained_thresholds() == [] and model.routing_thresholds([None]) is None
     with pytest.raises(DynamoeError, match="topp and dynamic"):
-        Transformer(cfg).set_routing_threshold(0.5)
+        model.routing_thresholds([None, 0.5])
 
 
-@pytest.mark.parametrize("value", [0.0, -0.1, 1.5, math.nan, True])
-def test_dial_refuses_values_outside_the_unit_interval(value: float) -> None:
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5, math.nan, True, [0.5], [0.5, 2.0]])
+def test_dial_refuses_values_outside_the_unit_interval_or_the_layer_count(value: Dial) -> None:
     model = Transformer(tiny(router="dynamic"))
-    with pytest.raises(DynamoeError, match=r"\(0, 1\]"):
-        model.set_routing_threshold(value)
-    assert all(router.threshold == 0.5 for router in model.routers())
+    with pytest.raises(DynamoeError, match=r"\(0, 1\]|2 MoE layers"):
+        model.routing_thresholds([value])
+    assert model.dialable and model.trained_thresholds() == [0.5, 0.5]
 
 
 def test_bench_measures_every_variant_and_writes_its_outputs(tmp_path: Path, tiny_corpus: Path, checkpoints) -> None:

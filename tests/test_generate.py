@@ -14,8 +14,9 @@ from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
+from dynamoe.decoding import DecodeBatch, DecodeRequest, NewToken, PromptScored, RowDone
 from dynamoe.generate import GREEDY, SamplingConfig, generate, stream, visible_text
-from dynamoe.model import Transformer
+from dynamoe.model import Dial, Transformer
 
 PROMPTS = [[5, 17, 300, 42], [7], [99, 98, 97, 96, 95, 94, 93, 92, 91]]
 
@@ -297,3 +298,72 @@ def test_cli_generate_unknown_checkpoint(capsys, tmp_path: Path) -> None:
     code = main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and "nowhere" in err
+
+
+# -- the decode core: rows that join and leave a running batch -------------------------------------------------------
+
+
+def run_continuously(batch: DecodeBatch, requests: list[DecodeRequest]) -> tuple[dict[int, list], int]:
+    """Feed the requests to the batch as slots free up, stepping until every row is done; events per request, and
+    the most distinct dials that decoded together in one step."""
+    events: dict[int, list] = {index: [] for index in range(len(requests))}
+    waiting = list(enumerate(requests))
+    mixed = 0
+    while waiting or len(batch):
+        while waiting and batch.free_slots:
+            index, request = waiting.pop(0)
+            batch.add(request, events[index].append, index)
+        batch.step()
+        mixed = max(mixed, len({repr(row.request.dial) for row in batch.decoding}))
+    return events, mixed
+
+
+def test_rows_joining_a_running_batch_at_their_own_dials_equal_each_row_alone() -> None:
+    model = random_model()
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9, seed=11)
+    # Prompts longer than the chunk (6 tokens) are prefilled over several steps while the others decode.
+    cases: list[tuple[list[int], int, SamplingConfig, Dial]] = [
+        (PROMPTS[0], 3, GREEDY, None), (PROMPTS[1], 20, sampled, 0.2), (PROMPTS[2], 5, GREEDY, 0.9),
+        (list(range(40, 60)), 6, GREEDY, [0.3, 1.0]), ([8, 9], 4, sampled, None), (list(range(3, 16)), 7, GREEDY, 0.5)]
+    requests = [DecodeRequest(tuple(prompt), n, sampling, dial=dial) for prompt, n, sampling, dial in cases]
+    events, mixed = run_continuously(DecodeBatch(model, slots=3, chunk_tokens=6), requests)
+    assert mixed == 3  # rows of three different dials decoded in one step
+    assert model.cache_length() == 0  # the batch gave its cache back once empty
+    for index, (prompt, n, sampling, dial) in enumerate(cases):
+        alone = generate(model, prompt, n, sampling, dial=dial)[0]
+        tokens = [event for event in events[index] if isinstance(event, NewToken)]
+        assert [event.token_id for event in tokens] == alone.token_ids
+        assert [event.experts for event in tokens] == alone.experts
+        done = events[index][-1]
+        assert isinstance(done, RowDone) and done.completion_tokens == n and done.positions == len(prompt) + n - 1
+        assert sum(done.experts_per_layer) / len(done.experts_per_layer) == pytest.approx(sum(alone.experts))
+
+
+def test_a_cancelled_row_frees_its_slot_for_the_next_request() -> None:
+    model = random_model()
+    batch = DecodeBatch(model, slots=1)
+    first: list = []
+    row = batch.add(DecodeRequest(tuple(PROMPTS[0]), 30), first.append)
+    for _ in range(3):
+        batch.step()
+    assert batch.free_slots == 0
+    batch.cancel(row)
+    assert batch.free_slots == 1 and not any(isinstance(event, RowDone) for event in first)
+    events, _ = run_continuously(batch, [DecodeRequest(tuple(PROMPTS[2]), 6)])
+    assert [event.token_id for event in events[0] if isinstance(event, NewToken)] == \
+        generate(model, PROMPTS[2], 6)[0].token_ids
+
+
+def test_chunked_prompt_scores_equal_one_full_forward() -> None:
+    model = random_model()
+    prompt = list(range(100, 123))
+    events, _ = run_continuously(DecodeBatch(model, slots=2, chunk_tokens=5),
+                                 [DecodeRequest(tuple(prompt), 0, logprobs=2, score_prompt=True)])
+    scored, done = events[0]
+    assert isinstance(scored, PromptScored) and isinstance(done, RowDone) and done.completion_tokens == 0
+    with torch.no_grad():
+        logprobs_TV = model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    assert scored.logprobs[0] is None
+    expected = logprobs_TV.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in scored.logprobs[1:]], dtype=torch.float64), expected)
+    assert all(lp.top[0][0] == int(row.argmax()) for lp, row in zip(scored.logprobs[1:], logprobs_TV))

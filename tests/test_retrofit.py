@@ -46,10 +46,9 @@ def test_twin_at_threshold_one_equals_the_static_model(renormalize: bool) -> Non
 def test_twin_keeps_the_static_weights_of_the_experts_it_keeps() -> None:
     static, tokens = static_model(), torch.randint(0, 512, (2, 16))
     twin = dynamic_twin(static, target_k=2.0)
-    twin.set_routing_threshold(0.5)
     h = router_inputs(twin, tokens, 0, batch_size=2)
     with torch.no_grad():
-        dynamic, fixed = twin.routers()[0](h), static.routers()[0](h)
+        dynamic, fixed = twin.routers()[0](h, torch.full((h.shape[0],), 0.5)), static.routers()[0](h)
     assert torch.equal(dynamic.experts_TK[:, :4], fixed.experts_TK)
     assert (dynamic.k_T < 4).any()  # some experts were dropped ...
     torch.testing.assert_close(dynamic.weights_TK[:, :4], fixed.weights_TK * dynamic.mask_TK)  # ... the rest unchanged
@@ -85,18 +84,14 @@ def test_light_mode_trains_only_the_temperature_heads(tiny_corpus: Path) -> None
     assert [r.threshold for r in dynamic.routers()] == log["thresholds"]
 
 
-def test_layer_thresholds_survive_a_save_and_the_dial_restores_them(tmp_path: Path) -> None:
+def test_layer_thresholds_survive_a_save_and_are_the_trained_routing(tmp_path: Path) -> None:
     static = static_model()
     twin = dynamic_twin(static, 2.0)
-    twin.config.layer_thresholds = [0.6, 0.7]
-    twin.set_routing_threshold(None)
+    twin.set_trained_thresholds([0.6, 0.7])
     save_model(tmp_path / "ckpt", twin)
     loaded, cfg = load_model(tmp_path / "ckpt")
-    assert cfg.layer_thresholds == [0.6, 0.7] and [r.threshold for r in loaded.routers()] == [0.6, 0.7]
-    loaded.set_routing_threshold(0.4)
-    assert [r.threshold for r in loaded.routers()] == [0.4, 0.4]
-    loaded.set_routing_threshold(None)
-    assert [r.threshold for r in loaded.routers()] == [0.6, 0.7]
+    assert cfg.layer_thresholds == [0.6, 0.7] and loaded.trained_thresholds() == [0.6, 0.7]
+    assert loaded.routing_thresholds([0.4, None]).tolist() == [[0.4, 0.4], [0.6, 0.7]]
     with pytest.raises(DynamoeError, match="per MoE layer"):
         tiny(router="dynamic", layer_thresholds=[0.5])
 

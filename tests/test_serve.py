@@ -20,18 +20,20 @@ import requests
 import torch
 import torch.nn.functional as F
 
-from dynamoe.checkpoint import save_checkpoint
+from dynamoe.checkpoint import load_model, save_checkpoint
 from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from dynamoe.evaluate import evaluate_tokens
+from dynamoe.decoding import DecodeRequest, NewToken, RowDone
 from dynamoe.generate import GREEDY, generate
-from dynamoe.model import Transformer, routing_threshold
+from dynamoe.model import Dial, Transformer
 from dynamoe.model.layers import Projection
+from dynamoe.retrofit import RetrofitConfig, retrofit
 from dynamoe.serve import EngineLimits, ServeSettings, create_app
 from dynamoe.serve.background import serve_in_thread
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
-from dynamoe.serve.engine import Engine, Job, JobFailed, NewToken, RowDone, Sequence
+from dynamoe.serve.engine import Engine, Job, JobFailed
 
 MODEL = "tiny"
 
@@ -93,9 +95,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def expected_greedy(reference: Transformer, tokenizer, prompt_ids: list[int], max_tokens: int, stop=()) -> str:
+def expected_greedy(reference: Transformer, tokenizer, prompt_ids: list[int], max_tokens: int, stop=(),
+                    dial: Dial = None) -> str:
     eos = tokenizer.token_to_id("<|endoftext|>")
-    return generate(reference, prompt_ids, max_tokens, GREEDY, stop_ids={eos}, stop=stop, decode=tokenizer.decode)[0].text
+    return generate(reference, prompt_ids, max_tokens, GREEDY, stop_ids={eos}, stop=stop, decode=tokenizer.decode,
+                    dial=dial)[0].text
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -245,6 +249,8 @@ def test_metrics_page(server) -> None:
                  "dynamoe_batch_rows_bucket", "dynamoe_mean_experts_per_token"):
         assert name in page
     assert 'endpoint="/v1/completions",status="200"' in page
+    mean_k = float(next(line for line in page.splitlines() if line.startswith("dynamoe_mean_experts_per_token ")).split()[1])
+    assert 1 <= mean_k <= 8  # experts over every position the finished requests ran
 
 
 # -- the compute dial -------------------------------------------------------------------------------------------
@@ -260,14 +266,13 @@ def test_per_request_threshold_changes_the_experts(server, tokenizer) -> None:
 
     low, high = served(0.2), served(0.9)
     assert low.usage.model_extra["mean_experts_per_token"] < high.usage.model_extra["mean_experts_per_token"]
-    with routing_threshold(reference, 0.2):
-        assert low.choices[0].text == expected_greedy(reference, tokenizer, prompt, 8)
+    assert low.choices[0].text == expected_greedy(reference, tokenizer, prompt, 8, dial=0.2)
     with pytest.raises(openai.BadRequestError, match="threshold"):
         served(1.5)
 
 
-def test_batches_group_jobs_by_threshold_and_equal_solo_answers(tokenizer) -> None:
-    """Requests queued together run as real batches: one per threshold, each row as if alone."""
+def test_requests_at_different_dials_share_a_batch_and_equal_solo_answers(tokenizer) -> None:
+    """Requests queued together run as one batch whatever their dials, each row as if alone."""
     model = tiny_model()
     reference = copy.deepcopy(model)
     thresholds = [0.3, 0.8, 0.3, 0.8, 0.3]
@@ -287,10 +292,10 @@ def test_batches_group_jobs_by_threshold_and_equal_solo_answers(tokenizer) -> No
         server.engine.start()
         for thread in threads:
             thread.join()
-        assert server.metrics.batch_rows.count() == 2  # one batch per threshold
+        metrics = server.metrics
+        assert metrics.value("dynamoe_batch_rows_bucket", le="4.0") < metrics.value("dynamoe_batch_rows_count")  # 5 rows
     for i, threshold in enumerate(thresholds):
-        with routing_threshold(reference, threshold):
-            assert answers[i] == expected_greedy(reference, tokenizer, prompts[i], 6)
+        assert answers[i] == expected_greedy(reference, tokenizer, prompts[i], 6, dial=threshold)
 
 
 def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
@@ -314,13 +319,114 @@ def test_scoring_and_long_generation_share_a_batch(tokenizer) -> None:
         server.engine.start()
         for thread in threads:
             thread.join()
-        assert server.metrics.batch_rows.count() == 1
     assert results["generate"].choices[0].text == expected_greedy(reference, tokenizer, short_prompt, 40)
     with torch.no_grad():
         logits = reference(torch.tensor([long_prompt])).logits[0, :-1].float()
     expected = -F.cross_entropy(logits, torch.tensor(long_prompt[1:]), reduction="none").numpy()
     served = np.array(results["score"].choices[0].logprobs.token_logprobs[1:64])
     assert np.abs(served - expected).max() < 1e-3
+
+
+def test_reasoning_effort_sets_the_dial_relative_to_the_trained_routing(server, tokenizer) -> None:
+    url, _, reference = server
+    messages = [{"role": "user", "content": "Count: one two three"}]
+    prompt = encode(tokenizer, render_chat([("user", messages[0]["content"])]))
+
+    def served(**extra: Any) -> Any:
+        return client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, **extra)
+
+    efforts = {effort: served(reasoning_effort=effort) for effort in ("minimal", "low", "medium", "high")}
+    ks = [reply.usage.model_extra["mean_experts_per_token"] for reply in efforts.values()]
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+    # Trained at 0.5: medium routes as trained, low at 0.6 x 0.5 in every layer.
+    for effort, dial in (("medium", None), ("low", 0.3)):
+        expected = expected_greedy(reference, tokenizer, prompt, 8, (CHAT_STOP,), dial=dial).lstrip()
+        assert efforts[effort].choices[0].message.content == expected
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        served(reasoning_effort="low", extra_body={"dynamoe": {"threshold": 0.4}})
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        served(reasoning_effort="maximal")
+
+
+def test_reasoning_effort_on_a_model_without_a_dial(tokenizer) -> None:
+    torch.manual_seed(0)
+    with running(tokenizer, Transformer(tiny(router="topk")).eval()) as (url, _):
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert client(url).chat.completions.create(**ask, reasoning_effort="medium").choices  # as trained: any model
+        with pytest.raises(openai.BadRequestError, match="reasoning_effort needs a topp or dynamic router"):
+            client(url).chat.completions.create(**ask, reasoning_effort="low")
+
+
+def test_usage_experts_per_layer_and_streamed_token_experts_equal_generate(server, tokenizer) -> None:
+    url, _, reference = server
+    prompt = list(range(30, 50))
+    alone = generate(reference, prompt, 8, stop_ids={tokenizer.token_to_id("<|endoftext|>")})[0]
+    request = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    whole = client(url).completions.create(**request, extra_body={"dynamoe": {"experts_per_layer": True}}).usage
+    layers = whole.model_extra["experts_per_layer"]
+    assert len(layers) == 2 and sum(layers) / 2 == pytest.approx(whole.model_extra["mean_experts_per_token"], abs=1e-4)
+    assert whole.model_extra["mean_experts_per_token"] == pytest.approx(sum(alone.experts) / len(alone.experts), abs=1e-4)
+    chunks = list(client(url).completions.create(**request, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"dynamoe": {"token_experts": True}}))
+    tokens = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason is None]
+    assert [choice.model_extra["dynamoe"]["experts"] for choice in tokens] == [round(k, 4) for k in alone.experts]
+    assert "experts_per_layer" not in chunks[-1].usage.model_extra  # only on request
+
+
+def test_a_retrofitted_model_served_as_trained_equals_dynamoe_generate(capsys, tmp_path: Path, tiny_corpus: Path,
+                                                                         tokenizer) -> None:
+    """Per-layer thresholds (retrofit's calibration) are the trained routing: the server must not replace them."""
+    torch.manual_seed(0)
+    static = Transformer(tiny(router="topk", top_k=4, target_k=None)).eval()
+    with torch.no_grad():
+        for block in static.layers:
+            block.ffn.router.gate.weight.normal_(std=0.3)
+    dynamic, log = retrofit(static, tiny_corpus, RetrofitConfig(target_k=2.0, mode="free", seq_len=32,
+                                                                calibration_tokens=8 * 32), progress=False)
+    assert dynamic.config.threshold == 1.0 and len(set(log["thresholds"])) == 2  # config.threshold alone: top-4
+    checkpoint = save_checkpoint(tmp_path / "run", 1, dynamic, {"step": 1, "optimizer": {}}, {},
+                                 tiny_corpus / TOKENIZER_FILE)
+    text = "To be, or not to be"
+    assert main(["generate", str(checkpoint), "--prompt", text, "--max-new-tokens", "12", "--temperature", "0",
+                 "--show-experts", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    generated, legend = out[len(text):].rstrip("\n").rsplit("\n", 1)
+    cli_mean_k = float(legend.split("mean ")[1].split()[0])
+    model, _ = load_model(checkpoint, pack=True)  # as `dynamoe serve` loads it
+    with running(tokenizer, model, max_tokens_limit=48) as (url, _):
+        reply = client(url).completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0)
+    assert reply.choices[0].text == generated
+    served_mean_k = reply.usage.model_extra["mean_experts_per_token"]
+    assert round(served_mean_k, 2) == cli_mean_k and served_mean_k < 3.5  # at top-4 routing it would be 4
+
+
+def test_a_request_arriving_mid_batch_starts_within_one_step(tokenizer) -> None:
+    """Continuous batching: a short request joins the running batch at the next step and ends long before its
+    batch-mate, which decodes on unchanged; under --scheduler static it waits for the whole batch."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    model = never_ending(tiny_model(max_seq_len=256), eos)
+    reference = copy.deepcopy(model)
+    for scheduler in ("continuous", "static"):
+        engine = Engine(model, tokenizer.decode, EngineLimits(batch_window_s=0.0, scheduler=scheduler))
+        order: list[tuple[str, Any]] = []  # (job, event) in the order the engine thread sent them
+        engine.start()
+        try:
+            engine.submit(Job([DecodeRequest((1, 2, 3), 150)], lambda event: order.append(("long", event))))
+            wait_until(lambda: len(order) >= 5)
+            submitted_at = len(order)
+            engine.submit(Job([DecodeRequest((4, 5), 4)], lambda event: order.append(("short", event))))
+            wait_until(lambda: any(job == "short" and isinstance(event, RowDone) for job, event in order), timeout=60)
+        finally:
+            engine.stop()
+        first_short = next(i for i, (job, _) in enumerate(order) if job == "short")
+        long_done = any(job == "long" and isinstance(event, RowDone) for job, event in order[:first_short])
+        if scheduler == "static":
+            assert long_done  # the short request waited for the batch's last row
+            continue
+        assert not long_done and first_short - submitted_at <= 1  # at most the step under way finished first
+        for job, prompt, n in (("short", [4, 5], 4), ("long", [1, 2, 3], 150)):
+            tokens = [event.token_id for name, event in order if name == job and isinstance(event, NewToken)]
+            assert tokens == generate(reference, prompt, n)[0].token_ids[:len(tokens)] and tokens
 
 
 # -- safety: keys, limits, queue, timeouts, disconnects -------------------------------------------------------------
@@ -337,12 +443,15 @@ def test_api_key(tokenizer) -> None:
         assert client(url, api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
 
 
-def test_full_queue_answers_429(tokenizer) -> None:
+def test_full_queue_answers_429_and_a_stopping_engine_503(tokenizer) -> None:
     with running(tokenizer, start_engine=False, engine=EngineLimits(max_queue=1)) as (url, app):
         server = app.state.server
-        server.engine.submit(Job([Sequence((1, 2), 1, GREEDY)], None, lambda event: None))  # fills the queue
+        server.engine.submit(Job([DecodeRequest((1, 2), 1)], lambda event: None))  # fills the queue
         with pytest.raises(openai.RateLimitError, match="busy"):
             client(url).completions.create(model=MODEL, prompt="a", max_tokens=2)
+        server.engine.stop()
+        response = requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
 
 
 def test_timeout_answers_504_and_cancels(tokenizer) -> None:
@@ -364,8 +473,9 @@ def test_client_disconnect_cancels_generation(tokenizer, stream: bool) -> None:
         else:
             with pytest.raises(requests.Timeout):
                 requests.post(f"{url}/v1/completions", json=body, timeout=0.5)
-        wait_until(lambda: metrics.cancelled_rows.value() == 1)
-        assert metrics.generated_tokens.value() < 2000
+        wait_until(lambda: metrics.value("dynamoe_cancelled_rows_total") == 1)
+        assert metrics.value("dynamoe_generated_tokens_total") < 2000
+        assert len(app.state.server.engine.batch) == 0  # its slot is free
 
 
 def test_body_over_the_limit_is_413(server, tokenizer) -> None:
@@ -451,15 +561,15 @@ def test_extreme_but_valid_values_are_served(server, extreme: dict) -> None:
 
 def test_engine_stop_cancels_the_running_batch(tokenizer) -> None:
     eos = tokenizer.token_to_id("<|endoftext|>")
-    engine = Engine(never_ending(tiny_model(max_seq_len=2048), eos), tokenizer.decode, eos)
+    engine = Engine(never_ending(tiny_model(max_seq_len=2048), eos), tokenizer.decode)
     events: list = []
-    job = Job([Sequence((1, 2, 3), 2000, GREEDY)], None, events.append)
+    job = Job([DecodeRequest((1, 2, 3), 2000, stop_ids=frozenset({eos}))], events.append)
     engine.start()
     engine.submit(job)
     wait_until(lambda: len(events) >= 3)  # decoding
     engine.stop()
     assert job.cancelled.is_set() and not any(isinstance(event, RowDone) for event in events)
-    assert len(events) < 2000 and engine.metrics.cancelled_rows.value() == 1
+    assert len(events) < 2000 and engine.metrics.value("dynamoe_cancelled_rows_total") == 1
 
 
 def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> None:
@@ -470,15 +580,18 @@ def test_a_failing_batch_fails_its_jobs_and_the_engine_goes_on(tokenizer) -> Non
             raise ValueError("decoder exploded")
         return tokenizer.decode(ids)
 
-    engine = Engine(tiny_model(), decode, tokenizer.token_to_id("<|endoftext|>"))
-    first, second = [], []
+    engine = Engine(tiny_model(), decode)
+    first, refused, second = [], [], []
     engine.start()
     try:
-        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, first.append))
+        engine.submit(Job([DecodeRequest((1, 2), 3)], first.append))
         wait_until(lambda: bool(first))
         assert isinstance(first[0], JobFailed) and "decoder exploded" in first[0].message
+        engine.submit(Job([DecodeRequest((1,) * 60, 10)], refused.append))  # does not fit the context of 64
+        wait_until(lambda: bool(refused))
+        assert isinstance(refused[0], JobFailed) and "context" in refused[0].message
         broken[0] = False
-        engine.submit(Job([Sequence((1, 2), 3, GREEDY)], None, second.append))
+        engine.submit(Job([DecodeRequest((1, 2), 3)], second.append))
         wait_until(lambda: any(isinstance(event, RowDone) for event in second))
         assert sum(isinstance(event, NewToken) for event in second) == 3
     finally:

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from dynamoe.checkpoint import check_same_tokenizer, load_model, load_tokenizer_for
 from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import split_tokens_by_domain, windows
-from dynamoe.model import Transformer
+from dynamoe.model import Dial, Transformer
 
 ANALYSIS_JSON, SAMPLE_HTML = "analysis.json", "sample.html"
 HISTOGRAM_PNG, K_LOSS_PNG, HEATMAP_PNG = "k_histograms.png", "k_vs_loss.png", "expert_domain_usage.png"
@@ -96,21 +96,21 @@ class TokenRouting:
 
 
 @torch.no_grad()
-def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor
+def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor, dial: Dial = None
                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """k per layer (L, B*T), per-token losses (B*T), and each layer's selected experts.
+    """k per layer (L, B*T), per-token losses (B*T), and each layer's selected experts, routed at `dial`.
 
     The selected experts of a layer come as a flat tensor of expert ids, one per (token, expert) pair.
     """
-    out = model(x_BT)
+    out = model(x_BT, thresholds_BL=model.routing_thresholds([dial] * x_BT.shape[0]))
     losses_N = F.cross_entropy(out.logits.flatten(0, 1).float(), y_BT.flatten(), reduction="none")
     k_LN = torch.stack([r.k_T for r in out.routings])
     chosen = [r.experts_TK[r.mask_TK] for r in out.routings]
     return k_LN, losses_N, chosen
 
 
-def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tokens: int, batch_size: int = 8
-            ) -> TokenRouting:
+def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tokens: int, batch_size: int = 8,
+            dial: Dial = None) -> TokenRouting:
     """Route up to max_tokens predictions of each domain and keep every token's k, loss and expert choices."""
     routers = model.routers()
     if not routers:
@@ -123,7 +123,7 @@ def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tok
     model.eval()
     for d, domain in enumerate(domains):
         for x_BT, y_BT in windows(tokens_by_domain[domain], model.config.max_seq_len, max_tokens, batch_size, domain):
-            k_LN, losses_N, chosen = route_window(model, x_BT.to(device), y_BT.to(device))
+            k_LN, losses_N, chosen = route_window(model, x_BT.to(device), y_BT.to(device), dial)
             k_parts.append(k_LN.cpu().numpy())
             loss_parts.append(losses_N.cpu().numpy())
             domain_parts.append(np.full(losses_N.numel(), d))
@@ -164,7 +164,8 @@ class RoutingAnalysis:
         return asdict(self)
 
 
-def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: Transformer) -> RoutingAnalysis:
+def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: Transformer, dial: Dial = None
+            ) -> RoutingAnalysis:
     """All the numbers of a RoutingAnalysis from the per-token routing."""
     k_max = int(max(routing.k_LN.max(initial=0), model.config.k_max))
     mean_k_N = routing.k_LN.mean(axis=0)
@@ -173,7 +174,7 @@ def analyse(routing: TokenRouting, domains: list[str], checkpoint: str, model: T
     buckets = np.unique(bucket_N).tolist()
     nmi = [normalized_mutual_information(layer_ED) for layer_ED in routing.usage_LED]
     defined = [value for value in nmi if value is not None]
-    thresholds = [router.threshold for router in model.threshold_routers()]  # reported as their mean
+    thresholds = model.layer_thresholds(dial)  # reported as their mean
     return RoutingAnalysis(
         checkpoint=checkpoint, router=model.config.router, threshold=float(np.mean(thresholds)) if thresholds else None,
         domains=domains, tokens_per_domain={name: int(mask.sum()) for name, mask in in_domain.items()}, k_max=k_max,
@@ -264,8 +265,8 @@ def sample_html(samples: dict[str, tuple[list[str], np.ndarray, np.ndarray]], k_
             + "\n".join(sections) + "\n</body></html>\n")
 
 
-def text_samples(model: Transformer, tokenizer: Tokenizer, tokens_by_domain: dict[str, np.ndarray], n_tokens: int
-                 ) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+def text_samples(model: Transformer, tokenizer: Tokenizer, tokens_by_domain: dict[str, np.ndarray], n_tokens: int,
+                 dial: Dial = None) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
     """The first n_tokens of each domain (at most one context), with their pieces, k per layer and losses."""
     device = next(model.parameters()).device
     samples = {}
@@ -274,7 +275,7 @@ def text_samples(model: Transformer, tokenizer: Tokenizer, tokens_by_domain: dic
         if length < 1:
             continue
         span = torch.from_numpy(np.asarray(tokens[:length + 1], dtype=np.int64))
-        k_LN, loss_N, _ = route_window(model, span[None, :-1].to(device), span[None, 1:].to(device))
+        k_LN, loss_N, _ = route_window(model, span[None, :-1].to(device), span[None, 1:].to(device), dial)
         samples[domain] = (token_pieces(tokenizer, span[:-1].tolist()), k_LN.cpu().numpy(), loss_N.cpu().numpy())
     return samples
 
@@ -354,17 +355,16 @@ def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: in
         raise DynamoeError(f"--max-tokens ({max_tokens}) and --sample-tokens ({sample_tokens}) must be at least 1")
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     model, _ = load_model(checkpoint, device=device)
-    if threshold is not None:
-        model.set_routing_threshold(threshold)
+    model.layer_thresholds(threshold)  # a model without a dial refuses one before any work
     tokens = split_tokens_by_domain(corpus, "test")
     domains = list(tokens)
-    result = analyse(collect(model, tokens, max_tokens), domains, str(checkpoint), model)
+    result = analyse(collect(model, tokens, max_tokens, dial=threshold), domains, str(checkpoint), model, threshold)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ANALYSIS_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     plot_histograms(result, out / HISTOGRAM_PNG)
     plot_k_vs_loss(result, out / K_LOSS_PNG)
     plot_usage_heatmap(result, out / HEATMAP_PNG)
-    samples = text_samples(model, load_tokenizer_for(checkpoint), tokens, sample_tokens)
+    samples = text_samples(model, load_tokenizer_for(checkpoint), tokens, sample_tokens, threshold)
     (out / SAMPLE_HTML).write_text(sample_html(samples, result.k_max, f"experts per token: {checkpoint}"), encoding="utf-8")
     return result

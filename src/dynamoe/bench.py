@@ -33,7 +33,7 @@ from dynamoe.checkpoint import check_same_tokenizer, load_model
 from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
 from dynamoe.generate import GREEDY, decode_one_token, prefill
-from dynamoe.model import MoE, Routing, Transformer
+from dynamoe.model import Dial, MoE, Routing, Transformer
 from dynamoe.model.router import check_threshold
 from dynamoe.train import resolve_device
 
@@ -123,14 +123,10 @@ class Variant:
     @property
     def routing_threshold(self) -> float | None:
         """The threshold this variant routes with; None for routers without one or with one per layer."""
-        if self.threshold is not None or not self.model.threshold_routers():
+        if self.threshold is not None:
             return self.threshold
-        return None if self.model.config.layer_thresholds else self.model.config.threshold
-
-    def apply(self) -> None:
-        """Put the shared model in this variant's routing state."""
-        if self.model.threshold_routers():
-            self.model.set_routing_threshold(self.threshold)
+        trained = set(self.model.trained_thresholds())
+        return trained.pop() if len(trained) == 1 else None
 
 
 @dataclass
@@ -229,15 +225,17 @@ class RouterProbe:
 
 
 def timed_decode(model: Transformer, prompt_BT: torch.Tensor, inputs_BN: torch.Tensor, warmup: int = WARMUP_STEPS,
-                 probe: RouterProbe | None = None) -> DecodeRun:
-    """Prefill the prompts (timed), then feed one column of inputs_BN per decode step, timing all but the first `warmup`."""
+                 probe: RouterProbe | None = None, dial: Dial = None) -> DecodeRun:
+    """Prefill the prompts (timed), then feed one column of inputs_BN per decode step, timing all but the first `warmup`;
+    every row routes at `dial` (None: as trained)."""
     B, P = prompt_BT.shape
     device = prompt_BT.device
+    thresholds_BL = model.routing_thresholds([dial] * B)
     model.setup_caches(B, P + inputs_BN.shape[1])
     try:
         synchronize(device)
         started = time.perf_counter()
-        prefill(model, prompt_BT, torch.full((B,), P, device=device))
+        prefill(model, prompt_BT, torch.full((B,), P, device=device), thresholds_BL)
         synchronize(device)
         prefill_seconds = time.perf_counter() - started
         steps = []
@@ -245,7 +243,8 @@ def timed_decode(model: Transformer, prompt_BT: torch.Tensor, inputs_BN: torch.T
             if probe is not None:
                 probe.active = i >= warmup
             started = time.perf_counter()
-            decode_one_token(model, inputs_BN[:, i:i + 1], torch.full((B, 1), P + i, device=device), GREEDY)
+            decode_one_token(model, inputs_BN[:, i:i + 1], torch.full((B, 1), P + i, device=device), GREEDY,
+                             thresholds_BL=thresholds_BL)
             synchronize(device)
             if i >= warmup:
                 steps.append(time.perf_counter() - started)
@@ -288,13 +287,12 @@ def peak_rss_bytes() -> int:
 
 def measure_round(variant: Variant, workload: Workload, round_index: int, samples: Samples) -> None:
     """One interleaved round of one variant: batch-1 prefill and decode under the router probe, then batched decode."""
-    variant.apply()
-    model, device = variant.model, variant.model.tok_embeddings.weight.device
+    model, device, dial = variant.model, variant.model.tok_embeddings.weight.device, variant.threshold
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = workload.single_rows[round_index:round_index + 1]
     P = workload.prompt_tokens
-    run = timed_decode(model, row[:, :P], row[:, P:])
+    run = timed_decode(model, row[:, :P], row[:, P:], dial=dial)
     samples.step_seconds += run.step_seconds
     samples.prefill_tokens_per_s.append(P / run.prefill_seconds)
     # The router share and k come from a second, identical run under the probe: its hooks cost time on
@@ -303,7 +301,7 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
     compiled, model.compiled_decode = model.compiled_decode, None
     try:
         with RouterProbe(model) as probe:
-            probed = timed_decode(model, row[:, :P], row[:, P:], probe=probe)
+            probed = timed_decode(model, row[:, :P], row[:, P:], probe=probe, dial=dial)
     finally:
         model.compiled_decode = compiled
     samples.router_seconds += probe.seconds
@@ -313,7 +311,7 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
     samples.routed_tokens += probe.tokens
     Pb = workload.batch_prompt_tokens
     for batch_size, rows in workload.batches.items():
-        steps = timed_decode(model, rows[:, :Pb], rows[:, Pb:]).step_seconds
+        steps = timed_decode(model, rows[:, :Pb], rows[:, Pb:], dial=dial).step_seconds
         samples.batch_tokens_per_s.setdefault(batch_size, []).append(batch_size * len(steps) / sum(steps))
     if device.type == "cuda":
         samples.cuda_peak_bytes = max(samples.cuda_peak_bytes, torch.cuda.max_memory_allocated(device))
@@ -369,12 +367,12 @@ def short_names(paths: Sequence[Path]) -> list[str]:
 
 def make_variants(checkpoints: Sequence[Path], models: Sequence[Transformer], dial: Sequence[float]) -> list[Variant]:
     """One variant per checkpoint, or per dial setting for a checkpoint with a threshold router."""
-    if dial and not any(model.threshold_routers() for model in models):
+    if dial and not any(model.dialable for model in models):
         raise DynamoeError("--dial sets the routing threshold of topp and dynamic routers, but none of the checkpoints has "
                            "one; drop --dial or add a topp/dynamic checkpoint")
     variants = []
     for name, checkpoint, model in zip(short_names([Path(c) for c in checkpoints]), checkpoints, models):
-        settings: Sequence[float | None] = dial if dial and model.threshold_routers() else [None]
+        settings: Sequence[float | None] = dial if dial and model.dialable else [None]
         variants += [Variant(name if t is None else f"{name} @{t:g}", str(checkpoint), model, t) for t in settings]
     return variants
 
@@ -415,8 +413,8 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     with tqdm(total=len(variants) * (settings.repeats + 2), desc="bench", disable=not progress) as bar:
         for variant in variants:
             bar.set_postfix_str(f"eval {variant.name}")
-            variant.apply()
-            reports.append(evaluate_tokens(variant.model, tokens, max_tokens=settings.eval_tokens, progress=False))
+            reports.append(evaluate_tokens(variant.model, tokens, max_tokens=settings.eval_tokens, progress=False,
+                                           dial=variant.threshold))
             bar.update()
         # Round -1 is a warm-up whose samples are dropped; then every round visits every variant in turn.
         for round_index in range(-1, settings.repeats):

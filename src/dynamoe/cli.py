@@ -129,14 +129,13 @@ def evaluate(
     if max_tokens < 1:
         raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
     model, _ = load_model(checkpoint, device=resolve_device(device))
-    if threshold is not None:
-        model.set_routing_threshold(threshold)
+    model.layer_thresholds(threshold)  # a model without a dial refuses one before the data is read
     if data is not None:
         tokens = user_tokens_by_domain(data, load_tokenizer_for(checkpoint))
     else:
         check_same_tokenizer(checkpoint, corpus)
         tokens = split_tokens_by_domain(corpus, split)
-    report = evaluate_tokens(model, tokens, max_tokens=max_tokens, progress=not as_json)
+    report = evaluate_tokens(model, tokens, max_tokens=max_tokens, progress=not as_json, dial=threshold)
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report, title=str(checkpoint)))
 
 
@@ -170,15 +169,13 @@ def generate(
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
     model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, dtype=getattr(torch, dtype))
-    if threshold is not None:
-        model.set_routing_threshold(threshold)
     if compile:
         model.compile_decode()
     tokenizer = load_tokenizer_for(checkpoint)
     if show_experts and not model.routers():
         raise DynamoeError(f"--show-experts needs an MoE model, but {checkpoint} is dense; drop --show-experts")
     events = stream(model, tokenizer.encode(prompt).ids, max_new_tokens, sampling, stop_ids={eos_id(tokenizer)},
-                    stop=stop or (), decode=tokenizer.decode)
+                    stop=stop or (), decode=tokenizer.decode, dial=threshold)
     colour = show_experts and (color == "always" or (color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ))
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -316,7 +313,13 @@ def serve(
     max_body_bytes: Annotated[int, "largest request body"] = 1_000_000,
     timeout: Annotated[float, "seconds a request may wait and run before it is cancelled (504)"] = 300.0,
     read_timeout: Annotated[float, "seconds a client may take to send a request's headers, and again its body"] = 5.0,
-    batch_window_ms: Annotated[float, "an idle server waits this long for requests to batch together"] = 5.0,
+    batch_window_ms: Annotated[float, "an idle server waits this long for requests to prefill together"] = 5.0,
+    scheduler: Annotated[Literal["continuous", "static"], "continuous: requests join the running batch between decode "
+                         "steps; static: the former dynamic batching (a batch of one dial runs until its last row ends), "
+                         "kept for comparison"] = "continuous",
+    prefill_chunk: Annotated[int, "prompt tokens per prefill call; a longer prompt is prefilled over several decode "
+                             "steps, so that it does not stall the others"] = 512,
+    compile: Annotated[bool, "decode through torch.compile: faster steps after a compilation per batch size"] = False,
     device: Device = "auto",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, lm-eval's endpoints)."""
@@ -326,7 +329,8 @@ def serve(
     serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key_from(api_key, os.environ),
                      model_name=model_name, threshold=threshold, max_batch_size=max_batch_size, max_queue=max_queue,
                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                     timeout=timeout, read_timeout=read_timeout, batch_window_ms=batch_window_ms, device=device)
+                     timeout=timeout, read_timeout=read_timeout, batch_window_ms=batch_window_ms, scheduler=scheduler,
+                     prefill_chunk=prefill_chunk, compile=compile, device=device)
 
 
 def import_hf(

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dynamoe.data import TokenDataset, encode_documents, user_documents
 from dynamoe.errors import DynamoeError
-from dynamoe.model import Transformer
+from dynamoe.model import Dial, Transformer
 
 
 @dataclass
@@ -99,8 +99,10 @@ def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None, batch_size
 
 @torch.no_grad()
 def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray], *, seq_len: int | None = None,
-                    max_tokens: int | None = 50_000, batch_size: int = 8, progress: bool = True) -> EvalReport:
-    """Perplexity and routing statistics of `model` on each domain's token stream."""
+                    max_tokens: int | None = 50_000, batch_size: int = 8, progress: bool = True,
+                    dial: Dial = None) -> EvalReport:
+    """Perplexity and routing statistics of `model` on each domain's token stream, routed at `dial` (None: as trained)."""
+    model.layer_thresholds(dial)  # a model without a dial refuses one before any work
     cfg = model.config
     seq_len = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
     device = next(model.parameters()).device
@@ -115,7 +117,7 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
         batches = windows(tokens, seq_len, max_tokens, batch_size, domain)
         for x, y in tqdm(batches, desc=f"eval {domain}", disable=not progress, leave=False):
             x, y = x.to(device), y.to(device)
-            out = model(x)
+            out = model(x, thresholds_BL=model.routing_thresholds([dial] * x.shape[0]))
             token_losses = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none")
             acc.add(token_losses, [r.k_T for r in out.routings])
         reports.append(acc.report(domain, n_moe_layers > 0))

@@ -1,9 +1,10 @@
 """Text generation: prefill the prompt, then decode one token at a time from a preallocated KV cache.
 
-Small pure functions in the manner of gpt-fast: `prefill` and `decode_one_token` run the model,
-`sample` picks tokens, `stream` drives them and yields each token as it is decoded, `generate`
-collects a stream. Prompts of different lengths run as one batch: right-padded, each row decoding
-at its own positions, so that every row computes what it would compute alone (see `_stream`).
+Small pure functions in the manner of gpt-fast: `prefill`, `decode_step` and `decode_one_token` run
+the model, `sample` picks tokens, `visible_text` decides what of a continuation may be shown. `stream`
+runs prompts as the rows of one batch of the decode core (dynamoe.decoding, which the server shares)
+and yields each token as it is decoded; `generate` collects a stream. Each row decodes at its own
+positions, so that every row computes what it would compute alone.
 
 Shape legend: B batch (one row per prompt), T tokens in this call, V vocabulary.
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
-from dynamoe.model import Routing, Transformer
+from dynamoe.model import Dial, ModelOutput, Routing, Transformer
+
+if TYPE_CHECKING:
+    from dynamoe.decoding import NewToken
 
 FinishReason = Literal["stop", "eos", "length"]  # a stop string, a stop token, max_new_tokens
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for the bytes of a character not yet complete
@@ -51,17 +55,6 @@ class SamplingConfig:
 
 
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One decoded token of one prompt, as `stream` yields it."""
-
-    row: int  # index of the prompt
-    token_id: int
-    experts: float | None  # mean experts/token over the MoE layers in the step that produced it; None if dense
-    text: str  # newly visible text: '' while held back (a partial character, a possible stop string)
-    finish_reason: FinishReason | None  # set on the row's last event
 
 
 @dataclass
@@ -113,10 +106,11 @@ def mean_experts(routings: Sequence[Routing], B: int, T: int) -> torch.Tensor | 
 
 
 @torch.no_grad()
-def prefill(model: Transformer, idx_BT: torch.Tensor, lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def prefill(model: Transformer, idx_BT: torch.Tensor, lengths_B: torch.Tensor, thresholds_BL: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fill the KV cache with right-padded prompts; logits and mean experts at each row's last prompt token."""
     B, T = idx_BT.shape
-    out = model(idx_BT, input_pos_T=torch.arange(T, device=idx_BT.device))
+    out = model(idx_BT, input_pos_T=torch.arange(T, device=idx_BT.device), thresholds_BL=thresholds_BL)
     last_B = lengths_B - 1
     rows_B = torch.arange(B, device=idx_BT.device)
     experts_BT = mean_experts(out.routings, B, T)
@@ -124,29 +118,42 @@ def prefill(model: Transformer, idx_BT: torch.Tensor, lengths_B: torch.Tensor) -
 
 
 @torch.no_grad()
+def decode_step(model: Transformer, token_B1: torch.Tensor, input_pos_B1: torch.Tensor,
+                thresholds_BL: torch.Tensor | None = None, cache_rows: slice | None = None) -> ModelOutput:
+    """Feed one token per row at its own position, through the compiled graph when compile_decode has run."""
+    return (model.compiled_decode or model)(token_B1, input_pos_T=input_pos_B1, thresholds_BL=thresholds_BL,
+                                            cache_rows=cache_rows)
+
+
+@torch.no_grad()
 def decode_one_token(model: Transformer, token_B1: torch.Tensor, input_pos_B1: torch.Tensor, sampling: SamplingConfig,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     generator: torch.Generator | None = None, thresholds_BL: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed one token per row at its own position; the next token of each row and the mean experts spent on it."""
-    out = (model.compiled_decode or model)(token_B1, input_pos_T=input_pos_B1)
+    out = decode_step(model, token_B1, input_pos_B1, thresholds_BL)
     experts_B1 = mean_experts(out.routings, *token_B1.shape)
     return sample(out.logits[:, -1], sampling, generator), None if experts_B1 is None else experts_B1[:, 0]
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
            sampling: SamplingConfig = GREEDY, stop_ids: Collection[int] = (), stop: Sequence[str] = (),
-           decode: Callable[[list[int]], str] | None = None) -> Iterator[TokenEvent]:
-    """Yield each prompt's tokens as they are decoded; text and stop strings need `decode` (ids -> text)."""
+           decode: Callable[[list[int]], str] | None = None, dial: Dial = None) -> Iterator[NewToken]:
+    """Yield each prompt's tokens as they are decoded; text and stop strings need `decode` (ids -> text).
+
+    dial: the routing thresholds of every row (see Transformer.layer_thresholds); None routes as trained.
+    """
     rows = as_rows(prompt_ids)
     check_request(rows, max_new_tokens, model.config, stop, decode)
+    model.layer_thresholds(dial)
     # Checked here, not in the generator, so that a bad request fails at the call rather than at the first `next`.
-    return _stream(model, rows, max_new_tokens, sampling, frozenset(stop_ids), tuple(stop), decode)
+    return _stream(model, rows, max_new_tokens, sampling, frozenset(stop_ids), tuple(stop), decode, dial)
 
 
 def generate(model: Transformer, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingConfig = GREEDY, stop_ids: Collection[int] = (), stop: Sequence[str] = (),
-             decode: Callable[[list[int]], str] | None = None) -> list[Generation]:
+             decode: Callable[[list[int]], str] | None = None, dial: Dial = None) -> list[Generation]:
     """Generate a continuation of each prompt (one list of ids, or a batch of them); one Generation per prompt."""
-    events = list(stream(model, prompt_ids, max_new_tokens, sampling, stop_ids, stop, decode))
+    events = list(stream(model, prompt_ids, max_new_tokens, sampling, stop_ids, stop, decode, dial))
     results = []
     for row in range(len(as_rows(prompt_ids))):
         mine = [event for event in events if event.row == row]
@@ -188,48 +195,31 @@ def check_request(rows: list[list[int]], max_new_tokens: int, config: ModelConfi
 
 
 def _stream(model: Transformer, rows: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-            stop_ids: frozenset[int], stop: tuple[str, ...], decode: Callable[[list[int]], str] | None) -> Iterator[TokenEvent]:
-    """The decoding loop behind `stream`, with the KV cache alive only while it runs.
+            stop_ids: frozenset[int], stop: tuple[str, ...], decode: Callable[[list[int]], str] | None,
+            dial: Dial) -> Iterator[NewToken]:
+    """The decoding loop behind `stream`: every prompt a row of one DecodeBatch, its KV cache alive only while it runs.
 
-    Rows are right-padded, so every prompt starts at position 0 and the prefill can share positions.
-    Then row b feeds its i-th new token at its own position len_b + i: that slot is written before it
-    is read, and the pad entries beyond it are hidden by the causal mask until they are overwritten,
-    so padding never reaches a real token. Finished rows keep decoding (cheaper than reshaping the
-    cache) but yield nothing more.
+    Every row samples from its own generator seeded with sampling.seed, so that a prompt gives the same
+    tokens alone or in a batch.
     """
-    device = model.tok_embeddings.weight.device
-    lengths_B = torch.tensor([len(row) for row in rows], device=device)
-    idx_BT = torch.zeros(len(rows), int(lengths_B.max()), dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        idx_BT[b, :len(row)] = torch.tensor(row, device=device)
-    generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    generated: list[list[int]] = [[] for _ in rows]
-    shown = [""] * len(rows)
-    running = [True] * len(rows)
+    from dynamoe.decoding import DecodeBatch, DecodeRequest, NewToken  # the decode core builds on this module
 
-    model.setup_caches(len(rows), idx_BT.shape[1] + max_new_tokens)
+    events: list[NewToken] = []
+
+    def keep_tokens(event: object) -> None:
+        if isinstance(event, NewToken):
+            events.append(event)
+
+    batch = DecodeBatch(model, len(rows), decode)
     try:
-        logits_BV, experts_B = prefill(model, idx_BT, lengths_B)
-        token_B = sample(logits_BV, sampling, generator)
-        for step in range(max_new_tokens):
-            tokens, experts = token_B.tolist(), None if experts_B is None else experts_B.tolist()
-            for b in range(len(rows)):
-                if not running[b]:
-                    continue
-                generated[b].append(tokens[b])
-                finish: FinishReason | None = "eos" if tokens[b] in stop_ids else None
-                if finish is None and step == max_new_tokens - 1:
-                    finish = "length"
-                text, stopped = visible_text(generated[b], stop, decode, final=finish is not None)
-                if stopped:
-                    finish = "stop"
-                yield TokenEvent(b, tokens[b], None if experts is None else experts[b], text[len(shown[b]):], finish)
-                shown[b], running[b] = text, finish is None
-            if not any(running):
-                break
-            token_B, experts_B = decode_one_token(model, token_B[:, None], (lengths_B + step)[:, None], sampling, generator)
+        for index, row in enumerate(rows):
+            batch.add(DecodeRequest(tuple(row), max_new_tokens, sampling, stop, stop_ids, dial), keep_tokens, index)
+        while len(batch):
+            batch.step()
+            yield from events
+            events.clear()
     finally:
-        model.clear_caches()
+        batch.close()
 
 
 def visible_text(token_ids: list[int], stop: Sequence[str], decode: Callable[[list[int]], str] | None,

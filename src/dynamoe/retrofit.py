@@ -190,7 +190,6 @@ def retrofit(static: Transformer, data_dir: Path, cfg: RetrofitConfig, progress:
         train.check_window(seq_len)
         log["history"] = distill_temperature_heads(student, static.eval(), train, cfg, seq_len, progress)
         thresholds = calibrate_thresholds(student, calibration_BT, cfg.target_k, cfg.batch_size)
-    student.config = dataclasses.replace(student.config, layer_thresholds=thresholds)
-    student.set_routing_threshold(None)
+    student.set_trained_thresholds(thresholds)
     log["thresholds"] = thresholds
     return student, log

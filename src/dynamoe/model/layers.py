@@ -55,13 +55,31 @@ class KVCache(nn.Module):
         self.register_buffer("k_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_BHSd", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each row's new positions and return the whole cache."""
-        rows_B1 = torch.arange(k_BHTd.shape[0], device=k_BHTd.device)[:, None]
+    def update(self, input_pos_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor,
+               rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's new positions into cache rows `rows` (default: the first B) and return those rows."""
+        B = k_BHTd.shape[0]
+        # A slice of rows is a view: the write lands in the cache and nothing is copied.
+        k_BHSd, v_BHSd = (self.k_BHSd[:B], self.v_BHSd[:B]) if rows is None else (self.k_BHSd[rows], self.v_BHSd[rows])
+        rows_B1 = torch.arange(B, device=k_BHTd.device)[:, None]
         # Rows and positions indexed together come first, so the new entries go in as (B, T, H, d).
-        self.k_BHSd[rows_B1, :, input_pos_BT] = k_BHTd.transpose(1, 2)
-        self.v_BHSd[rows_B1, :, input_pos_BT] = v_BHTd.transpose(1, 2)
-        return self.k_BHSd, self.v_BHSd
+        k_BHSd[rows_B1, :, input_pos_BT] = k_BHTd.transpose(1, 2)
+        v_BHSd[rows_B1, :, input_pos_BT] = v_BHTd.transpose(1, 2)
+        return k_BHSd, v_BHSd
+
+    def grow(self, max_len: int) -> None:
+        """Room for max_len positions per row, the positions held so far kept."""
+        held = self.k_BHSd.shape[2]
+        for name in ("k_BHSd", "v_BHSd"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], max_len, old.shape[3])
+            new[:, :, :held] = old
+            setattr(self, name, new)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source` onto row `target`."""
+        self.k_BHSd[target] = self.k_BHSd[source]
+        self.v_BHSd[target] = self.v_BHSd[source]
 
 
 class Projection(nn.Module):
@@ -118,10 +136,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos_BT: torch.Tensor | None = None, cache_mask_B1TS: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos_BT: torch.Tensor | None = None, cache_mask_B1TS: torch.Tensor | None = None,
+                cache_rows: slice | None = None) -> torch.Tensor:
         """cos and sin: RoPE tables at this call's positions, (T, 1, d) or (B, T, 1, d) (see rope_tables).
-        Without input positions: causal attention over x. With them: write to and read from the KV cache,
-        where cache_mask_B1TS (see cache_mask) says which cached positions each query sees."""
+        Without input positions: causal attention over x. With them: write to and read from the KV cache
+        (its rows `cache_rows`, default the first B), where cache_mask_B1TS (see cache_mask) says which
+        cached positions each query sees."""
         B, T, _ = x_BTD.shape
         q_width, kv_width, _ = self.qkv_sizes
         qk, v = self.wqkv(x_BTD).split([q_width + kv_width, kv_width], dim=-1)
@@ -136,7 +156,7 @@ class Attention(nn.Module):
         if self.kv_cache is None or input_pos_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            k, v = self.kv_cache.update(input_pos_BT, k, v)
+            k, v = self.kv_cache.update(input_pos_BT, k, v, cache_rows)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -34,10 +34,12 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.shared_expert = SharedExpert(cfg.dim, cfg.shared_expert_dim) if cfg.shared_expert_dim else None
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x_BTD: torch.Tensor, threshold_B: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """threshold_B: each row's routing threshold (the compute dial); None routes as trained."""
         B, T, D = x_BTD.shape
         h_ND = x_BTD.reshape(B * T, D)
-        routing = self.router(h_ND)
+        threshold_N = None if threshold_B is None else threshold_B[:, None].expand(B, T).reshape(B * T)
+        routing = self.router(h_ND, threshold_N)
         y_ND = self.dispatcher(h_ND, routing, self.experts)
         if self.shared_expert is not None:
             y_ND = y_ND + self.shared_expert(h_ND)

@@ -92,14 +92,18 @@ class Router(nn.Module):
         fraction = min(1.0, past_hold / self.target_k_decay_steps) if self.target_k_decay_steps else 1.0
         return self.k_max + fraction * (self.target_k - self.k_max)
 
-    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
-        """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost."""
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
+        """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost.
+
+        threshold_T: each token's routing threshold (the compute dial), for the routers that have one;
+        None routes every token with the router's own (trained) threshold.
+        """
         raise NotImplementedError
 
-    def forward(self, h_TD: torch.Tensor) -> Routing:
+    def forward(self, h_TD: torch.Tensor, threshold_T: torch.Tensor | None = None) -> Routing:
         # At least fp32: the softmax and the cumulative sums decide k and are precision-sensitive.
         logits_TE = at_least_fp32(self.gate(h_TD))
-        experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE)
+        experts_TK, weights_TK, k_T, probs_TE, cost_T = self.select(h_TD, logits_TE, threshold_T)
         routing = Routing(experts_TK, weights_TK.type_as(h_TD), k_T, torch.zeros((), device=h_TD.device))
         if torch.is_grad_enabled():  # losses and statistics only matter for training; decoding skips their cost
             routing.stats["mean_k"] = k_T.float().mean().detach()
@@ -163,7 +167,7 @@ class TopKRouter(Router):
         super().__init__(cfg)
         self.top_k, self.renormalize = cfg.top_k, cfg.renormalize_topk
 
-    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -185,8 +189,11 @@ def mass_before(sorted_TK: torch.Tensor) -> torch.Tensor:
     return F.pad(sorted_TK.cumsum(-1)[:, :-1], (1, 0))
 
 
-def chosen_slots(mass_before_TK: torch.Tensor, threshold: float, k_min: int) -> torch.Tensor:
-    """The slots a threshold router keeps: those whose mass before is below the threshold, and the first k_min."""
+def chosen_slots(mass_before_TK: torch.Tensor, threshold: float | torch.Tensor, k_min: int) -> torch.Tensor:
+    """The slots a threshold router keeps: those whose mass before is below the threshold, and the first k_min.
+
+    threshold: one for every token, or a (T, 1) column with each token's own.
+    """
     chosen_TK = mass_before_TK < threshold
     if k_min > 1:
         chosen_TK[:, :k_min] = True
@@ -208,7 +215,7 @@ class TopPRouter(Router):
         """Softmax temperature per token; fixed at 1 here."""
         return 1.0
 
-    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         probs_TE = (logits_TE / self.temperature(h_TD)).softmax(dim=-1)
         sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
         # An expert is needed while the mass before it is still below the threshold. The exclusive cumsum
@@ -216,11 +223,12 @@ class TopPRouter(Router):
         # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
         # compute, which counts when decoding pays per kernel call.
         mass_before_TK = mass_before(sorted_TK)
-        chosen_TK = chosen_slots(mass_before_TK, self.threshold, self.k_min)
+        threshold = self.threshold if threshold_T is None else threshold_T[:, None].to(mass_before_TK.dtype)
+        chosen_TK = chosen_slots(mass_before_TK, threshold, self.k_min)
         k_T = chosen_TK.sum(-1)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
-            soft_chosen_TK = torch.sigmoid((self.threshold - mass_before_TK) / SOFT_K_SHARPNESS)
+            soft_chosen_TK = torch.sigmoid((threshold - mass_before_TK) / SOFT_K_SHARPNESS)
             soft_k_T = soft_chosen_TK.sum(-1)
             if self.straight_through:
                 chosen_TK = chosen_TK + (soft_chosen_TK - soft_chosen_TK.detach())
@@ -269,7 +277,7 @@ class ReLURouter(Router):
     penalty_may_reward = False
     uses_z_loss = False
 
-    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         gates_TE = F.relu(logits_TE)
         weights_TK, experts_TK = gates_TE.topk(self.k_max, dim=-1)
         k_T = (weights_TK > 0).sum(-1)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from dynamoe.model.packed import PackedWeight, count_packed, fresh, onednn_suppo
 from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
 INIT_STD = 0.02
+
+# The compute dial of one row: None routes as trained, a number is every MoE layer's threshold, a list one per layer.
+Dial = Union[float, Sequence[float], None]
 
 
 @dataclass
@@ -44,10 +47,11 @@ class Block(nn.Module):
         self.ffn: MoE | DenseFFN = MoE(cfg) if sparse else DenseFFN(cfg.dim, cfg.dense_hidden)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos_BT: torch.Tensor | None,
-                cache_mask_B1TS: torch.Tensor | None) -> tuple[torch.Tensor, Routing | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, input_pos_BT, cache_mask_B1TS)
+                cache_mask_B1TS: torch.Tensor | None, cache_rows: slice | None = None,
+                threshold_B: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, input_pos_BT, cache_mask_B1TS, cache_rows)
         if isinstance(self.ffn, MoE):
-            y_BTD, routing = self.ffn(self.ffn_norm(x_BTD))
+            y_BTD, routing = self.ffn(self.ffn_norm(x_BTD), threshold_B)
             return x_BTD + y_BTD, routing
         return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
 
@@ -69,7 +73,7 @@ class Transformer(nn.Module):
         self.compiled_decode: Callable[..., ModelOutput] | None = None  # see compile_decode
         self.tied_head_packed: PackedWeight | None = None  # see pack_weights
         if cfg.layer_thresholds is not None:
-            self.set_routing_threshold(None)
+            self.set_trained_thresholds(cfg.layer_thresholds)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -97,23 +101,46 @@ class Transformer(nn.Module):
         """The routers a routing threshold applies to (topp, dynamic); empty for topk, relu and dense models."""
         return [router for router in self.routers() if isinstance(router, TopPRouter)]
 
-    def set_routing_threshold(self, threshold: float | list[float] | None) -> None:
-        """The compute dial: route every layer with this probability mass threshold, or each layer with its own
-        (a list); None restores the trained ones (config.layer_thresholds, else config.threshold)."""
-        routers = self.threshold_routers()
-        if not routers:
+    @property
+    def dialable(self) -> bool:
+        """Whether this model's compute can be dialled: its routers route by a probability-mass threshold."""
+        return bool(self.threshold_routers())
+
+    def trained_thresholds(self) -> list[float]:
+        """The routing threshold of each MoE layer as trained (or calibrated); empty for a model without a dial."""
+        return [router.threshold for router in self.threshold_routers()]
+
+    def set_trained_thresholds(self, per_layer: list[float]) -> None:
+        """Make these per-layer thresholds the model's trained routing (retrofit's calibration); saved with it."""
+        per_layer = self.layer_thresholds(per_layer)
+        self.config = dataclasses.replace(self.config, layer_thresholds=per_layer)
+        for router, value in zip(self.threshold_routers(), per_layer):
+            router.threshold = value
+
+    def layer_thresholds(self, dial: Dial) -> list[float]:
+        """The threshold of every MoE layer at this dial setting: the trained ones for None, a number for every
+        layer, or a list with one per layer; DynamoeError for a model without a dial or a value out of range."""
+        if dial is None:
+            return self.trained_thresholds()
+        if not self.dialable:
             kind = f"the {self.config.router} router" if self.routers() else "a dense feed-forward"
             raise DynamoeError(f"the routing threshold only applies to the topp and dynamic routers, but this model "
                                f"has {kind}; its compute cannot be dialled")
-        if threshold is None:
-            threshold = self.config.layer_thresholds or self.config.threshold
-        per_layer = threshold if isinstance(threshold, list) else [threshold] * len(routers)
-        if len(per_layer) != len(routers):
-            raise DynamoeError(f"got {len(per_layer)} routing thresholds for {len(routers)} MoE layers")
+        n_layers = len(self.threshold_routers())
+        per_layer = list(dial) if isinstance(dial, (list, tuple)) else [dial] * n_layers
+        if len(per_layer) != n_layers:
+            raise DynamoeError(f"got {len(per_layer)} routing thresholds for {n_layers} MoE layers")
         for value in per_layer:
             check_threshold(value)
-        for router, value in zip(routers, per_layer):
-            router.threshold = float(value)
+        return [float(value) for value in per_layer]
+
+    def routing_thresholds(self, dials: Sequence[Dial]) -> torch.Tensor | None:
+        """(B, L) thresholds for rows at these dial settings (None: as trained), the forward pass's `thresholds_BL`;
+        None when every row routes as trained, which is also the fastest path."""
+        if all(dial is None for dial in dials):
+            return None
+        rows = [self.layer_thresholds(dial) for dial in dials]
+        return torch.tensor(rows, dtype=torch.float64, device=self.tok_embeddings.weight.device)
 
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         """Preallocate KV caches for incremental decoding."""
@@ -171,14 +198,33 @@ class Transformer(nn.Module):
         capability = f", CPU {torch.backends.cpu.get_cpu_capability()}" if weight.device.type == "cpu" else ""
         return f"{dtype} on {weight.device}: {matmuls}{compiled}{capability}"
 
+    def grow_caches(self, max_len: int) -> None:
+        """Lengthen the KV caches to max_len positions, keeping what they hold (a running batch needs more room)."""
+        for block in self.layers:
+            assert block.attn.kv_cache is not None
+            block.attn.kv_cache.grow(max_len)
+
+    def move_cache_row(self, source: int, target: int) -> None:
+        """Copy one row of every KV cache onto another (a running batch closing the gap a finished row left)."""
+        for block in self.layers:
+            assert block.attn.kv_cache is not None
+            block.attn.kv_cache.move_row(source, target)
+
+    def cache_length(self) -> int:
+        """Positions the KV caches hold (0 without caches)."""
+        cache = self.layers[0].attn.kv_cache
+        return 0 if cache is None else cache.k_BHSd.shape[2]
+
     def clear_caches(self) -> None:
         """Drop KV caches (full-sequence forward passes again)."""
         for block in self.layers:
             block.attn.kv_cache = None
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                input_pos_T: torch.Tensor | None = None) -> ModelOutput:
-        """input_pos_T: positions of this call's tokens, (T,) shared by every row or (B, T) one row each."""
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, input_pos_T: torch.Tensor | None = None,
+                thresholds_BL: torch.Tensor | None = None, cache_rows: slice | None = None) -> ModelOutput:
+        """input_pos_T: positions of this call's tokens, (T,) shared by every row or (B, T) one row each.
+        thresholds_BL: each row's routing threshold per MoE layer (see routing_thresholds); None routes as trained.
+        cache_rows: the rows of the KV cache this call's rows are (default: the first B)."""
         B, T = idx_BT.shape
         input_pos_BT, cache_mask_B1TS = None, None
         # RoPE tables at this call's positions, with a unit axis that broadcasts over the heads of (B, T, H, d).
@@ -193,10 +239,13 @@ class Transformer(nn.Module):
             cache = self.layers[0].attn.kv_cache
             if cache is not None:  # one mask for every layer: they share the cache length and positions
                 cache_mask_B1TS = cache_mask(input_pos_BT, cache.k_BHSd.shape[2])
+        # One (B,) column of thresholds per MoE layer, in depth order.
+        layer_thresholds = iter(thresholds_BL.unbind(1)) if thresholds_BL is not None else None
         x_BTD = self.tok_embeddings(idx_BT)
         routings: list[Routing] = []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, cos, sin, input_pos_BT, cache_mask_B1TS)
+            threshold_B = next(layer_thresholds) if layer_thresholds is not None and isinstance(block.ffn, MoE) else None
+            x_BTD, routing = block(x_BTD, cos, sin, input_pos_BT, cache_mask_B1TS, cache_rows, threshold_B)
             if routing is not None:
                 routings.append(routing)
         logits_BTV = self.head(self.norm(x_BTD))
@@ -222,13 +271,3 @@ class Transformer(nn.Module):
         """All parameters (tied weights once)."""
         return sum(p.numel() for p in self.parameters())
 
-
-@contextmanager
-def routing_threshold(model: Transformer, threshold: float | None) -> Iterator[Transformer]:
-    """Route with `threshold` inside the block, then restore the threshold in use before it."""
-    previous = [router.threshold for router in model.threshold_routers()]
-    model.set_routing_threshold(threshold)  # raises for a model without a threshold router
-    try:
-        yield model
-    finally:
-        model.set_routing_threshold(previous)

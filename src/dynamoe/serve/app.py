@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
+from importlib import resources
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +24,19 @@ from typing import Any, AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from dynamoe.data.tokenizer import EOS_TOKEN, eos_id
+from dynamoe.decoding import DecodeRequest, NewToken, PromptScored, RowDone
 from dynamoe.errors import DynamoeError
 from dynamoe.generate import SamplingConfig
-from dynamoe.model import Transformer
-from dynamoe.model.router import check_threshold
+from dynamoe.model import Dial, Transformer
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
-from dynamoe.serve.engine import (Engine, EngineLimits, Event, Job, JobFailed, NewToken, PromptScored, QueueFull, RowDone,
-                                  Sequence)
+from dynamoe.serve.dial import effort_dial
+from dynamoe.serve.engine import Engine, EngineLimits, EngineStopped, Job, JobEvent, JobFailed, QueueFull, Scheduler
 from dynamoe.serve.errors import APIError, error_body, error_response, install_error_handlers
 from dynamoe.serve.limits import BodyLimits, with_header_deadline
 from dynamoe.serve.metrics import Metrics
@@ -58,7 +59,7 @@ class ServeSettings:
 
     model_name: str = "dynamoe"  # the id clients pass as `model` and /v1/models lists
     api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
-    threshold: float | None = None  # default compute dial (None: the trained threshold)
+    threshold: float | None = None  # default compute dial (None: as trained)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_prompt_tokens: int | None = None  # longest prompt in tokens (None: the model's context)
     max_prompts: int = 64  # prompts in one completions request
@@ -71,6 +72,7 @@ class ServeSettings:
         """Raise DynamoeError naming the first setting out of range."""
         positive = {"--max-tokens": self.max_tokens_limit, "--max-body-bytes": self.max_body_bytes,
                     "--max-batch-size": self.engine.max_batch_size, "--max-queue": self.engine.max_queue,
+                    "--prefill-chunk": self.engine.prefill_chunk,
                     "--max-prompt-tokens": self.max_prompt_tokens or 1}
         for flag, value in positive.items():
             if value < 1:
@@ -105,8 +107,8 @@ class CountRequests:
         try:
             await self.app(scope, receive, status_send)
         finally:
-            self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
-            self.metrics.request_seconds.observe(time.perf_counter() - started, endpoint=endpoint)
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+            self.metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
 
 class Server:
@@ -123,21 +125,20 @@ class Server:
         self.eos_id = eos_id(self.tokenizer)
         self.vocab = Vocabulary(self.tokenizer.decode)
         self.metrics = Metrics()
-        self.dialable = bool(model.threshold_routers())
+        self.dialable = model.dialable
         self.routed = bool(model.routers())
-        self.threshold = self._default_threshold(settings.threshold)
+        self.default_dial = self._default_dial(settings.threshold)
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.config.max_seq_len, self.config.max_seq_len)
-        self.engine = Engine(model, self.tokenizer.decode, self.eos_id, settings.engine, self.metrics)
+        self.engine = Engine(model, self.tokenizer.decode, settings.engine, self.metrics)
         self.created = now()
 
-    def _default_threshold(self, requested: float | None) -> float | None:
-        if requested is None:
-            return self.config.threshold if self.dialable else None
-        check_threshold(requested)
-        if not self.dialable:
+    def _default_dial(self, requested: float | None) -> Dial:
+        """--threshold, checked; None (as trained) without it."""
+        if requested is not None and not self.dialable:
             raise DynamoeError(f"--threshold needs a topp or dynamic router, but this model's is "
                                f"{self.config.router if self.routed else 'a dense feed-forward'}; drop --threshold")
-        return float(requested)
+        self.model.layer_thresholds(requested)
+        return requested
 
     # -- requests to sequences ------------------------------------------------------------------------
 
@@ -147,15 +148,20 @@ class Server:
             raise APIError(404, f"model {name!r} is not served here; this server serves {self.settings.model_name!r}",
                            "model", "model_not_found")
 
-    def threshold_for(self, body: SamplingFields) -> float | None:
-        """The request's compute dial, or the server's default."""
+    def dial_for(self, body: SamplingFields) -> Dial:
+        """The request's compute dial: dynamoe.threshold, else reasoning_effort, else the server's default."""
         requested = body.dynamoe.threshold if body.dynamoe is not None else None
-        if requested is None:
-            return self.threshold
+        effort = body.reasoning_effort
+        if requested is not None and effort is not None:
+            raise APIError(400, "set dynamoe.threshold or reasoning_effort, not both: each sets the compute dial",
+                           "reasoning_effort")
+        if requested is None and effort in (None, "medium"):
+            return self.default_dial if effort is None else None  # medium: as trained
         if not self.dialable:
-            raise APIError(400, f"dynamoe.threshold needs a topp or dynamic router, but this model's router is "
-                                f"{self.config.router if self.routed else 'absent (dense)'}", "dynamoe.threshold")
-        return float(requested)
+            param = "dynamoe.threshold" if requested is not None else "reasoning_effort"
+            raise APIError(400, f"{param} needs a topp or dynamic router, but this model's router is "
+                                f"{self.config.router if self.routed else 'absent (dense)'}", param)
+        return float(requested) if requested is not None else effort_dial(effort, self.model.trained_thresholds())
 
     # The methods below do work that grows with the request: routes call them on a worker thread. The
     # tokenizer's batch calls release the GIL, so that even a megabyte of text leaves the event loop free.
@@ -213,8 +219,9 @@ class Server:
         return requested
 
     def sequences(self, prompts: list[list[int]], body: SamplingFields, max_tokens: int | None, param: str,
-                  stop: tuple[str, ...], logprobs: int | None, score_prompt: bool) -> list[Sequence]:
+                  stop: tuple[str, ...], logprobs: int | None, score_prompt: bool) -> list[DecodeRequest]:
         """One engine row per prompt and choice; choice j of a seeded request samples with seed + j."""
+        dial = self.dial_for(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         rows = []
         for ids in prompts:
@@ -225,33 +232,36 @@ class Server:
                 # A top_p that underflows float32 would drop every token; any tiny top_p keeps just the top one.
                 sampling = SamplingConfig(temperature=temperature, top_p=max(body.top_p, MIN_TOP_P), top_k=body.top_k,
                                           seed=(seed + choice) % (MAX_SEED + 1))
-                rows.append(Sequence(tuple(ids), new_tokens, sampling, stop, logprobs, score_prompt))
+                rows.append(DecodeRequest(tuple(ids), new_tokens, sampling, stop, frozenset({self.eos_id}), dial, logprobs,
+                                    score_prompt))
         return rows
 
     # -- jobs ---------------------------------------------------------------------------------------------
 
-    def submit(self, sequences: list[Sequence], threshold: float | None) -> tuple[Job, asyncio.Queue[Event]]:
+    def submit(self, sequences: list[DecodeRequest]) -> tuple[Job, asyncio.Queue[JobEvent]]:
         """Queue a job whose events arrive on the returned asyncio queue; 429 when the engine's queue is full."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-        def on_event(event: Event) -> None:  # called on the engine thread
+        def on_event(event: JobEvent) -> None:  # called on the engine thread
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop has closed: the server is shutting down
                 pass
 
-        job = Job(sequences, threshold, on_event)
+        job = Job(sequences, on_event)
         try:
             self.engine.submit(job)
         except QueueFull as full:
             raise APIError(429, f"the server is busy ({full}); retry shortly", code="queue_full") from None
+        except EngineStopped as stopped:
+            raise APIError(503, f"{stopped}; retry on another server or later", code="shutting_down") from None
         return job, events
 
-    async def events(self, job: Job, queue: asyncio.Queue[Event], deadline: float) -> AsyncIterator[Event]:
+    async def events(self, job: Job, queue: asyncio.Queue[JobEvent], deadline: float) -> AsyncIterator[JobEvent]:
         """The job's events until every row is done; 504 past the deadline, 500 if its batch failed."""
         loop = asyncio.get_running_loop()
-        remaining = len(job.sequences)
+        remaining = len(job.requests)
         try:
             while remaining:
                 try:
@@ -269,10 +279,14 @@ class Server:
             if remaining:  # abandoned: a timeout, a failure, or a client that went away
                 job.cancel()
 
+    def usage(self, rows: list[RowResult], body: SamplingFields) -> dict[str, Any]:
+        """The usage object of a request's rows (experts per layer when dynamoe.experts_per_layer asks for them)."""
+        return usage(rows, body.n, self.routed, body.dynamoe is not None and body.dynamoe.experts_per_layer)
+
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.settings.request_timeout_s
 
-    async def collect(self, request: Request, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult]) -> bool:
+    async def collect(self, request: Request, job: Job, queue: asyncio.Queue[JobEvent], rows: list[RowResult]) -> bool:
         """Fold every event into rows; False if the client disconnected first (the job is then cancelled)."""
         deadline = self.deadline()
 
@@ -303,8 +317,6 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                start_engine: bool = True) -> FastAPI:
     """The FastAPI app serving `model`; its engine thread runs from startup to shutdown."""
     server = Server(model.eval(), tokenizer, settings)
-    if server.threshold is not None:
-        model.set_routing_threshold(server.threshold)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -320,6 +332,13 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     app.state.server = server
     install_error_handlers(app)
 
+    playground = (resources.files("dynamoe.serve") / "static" / "playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground_page() -> HTMLResponse:
+        """The playground: a prompt, the compute dial, and the streamed tokens coloured by the experts each used."""
+        return HTMLResponse(playground)  # a static page (no key needed); its requests carry the key it is given
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: 200 while the server runs (no API key needed)."""
@@ -328,11 +347,15 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: requests, tokens, latency histograms, batch sizes, experts per token."""
-        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(server.metrics.render(), media_type=server.metrics.content_type)
 
     def model_card() -> dict[str, Any]:
+        cfg = server.config
+        routing = {"router": cfg.router if server.routed else None, "dialable": server.dialable,
+                   "k_max": (cfg.top_k if cfg.router == "topk" else cfg.k_max) if server.routed else None,
+                   "trained_thresholds": model.trained_thresholds()}
         return {"id": settings.model_name, "object": "model", "created": server.created, "owned_by": "dynamoe",
-                "max_model_len": server.config.max_seq_len}
+                "max_model_len": server.config.max_seq_len, "dynamoe": routing}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -371,7 +394,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         prompts = await asyncio.to_thread(server.prompt_ids, body.prompt)
         sequences = server.sequences(prompts, body, body.max_tokens, "max_tokens", body.stop_strings(), body.logprobs,
                                      score_prompt=body.echo and body.logprobs is not None)
-        job, queue = server.submit(sequences, server.threshold_for(body))
+        job, queue = server.submit(sequences)
         name, created, response_id = settings.model_name, now(), new_id("cmpl")
         rows = [RowResult(sequence.prompt_ids) for sequence in sequences]
         if body.stream:
@@ -385,7 +408,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
             choices = [completion_choice(server.vocab, index, row, body.echo, body.logprobs is not None)
                        for index, row in enumerate(rows)]
             return JSONResponse(envelope(response_id, "text_completion", name, created, choices,
-                                         usage(rows, body.n, server.routed)))
+                                         server.usage(rows, body)))
 
         return await asyncio.to_thread(answer)
 
@@ -398,7 +421,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         alternatives = (body.top_logprobs or 0) if body.logprobs else None
         sequences = server.sequences([prompt], body, body.max_completion_tokens or body.max_tokens, param,
                                      (*body.stop_strings(), CHAT_STOP), alternatives, score_prompt=False)
-        job, queue = server.submit(sequences, server.threshold_for(body))
+        job, queue = server.submit(sequences)
         created, response_id = now(), new_id("chatcmpl")
         rows = [RowResult(sequence.prompt_ids) for sequence in sequences]
         if body.stream:
@@ -414,7 +437,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                             "logprobs": chat_logprobs(server.vocab, row.token_ids, row.logprobs) if body.logprobs else None,
                             "finish_reason": row.done.finish_reason})
         return JSONResponse(envelope(response_id, "chat.completion", settings.model_name, created, choices,
-                                     usage(rows, body.n, server.routed)))
+                                     server.usage(rows, body)))
 
     # The last added runs first: count every answer, then check the key, then the body's size and deadline.
     app.add_middleware(BodyLimits, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
@@ -431,8 +454,8 @@ def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
     return uvicorn.Config(app, http=with_header_deadline(AutoHTTPProtocol, read_timeout_s), **options)
 
 
-async def stream_events(server: Server, job: Job, queue: asyncio.Queue[Event],
-                        on_event: Callable[[Event], list[str]], closing: Callable[[], list[str]]) -> AsyncIterator[str]:
+async def stream_events(server: Server, job: Job, queue: asyncio.Queue[JobEvent],
+                        on_event: Callable[[JobEvent], list[str]], closing: Callable[[], list[str]]) -> AsyncIterator[str]:
     """Server-sent events: on_event's chunks for each engine event, then closing's, then [DONE]; errors as an event."""
     started = time.perf_counter()
     first_token = True
@@ -451,20 +474,22 @@ async def stream_events(server: Server, job: Job, queue: asyncio.Queue[Event],
     yield DONE_LINE
 
 
-def stream_completion(server: Server, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult],
+def stream_completion(server: Server, job: Job, queue: asyncio.Queue[JobEvent], rows: list[RowResult],
                       body: CompletionRequest, response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
     """A streamed text_completion: echoed prompts first, then one chunk per token with text, then finish reasons."""
-    vocab, with_logprobs = server.vocab, body.logprobs is not None
+    vocab, with_logprobs, token_experts = server.vocab, body.logprobs is not None, wants_token_experts(body)
     prompt_texts = [vocab.decode(list(row.prompt_ids)) if body.echo else "" for row in rows]
 
-    def chunk(index: int, text: str, logprobs: dict[str, Any] | None = None, finish_reason: str | None = None) -> str:
+    def chunk(index: int, text: str, logprobs: dict[str, Any] | None = None, finish_reason: str | None = None,
+              experts: float | None = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse(envelope(response_id, "text_completion", server.settings.model_name, created, [choice]))
+        return sse(envelope(response_id, "text_completion", server.settings.model_name, created,
+                            [with_experts(choice, experts)]))
 
     # Echo without logprobs needs no model output: send the prompts at once.
     opening = [chunk(index, text) for index, text in enumerate(prompt_texts) if text and not with_logprobs]
 
-    def on_event(event: Event) -> list[str]:
+    def on_event(event: JobEvent) -> list[str]:
         row = rows[event.row]  # type: ignore[union-attr]
         row.add(event)  # type: ignore[arg-type]
         if isinstance(event, PromptScored):
@@ -475,6 +500,8 @@ def stream_completion(server: Server, job: Job, queue: asyncio.Queue[Event], row
             if with_logprobs:
                 start = len(prompt_texts[event.row]) + len(vocab.decode(row.token_ids[:-1]))
                 logprobs = completion_logprobs(vocab, [event.token_id], [event.logprob], start)
+            if token_experts:
+                return [chunk(event.row, event.text, logprobs, None, event.experts)]
             return [chunk(event.row, event.text, logprobs)] if event.text or logprobs else []
         assert isinstance(event, RowDone)
         return [chunk(event.row, "", None, event.finish_reason)]
@@ -483,7 +510,7 @@ def stream_completion(server: Server, job: Job, queue: asyncio.Queue[Event], row
         if not include_usage:
             return []
         return [sse(envelope(response_id, "text_completion", server.settings.model_name, created, [],
-                             usage(rows, body.n, server.routed)))]
+                             server.usage(rows, body)))]
 
     async def chunks() -> AsyncIterator[str]:
         for line in opening:
@@ -494,17 +521,19 @@ def stream_completion(server: Server, job: Job, queue: asyncio.Queue[Event], row
     return chunks()
 
 
-def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: list[RowResult], body: ChatRequest,
+def stream_chat(server: Server, job: Job, queue: asyncio.Queue[JobEvent], rows: list[RowResult], body: ChatRequest,
                 response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
     """A streamed chat.completion: the role first, then content deltas, then each choice's finish reason."""
     def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
-              logprobs: dict[str, Any] | None = None) -> str:
+              logprobs: dict[str, Any] | None = None, experts: float | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse(envelope(response_id, "chat.completion.chunk", server.settings.model_name, created, [choice]))
+        return sse(envelope(response_id, "chat.completion.chunk", server.settings.model_name, created,
+                            [with_experts(choice, experts)]))
 
     shown = [""] * len(rows)
+    token_experts = wants_token_experts(body)
 
-    def on_event(event: Event) -> list[str]:
+    def on_event(event: JobEvent) -> list[str]:
         row = rows[event.row]  # type: ignore[union-attr]
         row.add(event)  # type: ignore[arg-type]
         if isinstance(event, NewToken):
@@ -512,6 +541,8 @@ def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: lis
             text = event.text if shown[event.row] else event.text.lstrip()
             shown[event.row] += text
             logprobs = chat_logprobs(server.vocab, [event.token_id], [event.logprob]) if body.logprobs else None
+            if token_experts:
+                return [chunk(event.row, {"content": text}, None, logprobs, event.experts)]
             return [chunk(event.row, {"content": text}, None, logprobs)] if text or logprobs else []
         if isinstance(event, RowDone):
             return [chunk(event.row, {}, event.finish_reason)]
@@ -521,7 +552,7 @@ def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: lis
         if not include_usage:
             return []
         return [sse(envelope(response_id, "chat.completion.chunk", server.settings.model_name, created, [],
-                             usage(rows, body.n, server.routed)))]
+                             server.usage(rows, body)))]
 
     async def chunks() -> AsyncIterator[str]:
         for index in range(len(rows)):
@@ -532,16 +563,28 @@ def stream_chat(server: Server, job: Job, queue: asyncio.Queue[Event], rows: lis
     return chunks()
 
 
+def wants_token_experts(body: SamplingFields) -> bool:
+    """Whether streamed token chunks carry each token's experts."""
+    return body.dynamoe is not None and body.dynamoe.token_experts
+
+
+def with_experts(choice: dict[str, Any], experts: float | None) -> dict[str, Any]:
+    """A streamed choice, with its token's experts (dynamoe.token_experts) when there are some."""
+    return choice if experts is None else {**choice, "dynamoe": {"experts": round(experts, 4)}}
+
+
 def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                      model_name: str = "dynamoe", threshold: float | None = None, max_batch_size: int = 32,
                      max_queue: int = 256, max_tokens: int = 1024, max_prompt_tokens: int | None = None,
                      max_body_bytes: int = 1_000_000, timeout: float = 300.0, read_timeout: float = 5.0,
-                     batch_window_ms: float = 5.0, device: str = "auto") -> None:
+                     batch_window_ms: float = 5.0, scheduler: Scheduler = "continuous", prefill_chunk: int = 512,
+                     compile: bool = False, device: str = "auto") -> None:
     """Check the settings, load a checkpoint and serve it with uvicorn until interrupted (`dynamoe serve`)."""
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.train import resolve_device
 
-    limits = EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_ms / 1000)
+    limits = EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_ms / 1000,
+                          prefill_chunk=prefill_chunk, scheduler=scheduler)
     settings = ServeSettings(model_name=model_name, api_key=api_key, threshold=threshold, max_tokens_limit=max_tokens,
                              max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                              request_timeout_s=timeout, read_timeout_s=read_timeout, engine=limits)
@@ -549,6 +592,8 @@ def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8
     if not 0 <= port <= 65535:
         raise DynamoeError(f"--port={port} must be in 0..65535")
     model, _ = load_model(checkpoint, device=resolve_device(device), pack=True)
+    if compile:
+        model.compile_decode()
     app = create_app(model, load_tokenizer_for(checkpoint), settings)
     print(f"serving {checkpoint} as {model_name!r} on http://{host}:{port}/v1 "
           f"(API key {'required' if api_key else 'not required'}); Ctrl-C stops", flush=True)

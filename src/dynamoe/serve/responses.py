@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from dynamoe.serve.engine import NewToken, PromptScored, RowDone, TokenLogprob
+from dynamoe.decoding import NewToken, PromptScored, RowDone, TokenLogprob
 
 DONE_LINE = "data: [DONE]\n\n"
 
@@ -107,17 +107,24 @@ def chat_logprobs(vocab: Vocabulary, token_ids: Sequence[int], logprobs: Sequenc
     return {"content": content}
 
 
-def usage(rows: Sequence[RowResult], choices_per_prompt: int, routed: bool) -> dict[str, Any]:
-    """Token counts, plus dynamoe's mean experts per token over every position the model ran (None if dense)."""
+def usage(rows: Sequence[RowResult], choices_per_prompt: int, routed: bool, per_layer: bool = False) -> dict[str, Any]:
+    """Token counts, plus dynamoe's experts per generated token: the mean over MoE layers, and one per layer on request.
+
+    A generated token's experts are those of the forward pass that produced it; None for a dense model or
+    when no token was generated.
+    """
     # Rows run prompt by prompt, choices_per_prompt rows each; a prompt sampled n times is counted once, as OpenAI does.
     prompt_tokens = sum(len(row.prompt_ids) for row in rows[::choices_per_prompt])
     finished = [row.done for row in rows if row.done is not None]
     completion_tokens = sum(done.completion_tokens for done in finished)
-    positions = sum(done.positions for done in finished)
-    experts = sum(done.experts_sum for done in finished)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "mean_experts_per_token": round(experts / positions, 4) if routed and positions else None}
+    layers = [sum(sums) / completion_tokens for sums in zip(*(done.experts_per_layer for done in finished))] \
+        if routed and completion_tokens else []
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
+                            "mean_experts_per_token": round(sum(layers) / len(layers), 4) if layers else None}
+    if per_layer:
+        body["experts_per_layer"] = [round(k, 4) for k in layers] if layers else None
+    return body
 
 
 def envelope(response_id: str, kind: str, model: str, created: int, choices: list[dict[str, Any]],

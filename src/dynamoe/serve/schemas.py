@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dynamoe.serve.dial import ReasoningEffort
+
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
@@ -73,9 +75,11 @@ def is_text(value: str) -> bool:
 
 
 class DialOptions(Strict):
-    """dynamoe's extension: the compute dial of this request."""
+    """dynamoe's extension: the compute dial of this request, and what it reports about the experts it used."""
 
     threshold: Annotated[float, Field(gt=0, le=1)] | None = None
+    experts_per_layer: bool = False  # usage.experts_per_layer: experts per generated token, one mean per MoE layer
+    token_experts: bool = False  # streamed token chunks carry each token's experts (choice.dynamoe.experts)
 
 
 class StreamOptions(Strict):
@@ -116,6 +120,7 @@ class SamplingFields(Body):
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    reasoning_effort: ReasoningEffort | None = None  # OpenAI's compute setting, mapped onto the dial (serve/dial.py)
     dynamoe: DialOptions | None = None
 
     def stop_strings(self) -> tuple[str, ...]:

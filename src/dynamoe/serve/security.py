@@ -17,7 +17,7 @@ from dynamoe.errors import DynamoeError
 from dynamoe.serve.errors import error_response
 
 KEY_VARIABLE = "DYNAMOE_API_KEY"
-OPEN_PATHS = frozenset({"/health"})  # the only routes answered without the key
+OPEN_PATHS = frozenset({"/health", "/"})  # answered without the key: liveness, and the static playground page
 CLOSE = {"Connection": "close"}  # for answers sent before the body is read: the client may still be sending it
 
 
