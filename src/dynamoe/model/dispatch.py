@@ -86,10 +86,11 @@ def grouped_mm_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts, 
     ends_E = torch.searchsorted(sorted_ids_S, torch.arange(E, device=x_TD.device), right=True).to(torch.int32)
     used_S1 = (sorted_ids_S < E)[:, None]
     token_S = order_S // K
-    x_SD = torch.where(used_S1, x_TD.index_select(0, token_S), 0.0)
-    y_SD = torch.where(used_S1, experts.forward_grouped(x_SD, ends_E, dtype).type_as(x_TD), 0.0)
-    weight_S1 = routing.weights_TK.flatten()[order_S][:, None]
-    return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD * weight_S1)
+    # In `dtype` from the start: the slot tensors are k_max times the tokens, and their traffic is the cost.
+    x_SD = torch.where(used_S1, x_TD.to(dtype).index_select(0, token_S), 0.0)
+    y_SD = torch.where(used_S1, experts.forward_grouped(x_SD, ends_E), 0.0)
+    weight_S1 = routing.weights_TK.flatten()[order_S][:, None].to(dtype)
+    return torch.zeros_like(x_TD, dtype=dtype).index_add_(0, token_S, y_SD * weight_S1).type_as(x_TD)
 
 
 @functools.cache

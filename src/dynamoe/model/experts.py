@@ -37,11 +37,11 @@ class Experts(nn.Module):
         """Run one expert on the rows routed to it."""
         return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert))
 
-    def forward_grouped(self, x_SD: torch.Tensor, ends_E: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows sorted by expert (expert e's end at ends_E[e], int32) through torch._grouped_mm in `dtype`: two
-        grouped matmuls for all experts, group sizes read on the device. Rows past the last group are not written."""
-        gate, up = torch._grouped_mm(x_SD.to(dtype), self.w_gate_up.to(dtype), offs=ends_E).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), offs=ends_E)
+    def forward_grouped(self, x_SD: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (expert e's rows end at ends_E[e], int32) through torch._grouped_mm in x's dtype:
+        two grouped matmuls for all experts, the group sizes read on the device. Rows past the last group are not written."""
+        gate, up = torch._grouped_mm(x_SD, self.w_gate_up.to(x_SD.dtype), offs=ends_E).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.w_down.to(x_SD.dtype), offs=ends_E)
 
     def add_weighted_expert(self, expert: int, x_ND: torch.Tensor, weight_N1: torch.Tensor,
                             out_ND: torch.Tensor | None) -> torch.Tensor:
