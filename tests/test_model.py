@@ -8,7 +8,8 @@ import torch
 from dynamoe.config import ModelConfig, preset, tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import MoE, Transformer, reference_dispatch
-from dynamoe.model.dispatch import decode_dispatch, grouped_dispatch, grouped_mm_dispatch, sort_pairs_by_expert
+from dynamoe.model.dispatch import (decode_dispatch, grouped_dispatch, grouped_mm_dispatch, grouped_mm_works,
+                                    sort_pairs_by_expert)
 from dynamoe.model.layers import DenseFFN
 from dynamoe.model.router import DynamicRouter, build_router
 
@@ -97,6 +98,8 @@ def test_grouped_mm_dispatch_equals_the_plain_path(router_name: str, device: str
     assert routing.k_T.min() < routing.experts_TK.shape[1] or router_name == "topk"
     assert torch.bincount(routing.experts_TK[routing.mask_TK], minlength=8).min() == 0
     plain = grouped_dispatch(x, routing, moe.experts)
+    with torch.no_grad():  # the probe of the device works wherever the first call comes from
+        assert grouped_mm_works(torch.device(device))
     grouped = grouped_mm_dispatch(x, routing, moe.experts, dtype)
     params = [x, moe.experts.w_gate_up, moe.experts.w_down, moe.router.gate.weight]
     weights_RD = torch.randn_like(plain)  # a loss that weighs every output

@@ -95,10 +95,13 @@ def grouped_mm_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts, 
 
 @functools.cache
 def grouped_mm_works(device: torch.device) -> bool:
-    """Whether torch._grouped_mm runs bf16 on this device (on CUDA it needs a recent GPU); probed once per device."""
-    a, b = torch.zeros(16, 16, dtype=torch.bfloat16, device=device), torch.zeros(2, 16, 16, dtype=torch.bfloat16, device=device)
+    """Whether torch._grouped_mm runs forward and backward in bf16 on this device (on CUDA it needs a recent GPU), on
+    groups as training makes them: of any size, rows left past the last one. Probed once per device."""
+    a = torch.ones(13, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+    b = torch.ones(2, 16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
     try:
-        torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+        with torch.enable_grad():  # the first call may come from an evaluation
+            torch._grouped_mm(a, b, offs=torch.tensor([5, 11], dtype=torch.int32, device=device))[:11].sum().backward()
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
     return True
