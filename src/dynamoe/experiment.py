@@ -32,6 +32,7 @@ from dynamoe.train import TrainConfig, model_config_for_data, resolve_device
 RESULTS_JSON, SUMMARY_MD = "results.json", "summary.md"
 EXPERTS_PNG, LATENCY_PNG, DOMAINS_PNG = "perplexity_vs_experts.png", "perplexity_vs_latency.png", "perplexity_per_domain.png"
 PARITY_TOLERANCE = 0.01  # "reaches top-8's perplexity": within 1%
+MOE_PAYS = 0.03  # the regime where a MoE pays: static top-8 at least 3% below the dense model of top-2's active size
 TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
 REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
 ANALYSED = "dynamic-3"  # the model whose routing the report analyses
@@ -445,18 +446,24 @@ def row_named(rows: Sequence[Row], name: str) -> Row | None:
 def seed_claims(rows_by_seed: dict[int, list[Row]], result: Verdict, target_k: dict[str, float | None]) -> list[Claim]:
     """The report's claims tested seed by seed, on the variants the verdict (on the means) names.
 
+    - regime: static top-8 at least 3% below the dense model (a MoE pays at this scale);
     - parity: the verdict's dynamic variant (the fastest at parity, else the closest) within 1% of top-8;
     - equal compute: each dynamic model at its trained threshold below the static curve the verdict judges by,
       drawn through that seed's own static models at the model's own mean k;
     - DTop-p: each dynamic model better than the DTop-p model aimed at the same target k.
     """
     claims = []
+    seeds_rows = list(rows_by_seed.values())
+    dense = next((row.name for row in seeds_rows[0] if row.router == "dense"), None) if seeds_rows else None
+    if result.reference is not None and dense is not None:
+        claims.append(Claim(f"{result.reference} at least {MOE_PAYS:.0%} below {dense} (a MoE pays)",
+                            {seed: paired_margin(rows, result.reference, dense) for seed, rows in rows_by_seed.items()},
+                            -MOE_PAYS, inclusive=True))
     subject = result.fastest_at_parity or result.closest
     if result.reference is not None and subject is not None:
         claims.append(Claim(f"{subject} within {PARITY_TOLERANCE:.0%} of {result.reference}",
                             {seed: paired_margin(rows, subject, result.reference) for seed, rows in rows_by_seed.items()},
                             PARITY_TOLERANCE, inclusive=True))
-    seeds_rows = list(rows_by_seed.values())
     trained = [row for row in seeds_rows[0] if row.as_trained] if seeds_rows else []
     curve = curve_name(result.equal_compute_warm)
     for row in (row for row in trained if row.router == "dynamic"):
