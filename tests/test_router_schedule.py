@@ -102,14 +102,17 @@ def test_static_router_steps_down_from_k_max_to_top_k_one_whole_expert_at_a_time
     assert int(router.controller_steps) == 8
 
 
-def test_warm_static_router_at_the_end_of_its_schedule_routes_as_the_cold_one() -> None:
-    cold = build_router(tiny(router="topk", top_k=2))
-    warm = build_router(tiny(router="topk", top_k=2, target_k_decay_steps=3))
-    warm.load_state_dict({**cold.state_dict(), "controller_steps": torch.tensor(3)})
+def test_warm_static_router_routes_as_the_cold_one_at_inference_and_in_training() -> None:
+    cold = build_router(tiny(router="topk", top_k=2)).eval()
+    warm = build_router(tiny(router="topk", top_k=2, target_k_decay_steps=3)).eval()
+    warm.load_state_dict({**cold.state_dict(), "controller_steps": torch.tensor(3)})  # past its warm-up
     h_TD = torch.randn(10, tiny().dim)
-    a, b = cold(h_TD), warm(h_TD)
-    assert torch.equal(a.k_T, b.k_T) and torch.equal(a.experts_TK, b.experts_TK[:, :2])
-    torch.testing.assert_close(a.weights_TK, b.weights_TK[:, :2], rtol=0, atol=1e-7)
+    a, b = cold(h_TD), warm(h_TD)  # inference: the same operations once the warm-up's k is read
+    assert all(torch.equal(x, y) for x, y in ((a.k_T, b.k_T), (a.experts_TK, b.experts_TK), (a.weights_TK, b.weights_TK)))
+    trained = warm.train()(h_TD)  # training: k_max slots, the padding ones weighted 0
+    assert trained.experts_TK.shape == (10, 8) and torch.equal(trained.experts_TK[:, :2], a.experts_TK)
+    torch.testing.assert_close(trained.weights_TK[:, :2], a.weights_TK, rtol=0, atol=1e-7)
+    assert torch.all(trained.weights_TK[:, 2:] == 0)
 
 
 def test_dtopp_controller_moves_the_threshold_toward_the_target_and_keeps_it_in_range() -> None:

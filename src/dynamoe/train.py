@@ -21,9 +21,9 @@ import os
 import random
 import time
 from collections import deque
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import AbstractContextManager
 from typing import Any, Literal, TextIO
 
 import numpy as np

@@ -176,7 +176,7 @@ class TopKRouter(Router):
 
     Renormalising the top-k probabilities equals a softmax over the chosen experts' logits. Warmed up from
     dense routing (target_k_hold_steps, target_k_decay_steps), it runs k_max experts, then steps down to top_k
-    along the adaptive routers' schedule (rounded to whole experts), in k_max slots whose extra ones are padding.
+    along the adaptive routers' schedule, rounded to whole experts.
     """
 
     uses_controller = False
@@ -184,23 +184,26 @@ class TopKRouter(Router):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.top_k, self.renormalize = cfg.top_k, cfg.renormalize_topk
-        self.slots = self.k_max if self.has_target_schedule else self.top_k
 
     def current_k(self) -> torch.Tensor | int:
-        """Experts per token now: top_k, or the warm-up's k (a tensor, so that no step waits for the host)."""
+        """Experts per token now: top_k, or the warm-up's k (a tensor on the device)."""
         aimed_k = self.aimed_k()
         return torch.floor(aimed_k + 0.5).long() if isinstance(aimed_k, torch.Tensor) else self.top_k
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.slots, dim=-1)
-        k = self.current_k()
-        if isinstance(k, torch.Tensor):
-            weights_TK = weights_TK * (torch.arange(self.slots, device=k.device) < k)
+        T, k = h_TD.shape[0], self.current_k()
+        if isinstance(k, torch.Tensor) and not self.training:
+            k = int(k)  # inference reads the warm-up's k once: then the static router's own operations
+        if isinstance(k, int):
+            weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
+            k_T = torch.full((T,), k, dtype=torch.long, device=h_TD.device)
+        else:  # training: k_max slots, those past k padding, so that no step waits for the host
+            weights_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
+            weights_TK = weights_TK * (torch.arange(self.k_max, device=k.device) < k)
+            k_T = k.expand(T)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        T = h_TD.shape[0]
-        k_T = k.expand(T) if isinstance(k, torch.Tensor) else torch.full((T,), k, dtype=torch.long, device=h_TD.device)
         return experts_TK, weights_TK, k_T, probs_TE, None
 
 
