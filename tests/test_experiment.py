@@ -18,7 +18,7 @@ from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, GPU, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK,
-                                RESULTS_JSON, SUMMARY_MD, Claim, HeadlineProfile, Row, claim_lines, headline_profile,
+                                RESULTS_JSON, SUMMARY_MD, Claim, HeadlineProfile, Row, claim_lines, default_models, headline_profile,
                                 model_config, report_lines, run_headline, seed_claims, static_perplexity_at,
                                 training_compute, training_cost, verdict, verdict_lines)
 from dynamoe.runs import default_workers
@@ -149,8 +149,10 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
             if c.target_k_hold_steps or c.target_k_decay_steps} == {key: (76, 76) for key in warm}
     assert all(configs[f"top{k}-warm"] == dataclasses.replace(configs[f"top{k}"], target_k_hold_steps=76,
                                                              target_k_decay_steps=76) for k in (1, 2, 4))
-    unwarmed = model_config(MODELS[-1], dataclasses.replace(QUICK, dense_warmup=0.0), tiny_corpus)
+    cold = dataclasses.replace(QUICK, dense_warmup=0.0)
+    unwarmed = model_config(MODELS[-1], cold, tiny_corpus)
     assert (unwarmed.target_k_hold_steps, unwarmed.target_k_decay_steps) == (0, 0)
+    assert default_models(QUICK) == list(MODEL_KEYS) and "top2-warm" not in default_models(cold)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -161,6 +163,7 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     (["--jobs", "0"], "--jobs=0 must be at least 1"),
     (["--dense-warmup", "1.5"], "--dense-warmup 1.5 must be a fraction of the steps in [0, 1]"),
     (["--quick", "--profile", "gpu"], "--quick is --profile quick; it cannot go with --profile gpu"),
+    (["--dense-warmup", "0", "--models", "top8", "top2-warm"], "--dense-warmup 0 leaves nothing to warm up: top2-warm"),
 ])
 def test_cli_refuses_bad_choices(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["experiment", "headline", "--out", str(tmp_path), "--data-root", str(tmp_path), *args]) == 2

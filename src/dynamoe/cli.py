@@ -242,7 +242,8 @@ def experiment_headline(
     seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0; quick: 0 1 2); each adds a "
                                        "full round"] = None,
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 top4-warm top2-warm top1-warm dense dynamic-2 "
-                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 (default: all)"] = None,
+                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 (default: all; with --dense-warmup 0, "
+                                        "all but the -warm ones)"] = None,
     dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers and the -warm static "
                                           "ones up from dense routing: k_max for its first half, then falling to "
                                           "their own k (default: 0.6; 0: none)"] = None,
@@ -259,7 +260,7 @@ def experiment_headline(
     latency at quality parity, and each claim seed by seed."""
     import torch
 
-    from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
+    from dynamoe.experiment import command_line, default_models, headline_profile, run_headline
     from dynamoe.runs import default_workers
     from dynamoe.train import resolve_device
 
@@ -269,7 +270,7 @@ def experiment_headline(
     if quick and profile not in ("default", "quick"):
         raise DynamoeError(f"--quick is --profile quick; it cannot go with --profile {profile}")
     chosen = headline_profile("quick" if quick else profile, preset, tokens, dense_warmup)
-    seeds, models = seeds or list(chosen.seeds), models or list(MODEL_KEYS)
+    seeds, models = seeds or list(chosen.seeds), models or default_models(chosen)
     device_type = resolve_device(device).type
     if jobs is None and chosen.gpu_parallel and device_type == "cuda":
         jobs = len(models)

@@ -514,13 +514,25 @@ def _percent(margin: float | None) -> str:
 
 # ----------------------------------------------------------------------------- the run
 
-def check_choices(seeds: Sequence[int], models: Sequence[str]) -> None:
-    """Raise DynamoeError for an empty, repeated or unknown seed or model."""
+WARM_STATIC = tuple(model.key for model in MODELS if model.warm and model.overrides["router"] == "topk")
+
+
+def default_models(profile: HeadlineProfile) -> list[str]:
+    """Every model, less the warmed-up static ones when the profile has no warm-up (they would be the cold ones)."""
+    return [key for key in MODEL_KEYS if profile.dense_warmup > 0 or key not in WARM_STATIC]
+
+
+def check_choices(seeds: Sequence[int], models: Sequence[str], profile: HeadlineProfile) -> None:
+    """Raise DynamoeError for an empty, repeated or unknown seed or model, or a warmed-up model without a warm-up."""
     if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s < 2 ** 32 for s in seeds):
         raise DynamoeError(f"--seeds {' '.join(map(str, seeds))}: give one or more distinct seeds in [0, 2**32)")
     unknown = [m for m in models if m not in MODEL_KEYS]
     if not models or unknown or len(set(models)) != len(models):
         raise DynamoeError(f"--models {' '.join(models)}: give distinct models among {', '.join(MODEL_KEYS)}")
+    unwarmed = [m for m in models if m in WARM_STATIC and profile.dense_warmup == 0]
+    if unwarmed:
+        raise DynamoeError(f"--dense-warmup 0 leaves nothing to warm up: {', '.join(unwarmed)} would be the cold models; "
+                           "leave them out of --models")
 
 
 def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Sequence[float], settings: BenchSettings,
@@ -563,17 +575,18 @@ def training_compute(run_dir: Path, cfg: ModelConfig, tokens: int) -> dict[str, 
     return {"mean_k": mean_k, "ffn_flops": 6.0 * tokens * layers * mean_k * weights_per_expert}
 
 
-def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] | None = None, models: Sequence[str] = MODEL_KEYS,
+def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] | None = None, models: Sequence[str] | None = None,
                  out: Path = Path("runs/headline"), data_root: Path = Path("data"), corpus: Path | None = None,
                  device: str = "auto", progress: bool = True, command: str = "", workers: int = 1,
                  threads: int | None = None) -> dict[str, Any]:
     """Train (or reuse) every model for every seed, bench them, analyse one, and write the report folder `out`.
 
-    seeds: None for the profile's. workers: trainings at once, each in its own process of `threads` CPU threads
-    (see runs.train_jobs).
+    seeds: None for the profile's; models: None for default_models. workers: trainings at once, each in its own
+    process of `threads` CPU threads (see runs.train_jobs).
     """
     seeds = list(profile.seeds if seeds is None else seeds)
-    check_choices(seeds, models)
+    models = default_models(profile) if models is None else models
+    check_choices(seeds, models, profile)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     data_dir = corpus or build_corpus(data_root / f"headline-{profile.name}", vocab_size=profile.vocab_size,
@@ -804,6 +817,6 @@ def command_line(profile_name: str, preset_name: str | None, tokens: int | None,
     words = ["dynamoe", "experiment", "headline", *(["--profile", profile_name] if profile_name != DEFAULT.name else [])]
     words += [*(["--preset", preset_name] if preset_name else []), *(["--tokens", str(tokens)] if tokens else [])]
     words += ["--dense-warmup", str(dense_warmup)] if dense_warmup is not None else []
-    words += ["--seeds", *map(str, seeds), *(["--models", *models] if tuple(models) != MODEL_KEYS else []), "--out", str(out)]
+    words += ["--seeds", *map(str, seeds), *(["--models", *models] if len(models) != len(MODEL_KEYS) else []), "--out", str(out)]
     return shlex.join(words)
 
