@@ -332,3 +332,16 @@ def test_gpu_profile_machinery_at_tiny_size(tmp_path: Path, tiny_corpus: Path) -
     assert [claim["statement"] for claim in results["claims"]][1:] == [  # no dense model: no regime claim
         "dynamic-3 below the warmed-up static top-k curve at its own experts/token",
         "dynamic-3 better than dtopp-3 (the same target k)"]
+
+
+@pytest.mark.parametrize("args, out, seeds, models", [
+    ([], "runs/headline", [0], 14), (["--quick"], "runs/headline-quick", [0, 1, 2], 14),
+    (["--profile", "gpu"], "runs/headline-gpu", [0], 14), (["--profile", "quick", "--dense-warmup", "0"],
+                                                           "runs/headline-quick", [0, 1, 2], 11)])
+def test_each_profile_has_its_own_report_folder_seeds_and_models(args: list[str], out: str, seeds: list[int], models: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: dict = {}
+    monkeypatch.setattr("dynamoe.experiment.run_headline", lambda profile, **kwargs: asked.update(kwargs, profile=profile))
+    assert main(["experiment", "headline", "--device", "cpu", *args]) == 0
+    assert str(asked["out"]) == out and asked["seeds"] == seeds and len(asked["models"]) == models
+    assert asked["command"].endswith(f"--out {out}")

@@ -247,7 +247,8 @@ def experiment_headline(
     dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers and the -warm static "
                                           "ones up from dense routing: k_max for its first half, then falling to "
                                           "their own k (default: 0.6; 0: none)"] = None,
-    out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
+    out: Annotated[Path | None, "report folder; the runs go in OUT/seed-S/MODEL (default: runs/headline, "
+                                "runs/headline-quick, runs/headline-gpu)"] = None,
     data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
     corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,
     jobs: Annotated[int | None, "models trained at once, each in its own process (default: one per CPU core up to 4; "
@@ -270,6 +271,7 @@ def experiment_headline(
     if quick and profile not in ("default", "quick"):
         raise DynamoeError(f"--quick is --profile quick; it cannot go with --profile {profile}")
     chosen = headline_profile("quick" if quick else profile, preset, tokens, dense_warmup)
+    out = out or Path("runs/headline" + ("" if chosen.name == "default" else f"-{chosen.name}"))
     seeds, models = seeds or list(chosen.seeds), models or default_models(chosen)
     device_type = resolve_device(device).type
     if jobs is None and chosen.gpu_parallel and device_type == "cuda":
