@@ -22,7 +22,8 @@ from dynamoe.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
-from dynamoe.train import TrainConfig, lr_at, model_config_for_data, step_if_finite, train
+from dynamoe.data import TokenDataset
+from dynamoe.train import TrainConfig, build_optimizer, lr_at, model_config_for_data, step_if_finite, train, train_step
 
 
 def config(data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:
@@ -346,3 +347,26 @@ def test_bf16_autocast_trains_and_evaluates(tiny_corpus: Path, tmp_path: Path) -
     assert bf16.val_loss != fp32.val_loss and abs(bf16.val_loss - fp32.val_loss) < 0.1
     with pytest.raises(DynamoeError, match="precision='fp16' must be auto, fp32 or bf16"):
         config(tiny_corpus, tmp_path, precision="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("router", ["dynamic", "topk", "dtopp"])
+def test_a_training_step_on_a_gpu_never_waits_for_the_device(router: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    # bf16 autocast, grouped expert matmuls, the fused optimizer's skip, the controllers and the warm-up schedule on
+    # the device: torch's sync debug mode raises at the first operation that would make the host wait.
+    cfg = tiny(router=router, target_k=2.0, top_k=2, target_k_hold_steps=1, target_k_decay_steps=3)
+    settings = config(tiny_corpus, tmp_path, device="cuda")
+    device = torch.device("cuda")
+    model = Transformer(cfg).to(device).train()
+    optimizer = build_optimizer(model, settings)
+    data = TokenDataset(tiny_corpus, "train")
+    assert optimizer.defaults["fused"]
+    train_step(model, optimizer, data, settings, 1, 64, device).read()  # first calls: allocations, the probe
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queued = [train_step(model, optimizer, data, settings, step, 64, device) for step in range(2, 6)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    results = [step.read() for step in queued]
+    assert all(math.isfinite(r.loss) and not r.skipped for r in results)
+    assert [int(r.controller_steps) for r in model.routers()] == [5, 5]

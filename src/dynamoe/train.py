@@ -193,12 +193,29 @@ class StepResult:
 
 @dataclass(frozen=True)
 class QueuedStep:
-    """An optimizer step as the device measured it, read on the host (one transfer) only when the loop needs it."""
+    """An optimizer step as the device measured it, read on the host only when the loop needs it."""
 
     measured: torch.Tensor  # loss, lm_loss, aux_loss, grad norm, applied (1 or 0), then the mean k of each MoE layer
+    copied: torch.cuda.Event | None = None  # on a GPU: recorded once `measured` is on its way to pinned host memory
+
+    @classmethod
+    def queue(cls, measured: torch.Tensor) -> "QueuedStep":
+        """Start the one device-to-host copy of a step's numbers; on a GPU without waiting for it.
+
+        Reading the device tensor later would wait for every step queued since; the event marks this one's end.
+        """
+        if not measured.is_cuda:
+            return cls(measured)
+        host = torch.empty(measured.shape, dtype=measured.dtype, pin_memory=True)
+        host.copy_(measured, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied)
 
     def read(self) -> StepResult:
-        """The step's numbers on the host: waits for the step to finish."""
+        """The step's numbers on the host: waits for this step to finish, not for the ones queued after it."""
+        if self.copied is not None:
+            self.copied.synchronize()
         loss, lm_loss, aux_loss, norm, applied, *mean_k = self.measured.tolist()
         return StepResult(loss, lm_loss, aux_loss, norm, mean_k, skipped=not applied)
 
@@ -279,7 +296,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: Token
                step: int, seq_len: int, device: torch.device, parallel: Parallelism = SingleProcess()) -> QueuedStep:
     """Accumulate grad_accum micro-batches, clip, then step the optimizer and controllers, or skip if non-finite.
 
-    Nothing here waits for a GPU (see step_if_finite): the step is queued, and QueuedStep.read gives its numbers.
+    Nothing here waits for a GPU (see step_if_finite, QueuedStep): the step is queued, and QueuedStep.read gives
+    its numbers.
     With several processes, each takes its slice of every micro-batch and the measurements are averaged
     over them, so every rank takes the same decisions.
     """
@@ -301,7 +319,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: Token
     # A skipped step leaves weights, optimizer moments and controllers exactly as they were.
     model.update_controllers(measured[3:], finite)
     optimizer.zero_grad(set_to_none=True)
-    return QueuedStep(torch.cat([measured[:3], grad_norm, finite.reshape(1).float(), measured[3:]]))
+    return QueuedStep.queue(torch.cat([measured[:3], grad_norm, finite.reshape(1).float(), measured[3:]]))
 
 
 def reads_at_once(step: int, cfg: TrainConfig, evaluates: bool) -> bool:
