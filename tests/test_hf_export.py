@@ -67,6 +67,22 @@ def test_transformers_loads_the_export_with_identical_logits(architecture: str, 
     assert max_diff(model, reimported, tokens_BT) <= 1e-6
 
 
+def test_a_warmed_up_static_model_exports_once_past_its_warm_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny(router="topk", top_k=2, target_k_decay_steps=3, **STATIC["MixtralForCausalLM"])
+    model = save_dynamoe(cfg, tmp_path / "warming")  # at step 0: still routing with k_max experts
+    assert main(["export", str(tmp_path / "warming"), str(tmp_path / "refused")]) == 2
+    assert "still warming up from dense routing (it runs 8 experts per token" in capsys.readouterr().err
+    for router in model.routers():
+        router.controller_steps.fill_(3)
+    (tmp_path / "warm").mkdir()
+    cfg.save(tmp_path / "warm" / "config.json")
+    save_file(unique_state_dict(model), tmp_path / "warm" / "model.safetensors")
+    assert main(["export", str(tmp_path / "warm"), str(tmp_path / "hf")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    tokens_BT = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert max_diff(model, theirs, tokens_BT) <= TOLERANCE
+
+
 def test_dynamic_routing_is_refused_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = save_dynamoe(tiny(router="dynamic", target_k=2.0), tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2

@@ -8,11 +8,12 @@ import torch
 from dynamoe.config import ModelConfig, preset, tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import MoE, Transformer, reference_dispatch
-from dynamoe.model.dispatch import decode_dispatch, grouped_dispatch, sort_pairs_by_expert
+from dynamoe.model.dispatch import (decode_dispatch, grouped_dispatch, grouped_mm_dispatch, grouped_mm_works,
+                                    sort_pairs_by_expert)
 from dynamoe.model.layers import DenseFFN
 from dynamoe.model.router import DynamicRouter, build_router
 
-ROUTERS = ["topk", "dynamic", "topp", "relu"]
+ROUTERS = ["topk", "dynamic", "topp", "relu", "dtopp"]
 
 
 def test_one_expert_moe_equals_dense_ffn() -> None:
@@ -76,6 +77,37 @@ def test_fast_dispatch_equals_per_token_reference(router_name: str, dispatch) ->
     grad_slow = torch.autograd.grad(slow.square().sum(), params)
     for a, b in zip(grad_fast, grad_slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.bfloat16, marks=GPU)])
+@pytest.mark.parametrize("router_name", ["topk", "dynamic"])
+def test_grouped_mm_dispatch_equals_the_plain_path(router_name: str, device: str, dtype: torch.dtype) -> None:
+    # The GPU training path (torch._grouped_mm, group ends on the device, padding slots masked) against the plain
+    # per-expert loop, forward and backward: exactly in float32 (torch's CPU grouped matmul is a loop of mm),
+    # within bf16's precision otherwise. Padding slots (variable k) and an expert no token chose are included.
+    torch.manual_seed(5)
+    moe = MoE(tiny(router=router_name, top_k=2)).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(6, moe.experts.dim, device=device, requires_grad=True)
+    routing = moe.router(x)
+    assert routing.k_T.min() < routing.experts_TK.shape[1] or router_name == "topk"
+    assert torch.bincount(routing.experts_TK[routing.mask_TK], minlength=8).min() == 0
+    plain = grouped_dispatch(x, routing, moe.experts)
+    with torch.no_grad():  # the probe of the device works wherever the first call comes from
+        assert grouped_mm_works(torch.device(device))
+    grouped = grouped_mm_dispatch(x, routing, moe.experts, dtype)
+    params = [x, moe.experts.w_gate_up, moe.experts.w_down, moe.router.gate.weight]
+    weights_RD = torch.randn_like(plain)  # a loss that weighs every output
+    grads = [torch.autograd.grad((y * weights_RD).sum(), params, retain_graph=True) for y in (plain, grouped)]
+    exact = dtype == torch.float32
+    for a, b in [(plain, grouped), *zip(*grads)]:
+        scale = a.abs().max().item()
+        torch.testing.assert_close(b, a, rtol=0 if exact else 0.05, atol=0 if exact else 0.03 * scale)
 
 
 @pytest.mark.parametrize("router_name", ROUTERS)

@@ -22,7 +22,8 @@ from dynamoe.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
-from dynamoe.train import TrainConfig, lr_at, model_config_for_data, train
+from dynamoe.data import TokenDataset
+from dynamoe.train import TrainConfig, build_optimizer, lr_at, model_config_for_data, step_if_finite, train, train_step
 
 
 def config(data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:
@@ -303,10 +304,10 @@ def test_vocab_must_match_data(tiny_corpus: Path, tmp_path: Path) -> None:
         train(tiny(), config(tiny_corpus, tmp_path, seq_len=128))
 
 
-@pytest.mark.parametrize("target_k", [2.0, 3.0])
-def test_controller_reaches_target_k(tiny_corpus: Path, tmp_path: Path, target_k: float) -> None:
-    summary = train(tiny(target_k=target_k), config(tiny_corpus, tmp_path, steps=150, warmup_steps=10,
-                                                    save_every=1000, eval_batches=0))
+@pytest.mark.parametrize("router, target_k", [("dynamic", 2.0), ("dynamic", 3.0), ("dtopp", 3.0)])
+def test_controller_reaches_target_k(tiny_corpus: Path, tmp_path: Path, router: str, target_k: float) -> None:
+    summary = train(tiny(router=router, target_k=target_k), config(tiny_corpus, tmp_path, steps=150, warmup_steps=10,
+                                                                   save_every=1000, eval_batches=0))
     trajectory = [record["mean_k"] for record in read_log(tmp_path)]
     last = sum(trajectory[-20:]) / 20
     assert abs(last - target_k) <= 0.1 * target_k, \
@@ -322,3 +323,50 @@ def test_status_lines_replace_the_bar_one_line_per_checkpoint(tiny_corpus: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["[run] step 2/5", "[run] step 4/5", "[run] step 5/5"]
     assert all(", tok/s " in line and ", k " in line and line.split(": ")[1].startswith("loss ") for line in lines)
+
+
+def test_a_fused_optimizer_skips_a_non_finite_step_on_the_device() -> None:
+    # What a GPU run does (fused AdamW, found_inf): no host decision, and a skipped step changes nothing.
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    weight.grad = torch.full((4, 4), math.nan)
+    step_if_finite(optimizer, torch.tensor(False))
+    assert torch.equal(weight.detach(), torch.ones(4, 4))
+    assert int(optimizer.state[weight].get("step", torch.tensor(0))) == 0
+    weight.grad = torch.ones(4, 4)
+    step_if_finite(optimizer, torch.tensor(True))
+    assert int(optimizer.state[weight]["step"]) == 1 and torch.all(weight.detach() < 1)
+
+
+def test_bf16_autocast_trains_and_evaluates(tiny_corpus: Path, tmp_path: Path) -> None:
+    # What a GPU run does by default, here on the CPU: the forward passes under bf16 autocast.
+    fp32 = train(tiny(), config(tiny_corpus, tmp_path / "fp32", steps=12, save_every=100))
+    bf16 = train(tiny(), config(tiny_corpus, tmp_path / "bf16", steps=12, save_every=100, precision="bf16"))
+    log = read_log(tmp_path / "bf16")
+    assert log[-1]["loss"] < log[0]["loss"] and bf16.val_loss is not None and math.isfinite(bf16.val_loss)
+    assert bf16.val_loss != fp32.val_loss and abs(bf16.val_loss - fp32.val_loss) < 0.1
+    with pytest.raises(DynamoeError, match="precision='fp16' must be auto, fp32 or bf16"):
+        config(tiny_corpus, tmp_path, precision="fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("router", ["dynamic", "topk", "dtopp"])
+def test_a_training_step_on_a_gpu_never_waits_for_the_device(router: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    # bf16 autocast, grouped expert matmuls, the fused optimizer's skip, the controllers and the warm-up schedule on
+    # the device: torch's sync debug mode raises at the first operation that would make the host wait.
+    cfg = tiny(router=router, target_k=2.0, top_k=2, target_k_hold_steps=1, target_k_decay_steps=3)
+    settings = config(tiny_corpus, tmp_path, device="cuda")
+    device = torch.device("cuda")
+    model = Transformer(cfg).to(device).train()
+    optimizer = build_optimizer(model, settings)
+    data = TokenDataset(tiny_corpus, "train")
+    assert optimizer.defaults["fused"]
+    train_step(model, optimizer, data, settings, 1, 64, device).read()  # first calls: allocations, the probe
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queued = [train_step(model, optimizer, data, settings, step, 64, device) for step in range(2, 6)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    results = [step.read() for step in queued]
+    assert all(math.isfinite(r.loss) and not r.skipped for r in results)
+    assert [int(r.controller_steps) for r in model.routers()] == [5, 5]

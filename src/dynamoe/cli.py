@@ -64,7 +64,7 @@ def train(
     data: Annotated[Path, "built corpus folder"] = DEFAULT_DATA,
     out: Annotated[Path, "run folder for checkpoints and logs"] = Path("runs/model"),
     preset: Annotated[str, f"model size: {', '.join(PRESETS)}"] = "small",
-    router: Annotated[Literal["topk", "dynamic", "topp", "relu"], "routing rule"] = "dynamic",
+    router: Annotated[Literal["topk", "dynamic", "topp", "relu", "dtopp"], "routing rule"] = "dynamic",
     ffn: Annotated[Literal["moe", "dense"], "dense: the baseline with top-k's active size"] = "moe",
     target_k: Annotated[float | None, "mean experts/token the controller aims at (preset default: 3)"] = None,
     top_k: Annotated[int | None, "experts per token of the static router (preset default: 2)"] = None,
@@ -243,40 +243,53 @@ def demo(
 
 
 def experiment_headline(
-    preset: Annotated[str | None, f"model size: {', '.join(PRESETS)} (default: small; --quick narrows it)"] = None,
-    tokens: Annotated[int | None, "training tokens per model (default: 1000000; --quick: 262144)"] = None,
-    seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0); each adds a full round"] = None,
-    models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 dense dynamic-2 dynamic-3 dynamic-4 topp-3 "
-                                        "relu-3 (default: all)"] = None,
-    quick: Annotated[bool, "the under-20-minute profile: smaller corpus, model and budget"] = False,
-    dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers up from dense routing: "
-                                          "k_max for its first half, then falling to their target (default: 0.6; 0: none)"] = None,
-    out: Annotated[Path, "report folder; the runs go in OUT/seed-S/MODEL"] = Path("runs/headline"),
+    profile: Annotated[Literal["default", "quick", "gpu"], "default: 2 CPU cores, about 90 min; quick: three seeds of "
+                       "smaller models, under 30 min; gpu: where a MoE pays, about 10 min on one H200"] = "default",
+    quick: Annotated[bool, "the same as --profile quick"] = False,
+    preset: Annotated[str | None, f"model size: {', '.join(PRESETS)} (default: small, narrowed by quick and gpu)"] = None,
+    tokens: Annotated[int | None, "training tokens per model (default: 1000000; quick: 262144; gpu: 33554432)"] = None,
+    seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0; quick: 0 1 2); each adds a "
+                                       "full round"] = None,
+    models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 top4-warm top2-warm top1-warm dense dynamic-2 "
+                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 (default: all; with --dense-warmup 0, "
+                                        "all but the -warm ones)"] = None,
+    dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers and the -warm static "
+                                          "ones up from dense routing: k_max for its first half, then falling to "
+                                          "their own k (default: 0.6; 0: none)"] = None,
+    out: Annotated[Path | None, "report folder; the runs go in OUT/seed-S/MODEL (default: runs/headline, "
+                                "runs/headline-quick, runs/headline-gpu)"] = None,
     data_root: Annotated[Path, "where the corpus is built"] = Path("data"),
     corpus: Annotated[Path | None, "a built corpus to use instead of building the built-in one"] = None,
     jobs: Annotated[int | None, "models trained at once, each in its own process (default: one per CPU core up to 4; "
-                                "1 on a GPU)"] = None,
+                                "on a GPU 1, or every model of a seed with --profile gpu)"] = None,
     threads: Annotated[int | None, "torch CPU threads of each training and of the bench (default: the cores / --jobs)"] = None,
     device: Device = "auto",
     progress: Annotated[bool, "show progress bars (one training at a time only)"] = True,
 ) -> None:
-    """Dense, static top-k and adaptive routers on one budget, benched side by side: latency at quality parity."""
+    """Dense, static top-k (cold and warmed up) and adaptive routers on one budget, benched side by side over seeds:
+    latency at quality parity, and each claim seed by seed."""
     import torch
 
-    from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
+    from dynamoe.experiment import command_line, default_models, headline_profile, run_headline
     from dynamoe.runs import default_workers
     from dynamoe.train import resolve_device
 
     for name, value in (("jobs", jobs), ("threads", threads)):
         if value is not None and value < 1:
             raise DynamoeError(f"--{name}={value} must be at least 1")
-    jobs, auto_threads = default_workers(resolve_device(device), jobs)
+    if quick and profile not in ("default", "quick"):
+        raise DynamoeError(f"--quick is --profile quick; it cannot go with --profile {profile}")
+    chosen = headline_profile("quick" if quick else profile, preset, tokens, dense_warmup)
+    out = out or Path("runs/headline" + ("" if chosen.name == "default" else f"-{chosen.name}"))
+    seeds, models = seeds or list(chosen.seeds), models or default_models(chosen)
+    device_type = resolve_device(device).type
+    if jobs is None and chosen.gpu_parallel and device_type == "cuda":
+        jobs = len(models)
+    jobs, auto_threads = default_workers(device_type, jobs)
     threads = threads or auto_threads
     torch.set_num_threads(threads)
-    profile = headline_profile(quick, preset, tokens, dense_warmup)
-    seeds, models = seeds or [0], models or list(MODEL_KEYS)
-    run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
-                 progress=progress, command=command_line(quick, preset, tokens, seeds, models, out, dense_warmup),
+    run_headline(chosen, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
+                 progress=progress, command=command_line(chosen.name, preset, tokens, seeds, models, out, dense_warmup),
                  workers=jobs, threads=threads)
 
 

@@ -43,8 +43,8 @@ def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> 
     return cls(**data)
 
 
-RouterName = Literal["topk", "dynamic", "topp", "relu"]
-ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu")
+RouterName = Literal["topk", "dynamic", "topp", "relu", "dtopp"]
+ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu", "dtopp")
 
 
 @dataclass
@@ -83,7 +83,8 @@ class ModelConfig:
     controller_limit: float = 1.0  # bound of the integral term
     # Warm-up from dense routing: the controller aims at k_max for target_k_hold_steps controller steps, then
     # its target falls linearly to target_k over target_k_decay_steps, so that every expert trains on many
-    # tokens before the router learns to drop them (0 and 0: aim at target_k from the first step).
+    # tokens before the router learns to drop them (0 and 0: aim at target_k from the first step). A static
+    # top-k router follows the same schedule with its own k: k_max experts, then stepping down to top_k.
     target_k_hold_steps: int = 0
     target_k_decay_steps: int = 0
     balance_coef: float = 0.01  # load-balance loss over the selected (token, expert) pairs
@@ -140,6 +141,8 @@ class ModelConfig:
              and len(set(self.dense_layers)) == len(self.dense_layers),
              f"dense_layers={self.dense_layers!r} must be a list of distinct block indices in [0, n_layers={self.n_layers})")
         need(1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+        need(self.router != "topk" or self.target_k_hold_steps + self.target_k_decay_steps == 0 or self.top_k <= self.k_max,
+             f"a static router warming up from k_max={self.k_max} needs top_k={self.top_k} <= k_max")
         need(1 <= self.k_min <= self.k_max, f"need 1 <= k_min={self.k_min} <= k_max={self.k_max}")
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
@@ -210,9 +213,9 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def with_dense_warmup(cfg: ModelConfig, steps: int, fraction: float) -> ModelConfig:
-    """cfg warmed up from dense routing over `fraction` of `steps`: its controller aims at k_max for the first
-    half of it, then its target falls linearly to target_k over the second (adaptive routers only)."""
-    if cfg.ffn != "moe" or cfg.router == "topk" or cfg.target_k is None:
+    """cfg warmed up from dense routing over `fraction` of `steps`: k_max for the first half of it, then falling
+    linearly to the router's own k over the second (the controller's target_k, or a static router's top_k)."""
+    if cfg.ffn != "moe" or (cfg.router != "topk" and cfg.target_k is None):
         return cfg
     half = dense_warmup_half(steps, fraction)
     return dataclasses.replace(cfg, target_k_hold_steps=half, target_k_decay_steps=half)

@@ -1,6 +1,7 @@
-"""The headline experiment: dense, static top-k and adaptive routers trained on the same data, token budget and
-architecture, measured side by side by `dynamoe bench`, and a report that answers the project's claim —
-latency at quality parity — honestly, whatever it shows.
+"""The headline experiment: dense, static top-k (cold, and warmed up like the adaptive routers) and adaptive
+routers trained on the same data, token budget and architecture, over several seeds, measured side by side by
+`dynamoe bench`, and a report that answers the project's claim — latency at quality parity — honestly,
+whatever it shows: per claim, the paired difference on every seed and whether every seed agrees.
 
 Every model trains into its own run folder (out/seed-S/KEY) and is reused once finished or resumed after a
 kill, so an interrupted experiment continues where it stopped. The bench of a seed is reused while it is
@@ -10,6 +11,7 @@ newer than all of that seed's models.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shlex
 import time
@@ -30,10 +32,11 @@ from dynamoe.train import TrainConfig, model_config_for_data, resolve_device
 RESULTS_JSON, SUMMARY_MD = "results.json", "summary.md"
 EXPERTS_PNG, LATENCY_PNG, DOMAINS_PNG = "perplexity_vs_experts.png", "perplexity_vs_latency.png", "perplexity_per_domain.png"
 PARITY_TOLERANCE = 0.01  # "reaches top-8's perplexity": within 1%
+MOE_PAYS = 0.03  # the regime where a MoE pays: static top-8 at least 3% below the dense model of top-2's active size
 TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
 REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
 ANALYSED = "dynamic-3"  # the model whose routing the report analyses
-ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu")  # routers whose k varies per token
+ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu", "dtopp")  # routers whose k varies per token
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class HeadlineProfile:
     name: str
     preset: str
     tokens: int  # training tokens per model (rounded down to whole steps)
-    bytes_per_domain: int
+    bytes_per_domain: int | None  # corpus size of prose and code (None: all of them)
     vocab_size: int
     batch_size: int
     seq_len: int
@@ -54,6 +57,10 @@ class HeadlineProfile:
     batch_sizes: tuple[int, ...]  # batched decode throughput sizes
     dial: tuple[float, ...]  # routing thresholds at which every topp/dynamic model is measured
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
+    seeds: tuple[int, ...] = (0,)  # what --seeds defaults to
+    math_docs: int | None = None  # generated math documents (None: as many bytes as bytes_per_domain)
+    # On a GPU, train every model of a seed at once, each in its own process: small models leave most of it idle.
+    gpu_parallel: bool = False
     # Warm-up from dense routing over this fraction of the steps: every adaptive router's controller aims at
     # k_max for the first half of it, then its target falls linearly to the model's own over the second half
     # (docs/experiment.md, "Ablations": the lever that closed the gap).
@@ -90,19 +97,30 @@ class HeadlineProfile:
 DEFAULT = HeadlineProfile("default", preset="small", tokens=1_000_000, bytes_per_domain=1_500_000, vocab_size=8192,
                           batch_size=8, seq_len=256, lr=3e-3, eval_tokens=8192, decode_tokens=64, repeats=5,
                           batch_sizes=(8,), dial=(0.3, 0.4, 0.5, 0.6, 0.7))
-# A narrower small model (dim 128, 2 layers, same experts) on a smaller corpus: under 20 minutes.
+# A narrower small model (dim 128, 2 layers, same experts) on a smaller corpus, three seeds: under 30 minutes.
 QUICK = HeadlineProfile("quick", preset="small", tokens=262_144, bytes_per_domain=400_000, vocab_size=2048,
                         batch_size=8, seq_len=128, lr=3e-3, eval_tokens=4096, decode_tokens=32, repeats=3,
-                        batch_sizes=(8,), dial=(0.3, 0.5, 0.7), model_overrides={"dim": 128, "n_layers": 2})
+                        batch_sizes=(8,), dial=(0.3, 0.5, 0.7), model_overrides={"dim": 128, "n_layers": 2},
+                        seeds=(0, 1, 2))
+# Where a MoE should pay: small models (small at dim 128, so a dense model of top-2's active size is short of
+# capacity) on 32 times the default's tokens, from the whole prose and code corpus and 24 MB of math (about
+# 20M training tokens: under two passes). Sized for one H200, every model at once (docs/experiment.md).
+GPU = HeadlineProfile("gpu", preset="small", tokens=32 * 2 ** 20, bytes_per_domain=None, vocab_size=8192,
+                      batch_size=64, seq_len=256, lr=3e-3, eval_tokens=32_768, decode_tokens=32, repeats=3,
+                      batch_sizes=(8,), dial=(0.3, 0.5, 0.7), model_overrides={"dim": 128}, math_docs=28_800,
+                      gpu_parallel=True)
+PROFILES = {profile.name: profile for profile in (DEFAULT, QUICK, GPU)}
 
 
 @dataclass(frozen=True)
 class HeadlineModel:
-    """One model of the experiment: its key (run folder and bench name), title and router settings."""
+    """One model of the experiment: its key (run folder and bench name), title, router settings, and whether it
+    warms up from dense routing (the profile's dense_warmup)."""
 
     key: str
     title: str
     overrides: dict[str, Any]
+    warm: bool = False
 
 
 MODELS = (  # the reference first: bench ratios are relative to the first checkpoint
@@ -110,20 +128,27 @@ MODELS = (  # the reference first: bench ratios are relative to the first checkp
     HeadlineModel("top4", "static top-4", {"router": "topk", "top_k": 4}),
     HeadlineModel("top2", "static top-2", {"router": "topk", "top_k": 2}),
     HeadlineModel("top1", "static top-1", {"router": "topk", "top_k": 1}),
+    # The same schedule as the adaptive routers (k_max, then down to their own k): the fair static baseline.
+    HeadlineModel("top4-warm", "static top-4, warmed up", {"router": "topk", "top_k": 4}, warm=True),
+    HeadlineModel("top2-warm", "static top-2, warmed up", {"router": "topk", "top_k": 2}, warm=True),
+    HeadlineModel("top1-warm", "static top-1, warmed up", {"router": "topk", "top_k": 1}, warm=True),
     HeadlineModel("dense", "dense (active size of top-2)", {"ffn": "dense", "router": "topk", "top_k": 2}),
-    HeadlineModel("dynamic-2", "dynamic, target k=2", {"router": "dynamic", "target_k": 2.0}),
-    HeadlineModel("dynamic-3", "dynamic, target k=3", {"router": "dynamic", "target_k": 3.0}),
-    HeadlineModel("dynamic-4", "dynamic, target k=4", {"router": "dynamic", "target_k": 4.0}),
-    HeadlineModel("topp-3", "top-p, target k=3", {"router": "topp", "target_k": 3.0}),
-    HeadlineModel("relu-3", "ReLU (ReMoE), target k=3", {"router": "relu", "target_k": 3.0}),
+    HeadlineModel("dynamic-2", "dynamic, target k=2", {"router": "dynamic", "target_k": 2.0}, warm=True),
+    HeadlineModel("dynamic-3", "dynamic, target k=3", {"router": "dynamic", "target_k": 3.0}, warm=True),
+    HeadlineModel("dynamic-4", "dynamic, target k=4", {"router": "dynamic", "target_k": 4.0}, warm=True),
+    HeadlineModel("topp-3", "top-p, target k=3", {"router": "topp", "target_k": 3.0}, warm=True),
+    HeadlineModel("relu-3", "ReLU (ReMoE), target k=3", {"router": "relu", "target_k": 3.0}, warm=True),
+    HeadlineModel("dtopp-3", "DTop-p, target k=3", {"router": "dtopp", "target_k": 3.0}, warm=True),
 )
 MODEL_KEYS = tuple(model.key for model in MODELS)
 
 
-def headline_profile(quick: bool = False, preset_name: str | None = None, tokens: int | None = None,
+def headline_profile(name: str = "default", preset_name: str | None = None, tokens: int | None = None,
                      dense_warmup: float | None = None) -> HeadlineProfile:
-    """The default or quick profile, with another preset (dropping the quick profile's narrowing), budget or warm-up."""
-    profile = QUICK if quick else DEFAULT
+    """A profile by name, with another preset (dropping the profile's narrowing), budget or warm-up."""
+    if name not in PROFILES:
+        raise DynamoeError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}")
+    profile = PROFILES[name]
     if dense_warmup is not None:
         profile = dataclasses.replace(profile, dense_warmup=dense_warmup)
     if preset_name is not None and preset_name != profile.preset:
@@ -139,16 +164,19 @@ def headline_profile(quick: bool = False, preset_name: str | None = None, tokens
 def model_config(model: HeadlineModel, profile: HeadlineProfile, data_dir: Path) -> ModelConfig:
     """The model's config: the profile's preset and overrides, its router settings, the corpus's vocabulary."""
     cfg = preset(profile.preset, **{**profile.model_overrides, "max_seq_len": profile.seq_len, **model.overrides})
-    cfg = with_dense_warmup(cfg, profile.steps, profile.dense_warmup)  # adaptive routers only
+    if model.warm:
+        cfg = with_dense_warmup(cfg, profile.steps, profile.dense_warmup)
     return model_config_for_data(cfg, data_dir)
 
 
 def train_config(profile: HeadlineProfile, data_dir: Path, run_dir: Path, seed: int, device: str,
                  progress: bool) -> TrainConfig:
     """How every model of the experiment trains: the same steps, batches, schedule and seed."""
+    # Every step logged, so that the training compute counts each step's experts (training_compute).
     return TrainConfig(data_dir=data_dir, out_dir=run_dir, steps=profile.steps, batch_size=profile.batch_size,
                        lr=profile.lr, warmup_steps=profile.warmup_steps, save_every=max(profile.steps // 4, 1),
-                       keep_checkpoints=1, eval_every=profile.steps, seed=seed, device=device, progress=progress)
+                       keep_checkpoints=1, eval_every=profile.steps, log_every=1, seed=seed, device=device,
+                       progress=progress)
 
 
 # ----------------------------------------------------------------------------- aggregation and verdict
@@ -171,60 +199,86 @@ class Row:
     latency_ratio: float  # measured, to the reference within each seed's interleaved bench
     ideal_ratio: float  # bytes of weights read per token, to the reference
     seeds: int
+    warm: bool = False  # trained with the warm-up from dense routing
 
 
-def aggregate(reports: dict[int, BenchReport], titles: dict[str, str], trained_thresholds: dict[str, float | None]
-              ) -> list[Row]:
-    """One Row per variant name, in bench order, each number the mean over seeds."""
+def aggregate(reports: dict[int, BenchReport], models: dict[str, ModelConfig]) -> list[Row]:
+    """One Row per variant name, in bench order, each number the mean over the seeds of `reports`."""
     by_name: dict[str, list[VariantResult]] = {}
     for report in reports.values():
         for variant in report.variants:
             by_name.setdefault(variant.name, []).append(variant)
+    titles = {model.key: model.title for model in MODELS}
     rows = []
     for name, results in by_name.items():
         key = Path(results[0].checkpoint).name
+        cfg = models[key]
         perplexities = np.array([r.perplexity for r in results])
         domains = results[0].perplexity_per_domain
         threshold = results[0].threshold
+        trained_threshold = cfg.threshold if cfg.router in ("dynamic", "topp") else None
         rows.append(Row(
             name=name, model=key, title=titles.get(key, key), router=results[0].router, threshold=threshold,
-            as_trained=threshold is None or threshold == trained_thresholds.get(key),
+            as_trained=threshold is None or threshold == trained_threshold,
             mean_k=None if results[0].eval_mean_k is None else float(np.mean([r.eval_mean_k for r in results])),
             perplexity=float(perplexities.mean()), perplexity_std=float(perplexities.std(ddof=1)) if len(results) > 1 else 0.0,
             perplexity_per_domain={d: float(np.mean([r.perplexity_per_domain[d] for r in results])) for d in domains},
             latency_ms=float(np.mean([r.decode_median_ms for r in results])),
             latency_ratio=float(np.mean([r.measured_latency_ratio for r in results])),
-            ideal_ratio=float(np.mean([r.ideal_latency_ratio for r in results])), seeds=len(results)))
+            ideal_ratio=float(np.mean([r.ideal_latency_ratio for r in results])), seeds=len(results),
+            warm=cfg.target_k_hold_steps + cfg.target_k_decay_steps > 0))
     return rows
 
 
-def static_perplexity_at(rows: Sequence[Row], mean_k: float) -> float | None:
+def static_rows(rows: Sequence[Row], warm: bool) -> list[Row]:
+    """The static models of one curve: the cold ones, or the warmed-up ones with top-8 (whose warm-up from
+    k_max = 8 would change nothing)."""
+    return [row for row in rows if row.router == "topk" and (row.warm == warm or row.model == REFERENCE)]
+
+
+def static_curve(rows: Sequence[Row], warm: bool) -> list[tuple[float, float]]:
+    """(mean k, perplexity) of one static curve's models, sorted by k."""
+    return sorted((row.mean_k, row.perplexity) for row in static_rows(rows, warm) if row.mean_k)
+
+
+def static_perplexity_at(rows: Sequence[Row], mean_k: float, warm: bool = False) -> float | None:
     """The static top-k curve's perplexity at a mean k: log-perplexity interpolated linearly in log2 k.
 
     None outside the measured static k range, or with fewer than two static models.
     """
-    static = sorted((row.mean_k, row.perplexity) for row in rows if row.router == "topk" and row.mean_k)
+    static = static_curve(rows, warm)
     if len(static) < 2 or not static[0][0] <= mean_k <= static[-1][0]:
         return None
     log_k = np.log2([k for k, _ in static])
     return float(np.exp(np.interp(math.log2(mean_k), log_k, np.log([p for _, p in static]))))
 
 
+def margin_to(perplexity: float, reference: float | None) -> float | None:
+    """perplexity / reference - 1 (negative: better than the reference); None without a reference."""
+    return None if reference is None else perplexity / reference - 1
+
+
 @dataclass
 class EqualComputeComparison:
-    """An adaptive variant against the static curve at its own mean experts/token."""
+    """An adaptive variant against the static curves at its own mean experts/token."""
 
     name: str
     mean_k: float
     perplexity: float
-    static_perplexity: float | None  # None: its mean k lies outside the static k range
+    static_perplexity: float | None  # the cold static curve; None: its mean k lies outside the static k range
     margin: float | None  # perplexity / static - 1; negative means better than static top-k
+    warm_static_perplexity: float | None  # the same against the static models warmed up like the adaptive ones
+    warm_margin: float | None
+
+    def judged_margin(self, warm: bool) -> float | None:
+        """The margin to the warm or the cold static curve."""
+        return self.warm_margin if warm else self.margin
 
 
 @dataclass
 class Verdict:
     """The claim tested: a dynamic variant within 1% of top-8's perplexity, at least 40% faster, and better
-    than static top-k at equal mean experts/token."""
+    than static top-k at equal mean experts/token (the warmed-up static curve when it was trained)."""
 
     reference: str | None  # None: static top-8 was not part of the experiment
     reference_perplexity: float | None
@@ -233,10 +287,11 @@ class Verdict:
     closest: str | None  # the dynamic variant of lowest perplexity
     closest_gap: float | None  # its perplexity / the reference's - 1
     closest_latency_reduction: float | None
-    equal_compute: list[EqualComputeComparison]  # every topp/dynamic/relu variant
+    equal_compute: list[EqualComputeComparison]  # every adaptive variant
+    equal_compute_warm: bool  # judged against the warmed-up static curve (False: the cold one, no warm models)
     parity_met: bool
     latency_met: bool
-    equal_compute_met: bool | None  # every as-trained dynamic model below the static curve; None: none comparable
+    equal_compute_met: bool | None  # every as-trained dynamic model below the judged curve; None: none comparable
 
     @property
     def target_met(self) -> bool:
@@ -248,21 +303,28 @@ def reference_row(rows: Sequence[Row]) -> Row | None:
     return next((row for row in rows if row.model == REFERENCE and row.router == "topk"), None)
 
 
+def equal_compute(rows: Sequence[Row]) -> list[EqualComputeComparison]:
+    """Every adaptive variant against both static curves at its own mean k."""
+    comparisons = []
+    for row in rows:
+        if row.router in ADAPTIVE_ROUTERS and row.mean_k is not None:
+            cold, warm = (static_perplexity_at(rows, row.mean_k, warm) for warm in (False, True))
+            comparisons.append(EqualComputeComparison(row.name, row.mean_k, row.perplexity, cold,
+                                                      margin_to(row.perplexity, cold), warm, margin_to(row.perplexity, warm)))
+    return comparisons
+
+
 def verdict(rows: Sequence[Row]) -> Verdict:
     """Test the headline claim on the aggregated rows."""
     reference = reference_row(rows)
     dynamic = [row for row in rows if row.router == "dynamic"]
-    adaptive = [(row, row.mean_k) for row in rows if row.router in ADAPTIVE_ROUTERS and row.mean_k is not None]
-    equal = []
-    for row, mean_k in adaptive:
-        static = static_perplexity_at(rows, mean_k)
-        equal.append(EqualComputeComparison(row.name, mean_k, row.perplexity, static,
-                                            None if static is None else row.perplexity / static - 1))
-    judged = [c.margin for c, (row, _) in zip(equal, adaptive)
-              if row.router == "dynamic" and row.as_trained and c.margin is not None]
+    equal = equal_compute(rows)
+    warm = len(static_curve(rows, warm=True)) >= 2
+    trained_dynamic = {row.name for row in dynamic if row.as_trained}
+    judged = [c.judged_margin(warm) for c in equal if c.name in trained_dynamic and c.judged_margin(warm) is not None]
     equal_met = all(margin < 0 for margin in judged) if judged else None
     if reference is None or not dynamic:
-        return Verdict(None, None, None, None, None, None, None, equal, False, False, equal_met)
+        return Verdict(None, None, None, None, None, None, None, equal, warm, False, False, equal_met)
     # Ratios are measured against the first bench variant, which is the reference when it is present.
     at_parity = [row for row in dynamic if row.perplexity <= reference.perplexity * (1 + PARITY_TOLERANCE)]
     fastest = min(at_parity, key=lambda row: row.latency_ratio, default=None)
@@ -272,12 +334,17 @@ def verdict(rows: Sequence[Row]) -> Verdict:
         reference=reference.name, reference_perplexity=reference.perplexity,
         fastest_at_parity=None if fastest is None else fastest.name, latency_reduction_at_parity=reduction,
         closest=closest.name, closest_gap=closest.perplexity / reference.perplexity - 1,
-        closest_latency_reduction=1 - closest.latency_ratio, equal_compute=equal,
+        closest_latency_reduction=1 - closest.latency_ratio, equal_compute=equal, equal_compute_warm=warm,
         parity_met=fastest is not None, latency_met=reduction is not None and reduction >= TARGET_LATENCY_REDUCTION,
         equal_compute_met=equal_met)
 
 
-def verdict_lines(result: Verdict) -> list[str]:
+def curve_name(warm: bool) -> str:
+    """How the report names the static curve a comparison is judged against."""
+    return "warmed-up static top-k" if warm else "static top-k (no warm-up)"
+
+
+def verdict_lines(result: Verdict, seeds: int = 1) -> list[str]:
     """The verdict in plain sentences, with the shortfall when the target is missed."""
     if result.reference is None:
         return ["No verdict: static top-8 and a dynamic model must both be part of the experiment."]
@@ -291,14 +358,16 @@ def verdict_lines(result: Verdict) -> list[str]:
         lines.append(f"Quality parity not reached: the best dynamic variant, {result.closest}, has a perplexity "
                      f"{result.closest_gap:+.1%} from {result.reference}'s {result.reference_perplexity:.2f} "
                      f"(allowed: +{PARITY_TOLERANCE:.0%}), at {result.closest_latency_reduction:.1%} lower latency.")
-    margins = [c.margin for c in result.equal_compute if c.margin is not None]
+    margins = [c.judged_margin(result.equal_compute_warm) for c in result.equal_compute]
+    margins = [m for m in margins if m is not None]
     if margins:
         trained = {True: "all do so", False: "do not all do so",
                    None: "have a mean k outside the static range"}[result.equal_compute_met]
         lines.append(f"Equal compute: {sum(m < 0 for m in margins)} of {len(margins)} adaptive variants have a lower "
-                     f"perplexity than the static top-k curve at their own mean experts/token; the dynamic models at "
-                     f"their trained threshold {trained}.")
-    lines.append(f"Headline target {'MET' if result.target_met else 'NOT met'}.")
+                     f"perplexity than the {curve_name(result.equal_compute_warm)} curve at their own mean "
+                     f"experts/token; the dynamic models at their trained threshold {trained}.")
+    on = f" on the means of {seeds} seeds (per seed: the claims below)" if seeds > 1 else " on one seed"
+    lines.append(f"Headline target {'MET' if result.target_met else 'NOT met'}{on}.")
     return lines
 
 
@@ -328,18 +397,142 @@ def context_lines(rows: Sequence[Row], target_k: dict[str, float | None]) -> lis
 def report_lines(results: dict[str, Any], rows: Sequence[Row], result: Verdict) -> list[str]:
     """The verdict's sentences, then its context: other models at parity, adaptive models off their target."""
     target_k = {key: model["config"].get("target_k") for key, model in results["models"].items()}
-    return verdict_lines(result) + context_lines(rows, target_k)
+    return verdict_lines(result, len(results["seeds"])) + context_lines(rows, target_k)
+
+
+# ----------------------------------------------------------------------------- claims, seed by seed
+
+@dataclass
+class Claim:
+    """One claim of the report tested on every seed: the paired difference (margin) on each, and whether it holds."""
+
+    statement: str
+    margins: dict[int, float | None]  # seed -> margin; None where the seed cannot measure it
+    bound: float  # the claim holds on a seed whose margin is below the bound (at most the bound when inclusive)
+    inclusive: bool = False
+
+    def holds_on(self, seed: int) -> bool:
+        margin = self.margins[seed]
+        return margin is not None and (margin <= self.bound if self.inclusive else margin < self.bound)
+
+    @property
+    def seeds_agreeing(self) -> int:
+        return sum(self.holds_on(seed) for seed in self.margins)
+
+    @property
+    def established(self) -> bool:
+        """True only when the claim holds on every seed."""
+        return bool(self.margins) and self.seeds_agreeing == len(self.margins)
+
+    @property
+    def mean_sd(self) -> tuple[float | None, float | None]:
+        """Mean and standard deviation of the margins over the seeds that measured one (sd 0 for one seed)."""
+        known = [m for m in self.margins.values() if m is not None]
+        if not known:
+            return None, None
+        return float(np.mean(known)), float(np.std(known, ddof=1)) if len(known) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        mean, sd = self.mean_sd
+        return {**asdict(self), "margins": {str(seed): m for seed, m in self.margins.items()}, "mean": mean, "sd": sd,
+                "seeds_agreeing": self.seeds_agreeing, "established": self.established}
+
+
+def row_named(rows: Sequence[Row], name: str) -> Row | None:
+    """The row of a variant name, if the seed measured it."""
+    return next((row for row in rows if row.name == name), None)
+
+
+def seed_claims(rows_by_seed: dict[int, list[Row]], result: Verdict, target_k: dict[str, float | None]) -> list[Claim]:
+    """The report's claims tested seed by seed, on the variants the verdict (on the means) names.
+
+    - regime: static top-8 at least 3% below the dense model (a MoE pays at this scale);
+    - parity: the verdict's dynamic variant (the fastest at parity, else the closest) within 1% of top-8;
+    - equal compute: each dynamic model at its trained threshold below the static curve the verdict judges by,
+      drawn through that seed's own static models at the model's own mean k;
+    - DTop-p: each dynamic model better than the DTop-p model aimed at the same target k.
+    """
+    claims = []
+    seeds_rows = list(rows_by_seed.values())
+    dense = next((row.name for row in seeds_rows[0] if row.router == "dense"), None) if seeds_rows else None
+    if result.reference is not None and dense is not None:
+        claims.append(Claim(f"{result.reference} at least {MOE_PAYS:.0%} below {dense} (a MoE pays)",
+                            {seed: paired_margin(rows, result.reference, dense) for seed, rows in rows_by_seed.items()},
+                            -MOE_PAYS, inclusive=True))
+    subject = result.fastest_at_parity or result.closest
+    if result.reference is not None and subject is not None:
+        claims.append(Claim(f"{subject} within {PARITY_TOLERANCE:.0%} of {result.reference}",
+                            {seed: paired_margin(rows, subject, result.reference) for seed, rows in rows_by_seed.items()},
+                            PARITY_TOLERANCE, inclusive=True))
+    trained = [row for row in seeds_rows[0] if row.as_trained] if seeds_rows else []
+    curve = curve_name(result.equal_compute_warm)
+    for row in (row for row in trained if row.router == "dynamic"):
+        claims.append(Claim(f"{row.name} below the {curve} curve at its own experts/token",
+                            {seed: curve_margin(rows, row.name, result.equal_compute_warm) for seed, rows in rows_by_seed.items()},
+                            0.0))
+    for dtopp in (row for row in trained if row.router == "dtopp"):
+        for dynamic in (row for row in trained if row.router == "dynamic" and target_k.get(row.model) == target_k.get(dtopp.model)):
+            claims.append(Claim(f"{dynamic.name} better than {dtopp.name} (the same target k)",
+                                {seed: paired_margin(rows, dynamic.name, dtopp.name) for seed, rows in rows_by_seed.items()},
+                                0.0))
+    return claims
+
+
+def paired_margin(rows: Sequence[Row], name: str, reference: str) -> float | None:
+    """A variant's perplexity against another's within one seed; None if the seed lacks either."""
+    row, other = row_named(rows, name), row_named(rows, reference)
+    return None if row is None or other is None else row.perplexity / other.perplexity - 1
+
+
+def curve_margin(rows: Sequence[Row], name: str, warm: bool) -> float | None:
+    """A variant's perplexity against one seed's static curve at its mean k; None off the curve or without the variant."""
+    row = row_named(rows, name)
+    if row is None or row.mean_k is None:
+        return None
+    return margin_to(row.perplexity, static_perplexity_at(rows, row.mean_k, warm))
+
+
+def claim_lines(claims: Sequence[Claim]) -> str:
+    """The claims as a markdown table: margin per seed, mean ± sd, seeds agreeing, established or not."""
+    if not claims:
+        return "No claims to test: they need static top-8 and a dynamic model."
+    seeds = list(claims[0].margins)
+    lines = [f"| claim | {' | '.join(f'seed {seed}' for seed in seeds)} | mean ± sd | seeds agreeing | status |",
+             "|---|" + "---:|" * (len(seeds) + 2) + "---|"]
+    for claim in claims:
+        mean, sd = claim.mean_sd
+        cells = [_percent(claim.margins[seed]) for seed in seeds]
+        spread = "–" if mean is None or sd is None else f"{100 * mean:+.1f}% ± {100 * sd:.1f}"
+        status = "established" if claim.established else "not established"
+        lines.append(f"| {claim.statement} | {' | '.join(cells)} | {spread} | {claim.seeds_agreeing} of {len(seeds)} | {status} |")
+    return "\n".join(lines)
+
+
+def _percent(margin: float | None) -> str:
+    return "–" if margin is None else f"{100 * margin:+.1f}%"
 
 
 # ----------------------------------------------------------------------------- the run
 
-def check_choices(seeds: Sequence[int], models: Sequence[str]) -> None:
-    """Raise DynamoeError for an empty, repeated or unknown seed or model."""
+WARM_STATIC = tuple(model.key for model in MODELS if model.warm and model.overrides["router"] == "topk")
+
+
+def default_models(profile: HeadlineProfile) -> list[str]:
+    """Every model, less the warmed-up static ones when the profile has no warm-up (they would be the cold ones)."""
+    return [key for key in MODEL_KEYS if profile.dense_warmup > 0 or key not in WARM_STATIC]
+
+
+def check_choices(seeds: Sequence[int], models: Sequence[str], profile: HeadlineProfile) -> None:
+    """Raise DynamoeError for an empty, repeated or unknown seed or model, or a warmed-up model without a warm-up."""
     if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s < 2 ** 32 for s in seeds):
         raise DynamoeError(f"--seeds {' '.join(map(str, seeds))}: give one or more distinct seeds in [0, 2**32)")
     unknown = [m for m in models if m not in MODEL_KEYS]
     if not models or unknown or len(set(models)) != len(models):
         raise DynamoeError(f"--models {' '.join(models)}: give distinct models among {', '.join(MODEL_KEYS)}")
+    unwarmed = [m for m in models if m in WARM_STATIC and profile.dense_warmup == 0]
+    if unwarmed:
+        raise DynamoeError(f"--dense-warmup 0 leaves nothing to warm up: {', '.join(unwarmed)} would be the cold models; "
+                           "leave them out of --models")
 
 
 def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Sequence[float], settings: BenchSettings,
@@ -359,28 +552,45 @@ def bench_or_reuse(checkpoints: list[Path], data_dir: Path, out: Path, dial: Seq
 
 
 def training_cost(cfg: ModelConfig, profile: HeadlineProfile) -> float:
-    """Experts per token averaged over the training steps: what orders the trainings by their length."""
-    if cfg.ffn != "moe" or cfg.router == "topk":
+    """Experts per token averaged over the training steps, as planned: what orders the trainings by their length."""
+    if cfg.ffn != "moe":
         return float(cfg.top_k)  # the dense baseline has the active size of top-k
-    aimed = cfg.target_k or cfg.k_max
+    aimed = cfg.top_k if cfg.router == "topk" else cfg.target_k or cfg.k_max
     hold, fall = cfg.target_k_hold_steps, cfg.target_k_decay_steps  # at k_max, then falling linearly to the target
     rest = max(profile.steps - hold - fall, 0)
     return (hold * cfg.k_max + fall * (cfg.k_max + aimed) / 2 + rest * aimed) / max(profile.steps, 1)
 
 
-def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,), models: Sequence[str] = MODEL_KEYS,
+def training_compute(run_dir: Path, cfg: ModelConfig, tokens: int) -> dict[str, float]:
+    """What a training spent in its feed-forward layers: the mean experts/token over its logged steps (a dense
+    model counts its hidden size in experts) and the FLOPs that implies, 6 per weight a token reads (forward and
+    backward), over all layers."""
+    weights_per_expert = 3 * cfg.dim * cfg.expert_dim  # SwiGLU: gate and up projections, then down
+    if cfg.ffn != "moe":
+        mean_k, layers = cfg.dense_hidden / cfg.expert_dim, cfg.n_layers
+    else:
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+        mean_k = float(np.mean([r["mean_k"] for r in records if r.get("mean_k") is not None and not r.get("skipped")]))
+        layers = cfg.n_layers - len(cfg.dense_layers)
+    return {"mean_k": mean_k, "ffn_flops": 6.0 * tokens * layers * mean_k * weights_per_expert}
+
+
+def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] | None = None, models: Sequence[str] | None = None,
                  out: Path = Path("runs/headline"), data_root: Path = Path("data"), corpus: Path | None = None,
                  device: str = "auto", progress: bool = True, command: str = "", workers: int = 1,
                  threads: int | None = None) -> dict[str, Any]:
     """Train (or reuse) every model for every seed, bench them, analyse one, and write the report folder `out`.
 
-    workers: trainings at once, each in its own process of `threads` CPU threads (see runs.train_jobs).
+    seeds: None for the profile's; models: None for default_models. workers: trainings at once, each in its own
+    process of `threads` CPU threads (see runs.train_jobs).
     """
-    check_choices(seeds, models)
+    seeds = list(profile.seeds if seeds is None else seeds)
+    models = default_models(profile) if models is None else models
+    check_choices(seeds, models, profile)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     data_dir = corpus or build_corpus(data_root / f"headline-{profile.name}", vocab_size=profile.vocab_size,
-                                      bytes_per_domain=profile.bytes_per_domain, seed=0)
+                                      bytes_per_domain=profile.bytes_per_domain, math_docs=profile.math_docs, seed=0)
     chosen = [model for model in MODELS if model.key in models]
     configs = {model.key: model_config(model, profile, data_dir) for model in chosen}  # all valid before any training
     timings["corpus_s"] = time.perf_counter() - started
@@ -406,9 +616,10 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
                                     dial, settings, device, progress) for seed in seeds}
     timings["bench_s"] = time.perf_counter() - mark
 
-    rows = aggregate(reports, {m.key: m.title for m in chosen},
-                     {key: cfg.threshold if cfg.router in ("dynamic", "topp") else None for key, cfg in configs.items()})
+    rows = aggregate(reports, configs)
     result = verdict(rows)
+    target_k = {key: cfg.target_k for key, cfg in configs.items()}
+    claims = seed_claims({seed: aggregate({seed: report}, configs) for seed, report in reports.items()}, result, target_k)
 
     mark = time.perf_counter()
     analysed = next((key for key in (ANALYSED, *configs) if key in configs and configs[key].ffn == "moe"), None)
@@ -427,12 +638,16 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
         "training_wall_time_s_total": sum(s["wall_time_s"] for per_seed in training.values() for s in per_seed.values()),
         "environment": environment(resolve_device(device)),
         "models": {m.key: {"title": m.title, "config": configs[m.key].to_dict(),
-                           "training": {str(seed): training[seed][m.key] for seed in seeds}} for m in chosen},
+                           "training": {str(seed): training[seed][m.key] for seed in seeds},
+                           "compute": {str(seed): training_compute(out / f"seed-{seed}" / m.key, configs[m.key],
+                                                                   training[seed][m.key]["tokens_seen"]) for seed in seeds}}
+                   for m in chosen},
         "rows": [asdict(row) for row in rows], "verdict": {**asdict(result), "target_met": result.target_met},
+        "claims": [claim.to_dict() for claim in claims],
         "bench": {str(seed): report.to_dict() for seed, report in reports.items()}, "analysis": analysis,
     }
-    write_report(results, rows, result, Path(out))
-    print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(report_lines(results, rows, result)))
+    write_report(results, rows, result, claims, Path(out))
+    print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(report_lines(results, rows, result)) + "\n\n" + claim_lines(claims))
     print(f"headline experiment ({profile.name}) finished in {wall:.0f} s; report in {out}/{SUMMARY_MD}")
     return results
 
@@ -460,30 +675,35 @@ def markdown_rows(rows: Sequence[Row]) -> str:
 
 
 def training_table(results: dict[str, Any]) -> str:
-    """Per model and seed: steps, tokens, wall time, tokens/s, validation loss and training mean k."""
-    lines = ["| model | seed | steps | tokens | wall s | tokens/s | val loss | train mean k |", "|---|---:|" + "---:|" * 6]
+    """Per model and seed: steps, tokens, wall time, tokens/s, validation loss, final k, and the compute spent."""
+    lines = ["| model | seed | steps | tokens | wall s | tokens/s | val loss | final k | mean k over training | FFN TFLOPs |",
+             "|---|---:|" + "---:|" * 8]
     for key, model in results["models"].items():
         for seed, s in model["training"].items():
+            compute = model["compute"][seed]
             lines.append(f"| {key} | {seed} | {s['step']} | {s['tokens_seen']:,} | {s['wall_time_s']:.0f} | "
-                         f"{s['tokens_per_s']:.0f} | {_fmt(s['val_loss'], '.4f')} | {_fmt(s['mean_k'], '.2f')} |")
+                         f"{s['tokens_per_s']:.0f} | {_fmt(s['val_loss'], '.4f')} | {_fmt(s['mean_k'], '.2f')} | "
+                         f"{compute['mean_k']:.2f} | {compute['ffn_flops'] / 1e12:,.1f} |")
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, Any], rows: Sequence[Row], result: Verdict, out: Path) -> None:
+def write_report(results: dict[str, Any], rows: Sequence[Row], result: Verdict, claims: Sequence[Claim], out: Path) -> None:
     """results.json, summary.md and the three plots."""
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / RESULTS_JSON, results)
     plot_perplexity_against(rows, "mean_k", "mean experts per token (held-out text)", out / EXPERTS_PNG)
     plot_perplexity_against(rows, "latency_ms", "median batch-1 decode latency (ms/token)", out / LATENCY_PNG)
     plot_domains(rows, out / DOMAINS_PNG)
-    (out / SUMMARY_MD).write_text(summary_markdown(results, rows, result), encoding="utf-8")
+    (out / SUMMARY_MD).write_text(summary_markdown(results, rows, result, claims), encoding="utf-8")
 
 
-def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdict) -> str:
-    """The report: the table, the verdict, the plots, training, the routing analysis, and the conditions."""
+def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdict, claims: Sequence[Claim]) -> str:
+    """The report: the table, the verdict, the claims seed by seed, the plots, training, the routing analysis, and
+    the conditions."""
     profile, env = results["profile"], results["environment"]
-    equal = [f"| {c.name} | {c.mean_k:.2f} | {c.perplexity:.2f} | {_fmt(c.static_perplexity, '.2f')} | "
-             f"{_fmt(None if c.margin is None else 100 * c.margin, '+.1f')} |" for c in result.equal_compute]
+    equal = [f"| {c.name} | {c.mean_k:.2f} | {c.perplexity:.2f} | {_fmt(c.warm_static_perplexity, '.2f')} | "
+             f"{_percent(c.warm_margin)} | {_fmt(c.static_perplexity, '.2f')} | {_percent(c.margin)} |"
+             for c in result.equal_compute]
     parts = [
         f"# Headline experiment ({profile['name']} profile)\n",
         f"Command: `{results['command'] or 'run_headline(...)'}`  \nWall time: {results['wall_time_s']:.0f} s "
@@ -497,8 +717,14 @@ def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdi
         f"Rows marked (dial) are a dynamic or top-p model run at another routing threshold than it was trained with.\n",
         markdown_rows(rows) + "\n",
         "\n".join(f"- {line}" for line in report_lines(results, rows, result)) + "\n",
-        "Against the static curve at equal experts/token (log-perplexity interpolated in log k; negative margin = better):\n",
-        "| variant | mean k | ppl | static top-k at that k | margin % |\n|---|---:|---:|---:|---:|\n" + "\n".join(equal) + "\n",
+        "Claims seed by seed (the margin is the paired difference of perplexity within each seed; a claim is "
+        "established only when it holds on every seed):\n",
+        claim_lines(claims) + "\n",
+        "Against the static curves at equal experts/token (log-perplexity interpolated in log k; negative margin = "
+        "better). Warmed up: top-1/2/4 trained with the adaptive routers' warm-up, and top-8; the verdict judges by "
+        f"the {curve_name(result.equal_compute_warm)} curve:\n",
+        "| variant | mean k | ppl | warmed-up static at that k | margin | static (no warm-up) at that k | margin |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(equal) + "\n",
         f"![perplexity against experts per token]({EXPERTS_PNG})\n\n![perplexity against decode latency]({LATENCY_PNG})\n\n"
         f"![perplexity per domain]({DOMAINS_PNG})\n",
         "## Training\n\n" + training_table(results) + "\n",
@@ -534,12 +760,14 @@ def _x(row: Row, attribute: str) -> float:
 
 
 def plot_perplexity_against(rows: Sequence[Row], attribute: str, label: str, path: Path) -> None:
-    """Perplexity against mean k or latency: the static curve, each adaptive model's dial sweep, dense as a star."""
+    """Perplexity against mean k or latency: both static curves, each adaptive model's dial sweep, dense as a star."""
     figure = _figure(7.5, 5)
     axes = figure.subplots()
-    static = sorted((row for row in rows if row.router == "topk"), key=lambda row: _x(row, attribute))
-    if static:
-        axes.plot([_x(r, attribute) for r in static], [r.perplexity for r in static], "k-o", label="static top-k")
+    for warm, style, label in ((False, "k-o", "static top-k"), (True, "k--s", "static top-k, warmed up")):
+        static = sorted(static_rows(rows, warm), key=lambda row: _x(row, attribute))
+        if static and (not warm or any(row.warm for row in static)):
+            axes.plot([_x(r, attribute) for r in static], [r.perplexity for r in static], style, label=label,
+                      alpha=1.0 if warm else 0.5)
     for key in dict.fromkeys(row.model for row in rows if row.router not in ("topk", "dense")):
         mine = sorted((row for row in rows if row.model == key), key=lambda row: _x(row, attribute))
         axes.plot([_x(r, attribute) for r in mine], [r.perplexity for r in mine], marker="o", label=mine[0].title)
@@ -583,12 +811,12 @@ def plot_domains(rows: Sequence[Row], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def command_line(quick: bool, preset_name: str | None, tokens: int | None, seeds: Sequence[int], models: Sequence[str],
-                 out: Path, dense_warmup: float | None = None) -> str:
+def command_line(profile_name: str, preset_name: str | None, tokens: int | None, seeds: Sequence[int],
+                 models: Sequence[str], out: Path, dense_warmup: float | None = None) -> str:
     """The `dynamoe experiment headline` command that reproduces a run (recorded in the report)."""
-    words = ["dynamoe", "experiment", "headline", *(["--quick"] if quick else [])]
+    words = ["dynamoe", "experiment", "headline", *(["--profile", profile_name] if profile_name != DEFAULT.name else [])]
     words += [*(["--preset", preset_name] if preset_name else []), *(["--tokens", str(tokens)] if tokens else [])]
     words += ["--dense-warmup", str(dense_warmup)] if dense_warmup is not None else []
-    words += ["--seeds", *map(str, seeds), *(["--models", *models] if tuple(models) != MODEL_KEYS else []), "--out", str(out)]
+    words += ["--seeds", *map(str, seeds), *(["--models", *models] if len(models) != len(MODEL_KEYS) else []), "--out", str(out)]
     return shlex.join(words)
 

@@ -2,6 +2,10 @@
 non-finite steps skipped, the routers' compute controllers stepped, periodic evaluation, logging
 (progress bar, TensorBoard, JSONL) and atomic checkpoints that resume bit-for-bit.
 
+On a GPU the loop never waits for the step it has just queued: skipping, the controllers and the batches'
+copies stay on the device, and the host reads a step's numbers once the next step is queued (at once only
+before it evaluates or saves). bf16 autocast is on there by default (`precision`).
+
 Step numbering: optimizer step `s` (1-based) trains on the micro-batches with indices
 (s-1)*grad_accum ... s*grad_accum-1, and checkpoint ckpt-{s} holds the state after it. The learning
 rate and the batches are pure functions of the step, so the step is the whole schedule and sampler
@@ -17,9 +21,10 @@ import os
 import random
 import time
 from collections import deque
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import torch
@@ -69,6 +74,8 @@ class TrainConfig:
     eval_every: int = 250  # 0: only after the last step
     eval_batches: int = 20  # 0: never evaluate
     device: str = "auto"  # "auto": cuda if available, else cpu
+    # "auto": bf16 autocast on a CUDA GPU that supports it, float32 elsewhere; "bf16" asks for it on any device.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     progress: bool = True
     # Without the bar: one plain status line per checkpoint, for runs whose bars would garble a shared
     # terminal (several trainings in worker processes).
@@ -115,6 +122,7 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         need(self.eval_every >= 0 and self.eval_batches >= 0, "eval_every and eval_batches must be >= 0")
         need(self.expert_parallel >= 1, f"expert_parallel={self.expert_parallel} must be at least 1")
+        need(self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision!r} must be auto, fp32 or bf16")
         need(math.isfinite(self.dist_timeout) and self.dist_timeout > 0, f"dist_timeout={self.dist_timeout} must be positive")
         # _start hands the seed to np.random.seed, which takes 32 bits.
         need(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
@@ -183,6 +191,35 @@ class StepResult:
     skipped: bool = False
 
 
+@dataclass(frozen=True)
+class QueuedStep:
+    """An optimizer step as the device measured it, read on the host only when the loop needs it."""
+
+    measured: torch.Tensor  # loss, lm_loss, aux_loss, grad norm, applied (1 or 0), then the mean k of each MoE layer
+    copied: torch.cuda.Event | None = None  # on a GPU: recorded once `measured` is on its way to pinned host memory
+
+    @classmethod
+    def queue(cls, measured: torch.Tensor) -> "QueuedStep":
+        """Start the one device-to-host copy of a step's numbers; on a GPU without waiting for it.
+
+        Reading the device tensor later would wait for every step queued since; the event marks this one's end.
+        """
+        if not measured.is_cuda:
+            return cls(measured)
+        host = torch.empty(measured.shape, dtype=measured.dtype, pin_memory=True)
+        host.copy_(measured, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied)
+
+    def read(self) -> StepResult:
+        """The step's numbers on the host: waits for this step to finish, not for the ones queued after it."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        loss, lm_loss, aux_loss, norm, applied, *mean_k = self.measured.tolist()
+        return StepResult(loss, lm_loss, aux_loss, norm, mean_k, skipped=not applied)
+
+
 def model_config_for_data(cfg: ModelConfig, data_dir: Path) -> ModelConfig:
     """cfg with vocab_size set to the size of data_dir's tokenizer."""
     return dataclasses.replace(cfg, vocab_size=TokenDataset(Path(data_dir), "train").vocab_size)
@@ -207,11 +244,38 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (see TrainConfig.weight_decay)."""
+    """AdamW with weight decay on matrices only (see TrainConfig.weight_decay); fused on a GPU (see step_if_finite)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=params[0].is_cuda or None)
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() unless `finite` (a bool tensor) is false.
+
+    A fused AdamW (on a GPU) skips on the device through its found_inf input, as under torch's GradScaler,
+    so the host never waits for the step. Another optimizer is decided on the host: a read that costs nothing
+    on a CPU, where the default AdamW keeps the updates bit-identical to those of earlier versions.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]  # read by the fused step
+        optimizer.step()
+    elif finite:
+        optimizer.step()
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """bf16 autocast for `precision` "bf16", or "auto" on a CUDA GPU with bf16; otherwise a context that changes nothing."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the device; to a GPU through pinned memory without waiting, so the host can run ahead."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -222,15 +286,18 @@ def evaluate_loss(model: Transformer, data: TokenDataset, cfg: TrainConfig, seq_
     losses = []
     for index in range(cfg.eval_batches):
         x, y = data.batch(index, cfg.batch_size, seq_len, cfg.seed)
-        losses.append(model(parallel.local_rows(x).to(device), parallel.local_rows(y).to(device)).lm_loss)
+        with autocast(device, cfg.precision):
+            losses.append(model(to_device(parallel.local_rows(x), device), to_device(parallel.local_rows(y), device)).lm_loss)
     model.train()
     return parallel.mean(torch.stack(losses).mean()).item()
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: TokenDataset, cfg: TrainConfig,
-               step: int, seq_len: int, device: torch.device, parallel: Parallelism = SingleProcess()) -> StepResult:
+               step: int, seq_len: int, device: torch.device, parallel: Parallelism = SingleProcess()) -> QueuedStep:
     """Accumulate grad_accum micro-batches, clip, then step the optimizer and controllers, or skip if non-finite.
 
+    Nothing here waits for a GPU (see step_if_finite, QueuedStep): the step is queued, and QueuedStep.read gives
+    its numbers.
     With several processes, each takes its slice of every micro-batch and the measurements are averaged
     over them, so every rank takes the same decisions.
     """
@@ -238,23 +305,26 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: Token
     k_per_layer = torch.zeros(len(model.routers()), device=device)
     for micro in range(cfg.grad_accum):
         x, y = data.batch((step - 1) * cfg.grad_accum + micro, cfg.batch_size, seq_len, cfg.seed)
-        out = model(parallel.local_rows(x).to(device), parallel.local_rows(y).to(device))
+        with autocast(device, cfg.precision):
+            out = model(to_device(parallel.local_rows(x), device), to_device(parallel.local_rows(y), device))
         (out.loss / cfg.grad_accum).backward()
         losses += torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
         if out.routings:
             k_per_layer += torch.stack([r.stats["mean_k"] for r in out.routings])
     parallel.reduce_gradients(model)
-    grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = parallel.clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).reshape(1).to(device)
     measured = parallel.mean(torch.cat([losses, k_per_layer]) / cfg.grad_accum)
-    # One device-to-host copy per step for everything the loop needs to decide and log.
-    loss, lm_loss, aux_loss, norm, *mean_k = torch.cat([measured[:3], grad_norm.reshape(1).to(device), measured[3:]]).tolist()
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    if not skipped:
-        optimizer.step()
-        model.update_controllers(mean_k)
+    finite = measured[0].isfinite() & grad_norm[0].isfinite()
+    step_if_finite(optimizer, finite)
     # A skipped step leaves weights, optimizer moments and controllers exactly as they were.
+    model.update_controllers(measured[3:], finite)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, lm_loss, aux_loss, norm, mean_k, skipped)
+    return QueuedStep.queue(torch.cat([measured[:3], grad_norm, finite.reshape(1).float(), measured[3:]]))
+
+
+def reads_at_once(step: int, cfg: TrainConfig, evaluates: bool) -> bool:
+    """Whether the loop needs a step's numbers before it queues the next: it is the last, or saves or evaluates after it."""
+    return step == cfg.steps or step % cfg.save_every == 0 or (evaluates and cfg.eval_every > 0 and step % cfg.eval_every == 0)
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False) -> TrainSummary:
@@ -295,45 +365,56 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
     bar = tqdm(total=cfg.steps, initial=counters.step, disable=not (cfg.progress and parallel.is_main), desc="train",
                dynamic_ncols=True)
     recent_k: deque[list[float]] = deque(maxlen=K_WINDOW)
-    train_time, window_time, window_steps = 0.0, 0.0, 0  # seconds in train_step: throughput ignores evals and saves
-    result, val_loss, ckpt = None, None, None
+    # Seconds spent training (queuing steps and waiting for their numbers): throughput ignores evals and saves.
+    train_time, window_time, window_steps, unattributed = 0.0, 0.0, 0, 0.0
+    result, val_loss, ckpt, pending = None, None, None, None
     try:
         for step in range(first_step, cfg.steps + 1):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             tick = time.perf_counter()
-            result = train_step(model, optimizer, train_data, cfg, step, seq_len, device, parallel)
-            elapsed = time.perf_counter() - tick
-            train_time, window_time, window_steps = train_time + elapsed, window_time + elapsed, window_steps + 1
-            counters.advance(step, tokens_per_step, result.skipped)
-            if not result.skipped and result.mean_k_per_layer:
-                recent_k.append(result.mean_k_per_layer)
+            queued = train_step(model, optimizer, train_data, cfg, step, seq_len, device, parallel)
+            # The previous step's numbers are read now that this one is queued, so a GPU never waits for the host;
+            # a step that saves or evaluates after itself is read at once.
+            done = [] if pending is None else [(step - 1, pending.read())]
+            pending = queued
+            if reads_at_once(step, cfg, val_data is not None):
+                done, pending = [*done, (step, queued.read())], None
+            unattributed += time.perf_counter() - tick
+            for done_step, result in done:
+                elapsed = unattributed / len(done)
+                train_time, window_time, window_steps = train_time + elapsed, window_time + elapsed, window_steps + 1
+                counters.advance(done_step, tokens_per_step, result.skipped)
+                if not result.skipped and result.mean_k_per_layer:
+                    recent_k.append(result.mean_k_per_layer)
 
-            last = step == cfg.steps
-            if last:
-                # Before the final evaluation, so that nothing failing after the last step can cost the run.
-                ckpt = _save(model, optimizer, counters, cfg, parallel)
-            val_loss = None
-            if val_data is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                val_loss = evaluate_loss(model, val_data, cfg, seq_len, device, parallel)
-            if step % cfg.log_every == 0 or last or val_loss is not None or result.skipped:
-                tokens_per_s = window_steps * tokens_per_step / window_time
-                if writers is not None:
-                    _write_log(*writers, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
-                window_time, window_steps = 0.0, 0
-            postfix = _postfix(result, tokens_per_step / elapsed, counters)
-            bar.update(1)
-            bar.set_postfix(postfix, refresh=False)
+                last = done_step == cfg.steps
+                if last:
+                    # Before the final evaluation, so that nothing failing after the last step can cost the run.
+                    ckpt = _save(model, optimizer, counters, cfg, parallel)
+                val_loss = None
+                if val_data is not None and (last or (cfg.eval_every > 0 and done_step % cfg.eval_every == 0)):
+                    val_loss = evaluate_loss(model, val_data, cfg, seq_len, device, parallel)
+                if done_step % cfg.log_every == 0 or last or val_loss is not None or result.skipped:
+                    tokens_per_s = window_steps * tokens_per_step / window_time
+                    if writers is not None:
+                        _write_log(*writers, _record(done_step, result, lr_at(done_step, cfg), tokens_per_s, counters, val_loss))
+                    window_time, window_steps = 0.0, 0
+                postfix = _postfix(result, tokens_per_step / elapsed, counters)
+                bar.update(1)
+                bar.set_postfix(postfix, refresh=False)
 
-            if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {step} had "
-                                   f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
-            # Saved after the step's log line, so a resume from it never lacks that line.
-            if step % cfg.save_every == 0 and not last:
-                ckpt = _save(model, optimizer, counters, cfg, parallel)
-            if cfg.status_lines and parallel.is_main and (last or step % cfg.save_every == 0):
-                status = ", ".join(f"{key} {value}" for key, value in postfix.items())
-                print(f"[{cfg.out_dir.name}] step {step}/{cfg.steps}: {status}", flush=True)
+                if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {done_step} "
+                                       f"had a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
+                # Saved after the step's log line, so a resume from it never lacks that line.
+                if done_step % cfg.save_every == 0 and not last:
+                    ckpt = _save(model, optimizer, counters, cfg, parallel)
+                if cfg.status_lines and parallel.is_main and (last or done_step % cfg.save_every == 0):
+                    status = ", ".join(f"{key} {value}" for key, value in postfix.items())
+                    print(f"[{cfg.out_dir.name}] step {done_step}/{cfg.steps}: {status}", flush=True)
+            if done:
+                unattributed = 0.0
     finally:
         bar.close()
         for writer in writers or ():

@@ -19,6 +19,8 @@ from dynamoe.errors import DynamoeError
 from dynamoe.hf.families import FAMILIES, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, Family
 from dynamoe.hf.importer import ROUTER_FILE, ROUTING_KEY
 from dynamoe.hf.weights import weight_rules
+from dynamoe.model import Transformer
+from dynamoe.model.router import TopKRouter
 
 README_FILE = "README.md"
 
@@ -74,6 +76,9 @@ def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: b
     check_output_folder(out, force)
 
     ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    if not dynamic:
+        check_warm_up_over(model, ckpt)
+        ours = {name: tensor for name, tensor in ours.items() if not name.endswith(".controller_steps")}
     theirs: dict[str, torch.Tensor] = {}
     for rule in weight_rules(cfg, family, fused_experts=lambda i: False):  # per-expert keys, as save_pretrained writes
         theirs.update(rule.split(ours.pop(rule.ours)))
@@ -93,6 +98,16 @@ def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: b
     (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
     save_file(theirs, out / WEIGHTS_FILE, metadata={"format": "pt"})
     return Exported(out, family.architecture, dynamic)
+
+
+def check_warm_up_over(model: Transformer, ckpt: Path) -> None:
+    """Raise unless every static router is past its warm-up from dense routing, from where it routes as plain top-k."""
+    for router in model.routers():
+        assert isinstance(router, TopKRouter)
+        k = int(router.current_k())
+        if k != router.top_k:
+            raise DynamoeError(f"{ckpt} is a static top-{router.top_k} model still warming up from dense routing (it runs "
+                               f"{k} experts per token at this step); export a checkpoint past its warm-up")
 
 
 def settings_beyond(family: Family, hf: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ pairs, D model dim, E experts.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -70,12 +71,58 @@ def grouped_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> 
     return torch.zeros_like(x_TD).index_add_(0, token_P, y_PD)
 
 
+def grouped_mm_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts, dtype: torch.dtype) -> torch.Tensor:
+    """Many tokens on a GPU: every routing slot sorted by expert, all experts in two torch._grouped_mm calls whose
+    group ends are computed on the device, so nothing waits for the host (unlike grouped_dispatch's counts).
+
+    The shapes are static: padding slots sort last, past the last group, where the grouped matmuls write
+    nothing. They are masked on the way in and out (by selection, never by a product, so that the unwritten
+    rows reach neither the output nor any gradient).
+    """
+    T, K = routing.experts_TK.shape
+    E = experts.n_experts
+    slot_ids_S = torch.where(routing.mask_TK, routing.experts_TK, E).flatten()
+    sorted_ids_S, order_S = torch.sort(slot_ids_S, stable=True)
+    ends_E = torch.searchsorted(sorted_ids_S, torch.arange(E, device=x_TD.device), right=True).to(torch.int32)
+    used_S1 = (sorted_ids_S < E)[:, None]
+    token_S = order_S // K
+    # In `dtype` from the start: the slot tensors are k_max times the tokens, and their traffic is the cost.
+    x_SD = torch.where(used_S1, x_TD.to(dtype).index_select(0, token_S), 0.0)
+    y_SD = torch.where(used_S1, experts.forward_grouped(x_SD, ends_E), 0.0)
+    weight_S1 = routing.weights_TK.flatten()[order_S][:, None].to(dtype)
+    return torch.zeros_like(x_TD, dtype=dtype).index_add_(0, token_S, y_SD * weight_S1).type_as(x_TD)
+
+
+@functools.cache
+def grouped_mm_works(device: torch.device) -> bool:
+    """Whether torch._grouped_mm runs forward and backward in bf16 on this device (on CUDA it needs a recent GPU), on
+    groups as training makes them: of any size, rows left past the last one. Probed once per device."""
+    a = torch.ones(13, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+    b = torch.ones(2, 16, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
+    try:
+        with torch.enable_grad():  # the first call may come from an evaluation
+            torch._grouped_mm(a, b, offs=torch.tensor([5, 11], dtype=torch.int32, device=device))[:11].sum().backward()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+def grouped_mm_dtype(x_TD: torch.Tensor) -> torch.dtype | None:
+    """bf16 when x is on a CUDA GPU under bf16 autocast and torch._grouped_mm runs there (training), else None."""
+    if not (x_TD.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16):
+        return None
+    return torch.bfloat16 if grouped_mm_works(x_TD.device) else None
+
+
 class LocalDispatcher:
-    """Runs only the selected pairs, by the path that suits the number of tokens."""
+    """Runs only the selected pairs, by the path that suits the number of tokens and the device."""
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
         if x_TD.shape[0] <= DECODE_MAX_TOKENS:
             return decode_dispatch(x_TD, routing, experts)
+        dtype = grouped_mm_dtype(x_TD)
+        if dtype is not None:
+            return grouped_mm_dispatch(x_TD, routing, experts, dtype)
         return grouped_dispatch(x_TD, routing, experts)
 
 

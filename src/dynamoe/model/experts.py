@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.model.layers import PackedPair, fresh_pair, pack_pair, swiglu
@@ -35,6 +36,12 @@ class Experts(nn.Module):
     def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Run one expert on the rows routed to it."""
         return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert))
+
+    def forward_grouped(self, x_SD: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (expert e's rows end at ends_E[e], int32) through torch._grouped_mm in x's dtype:
+        two grouped matmuls for all experts, the group sizes read on the device. Rows past the last group are not written."""
+        gate, up = torch._grouped_mm(x_SD, self.w_gate_up.to(x_SD.dtype), offs=ends_E).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.w_down.to(x_SD.dtype), offs=ends_E)
 
     def add_weighted_expert(self, expert: int, x_ND: torch.Tensor, weight_N1: torch.Tensor,
                             out_ND: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Shared machinery: the gate, balance and z losses, and the compute controller."""
+    """Shared machinery: the gate, balance and z losses, the compute controller and the warm-up schedule."""
 
     uses_controller = True
     # Whether the controller may turn the penalty into a reward (below target). Only for a bounded cost:
@@ -56,6 +56,8 @@ class Router(nn.Module):
     # The z-loss keeps softmax logits small. On ReLU gates it would push every logit below zero and switch
     # experts off whatever the controller aims at, so that router goes without it, as ReMoE does.
     uses_z_loss = True
+    # Whether the controller follows the whole model's mean k (one global budget) rather than its layer's.
+    follows_model_mean = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -67,30 +69,39 @@ class Router(nn.Module):
         # so that the balance loss sees the global batch, as one process training on it would.
         self.reduce_expert_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.target_k = cfg.target_k if self.uses_controller else None
+        # Where the warm-up from dense routing ends: the controller's target, or the static router's top_k.
+        self.final_k = self.target_k if self.uses_controller else float(cfg.top_k)
         if self.target_k is not None:
             self.controller_kp, self.controller_ki, self.controller_limit = cfg.controller_kp, cfg.controller_ki, cfg.controller_limit
-            # The penalty on the differentiable measure of k; buffers, so checkpoints carry the controller.
-            self.register_buffer("k_penalty", torch.zeros(()))
-            self.register_buffer("k_penalty_integral", torch.zeros(()))
-            self.target_k_hold_steps, self.target_k_decay_steps = cfg.target_k_hold_steps, cfg.target_k_decay_steps
-            if self.has_target_schedule:  # only then: the state dicts of models without a schedule stay as they were
-                self.register_buffer("controller_steps", torch.zeros((), dtype=torch.long))
+            self.register_controller_state(cfg)
+        self.target_k_hold_steps, self.target_k_decay_steps = cfg.target_k_hold_steps, cfg.target_k_decay_steps
+        if self.has_target_schedule:  # only then: the state dicts of models without a schedule stay as they were
+            # Optimizer steps applied so far, counted on the device so that no step waits for the host.
+            self.register_buffer("controller_steps", torch.zeros((), dtype=torch.long))
+
+    def register_controller_state(self, cfg: ModelConfig) -> None:
+        """The penalty on the differentiable measure of k and its integral; buffers, so checkpoints carry the controller."""
+        self.register_buffer("k_penalty", torch.zeros(()))
+        self.register_buffer("k_penalty_integral", torch.zeros(()))
 
     @property
     def has_target_schedule(self) -> bool:
-        """True when the controller warms up from dense routing (its target starts at k_max)."""
-        return self.target_k is not None and self.target_k_hold_steps + self.target_k_decay_steps > 0
+        """True when the router warms up from dense routing (its k, or its controller's target, starts at k_max)."""
+        return self.final_k is not None and self.target_k_hold_steps + self.target_k_decay_steps > 0
 
-    def aimed_k(self) -> float | None:
-        """The mean k the controller's next step aims at: k_max during the hold, then linearly down to target_k."""
+    def aimed_k(self) -> torch.Tensor | float | None:
+        """The mean k the next step aims at: k_max during the hold, then linearly down to final_k.
+
+        Scheduled, it is a float64 tensor computed on the device from the step count, in the same operations
+        Python's floats would take, so a training reads nothing back to the host for it.
+        """
         if not self.has_target_schedule:
-            return self.target_k
-        assert self.target_k is not None
-        past_hold = int(self.controller_steps) - self.target_k_hold_steps
-        if past_hold < 0:
-            return float(self.k_max)
-        fraction = min(1.0, past_hold / self.target_k_decay_steps) if self.target_k_decay_steps else 1.0
-        return self.k_max + fraction * (self.target_k - self.k_max)
+            return self.final_k
+        assert self.final_k is not None
+        past_hold = (self.controller_steps - self.target_k_hold_steps).double()
+        decay = self.target_k_decay_steps
+        fraction = (past_hold / decay).clamp(max=1.0) if decay else torch.ones_like(past_hold)
+        return torch.where(past_hold < 0, float(self.k_max), self.k_max + fraction * (self.final_k - self.k_max))
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         """Return experts_TK, weights_TK, k_T, the probabilities used for balancing, and the soft cost.
@@ -137,28 +148,39 @@ class Router(nn.Module):
         return self.n_experts * (share_E * probs_TE.mean(0)).sum()
 
     @torch.no_grad()
-    def update_controller(self, mean_k: float) -> None:
-        """One step of the PI controller on the k penalty: up while too many experts run, down while too few.
+    def update_controller(self, mean_k: torch.Tensor | float, applied: torch.Tensor | bool = True) -> None:
+        """One step of the controller and of the warm-up schedule, from the step's measured mean k; nothing
+        changes when `applied` is false (a skipped optimizer step). Tensors in, tensors out: no host sync."""
+        device = self.gate.weight.device
+        applied = torch.as_tensor(applied, device=device)
+        if self.target_k is not None:
+            aimed_k = self.aimed_k()
+            assert aimed_k is not None
+            self.step_controller(torch.as_tensor(mean_k, dtype=torch.float64, device=device) - aimed_k, applied)
+        if self.has_target_schedule:
+            self.controller_steps += applied
+
+    def step_controller(self, error: torch.Tensor, applied: torch.Tensor) -> None:
+        """The PI controller on the k penalty: up while too many experts run, down while too few.
 
         Under Adam the router moves at about the same speed whatever the penalty's size, so k responds
         to the penalty like an integrator; an integral term alone then oscillates, and the proportional
-        term damps it. The integral is bounded, so an unreachable target cannot wind it up.
+        term damps it. The integral is bounded, so an unreachable target cannot wind it up. The terms are
+        rounded to float32 before they meet the buffers, exactly as Python floats added to them would be.
         """
-        aimed_k = self.aimed_k()
-        if aimed_k is None:
-            return
-        error = mean_k - aimed_k
         limit, floor = self.controller_limit, -self.controller_limit if self.penalty_may_reward else 0.0
-        self.k_penalty_integral.copy_((self.k_penalty_integral + self.controller_ki * error).clamp(floor, limit))
-        self.k_penalty.copy_((self.k_penalty_integral + self.controller_kp * error).clamp(min=floor))
-        if self.has_target_schedule:
-            self.controller_steps += 1
+        integral = (self.k_penalty_integral + (self.controller_ki * error).float()).clamp(floor, limit)
+        penalty = (integral + (self.controller_kp * error).float()).clamp(min=floor)
+        self.k_penalty_integral.copy_(torch.where(applied, integral, self.k_penalty_integral))
+        self.k_penalty.copy_(torch.where(applied, penalty, self.k_penalty))
 
 
 class TopKRouter(Router):
     """Static top-k softmax routing, renormalised over the chosen experts (Mixtral) or not (Qwen-MoE, OLMoE default).
 
-    Renormalising the top-k probabilities equals a softmax over the chosen experts' logits.
+    Renormalising the top-k probabilities equals a softmax over the chosen experts' logits. Warmed up from
+    dense routing (target_k_hold_steps, target_k_decay_steps), it runs k_max experts, then steps down to top_k
+    along the adaptive routers' schedule, rounded to whole experts.
     """
 
     uses_controller = False
@@ -167,12 +189,25 @@ class TopKRouter(Router):
         super().__init__(cfg)
         self.top_k, self.renormalize = cfg.top_k, cfg.renormalize_topk
 
+    def current_k(self) -> torch.Tensor | int:
+        """Experts per token now: top_k, or the warm-up's k (a tensor on the device)."""
+        aimed_k = self.aimed_k()
+        return torch.floor(aimed_k + 0.5).long() if isinstance(aimed_k, torch.Tensor) else self.top_k
+
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        T, k = h_TD.shape[0], self.current_k()
+        if isinstance(k, torch.Tensor) and not self.training:
+            k = int(k)  # inference reads the warm-up's k once: then the static router's own operations
+        if isinstance(k, int):
+            weights_TK, experts_TK = probs_TE.topk(k, dim=-1)
+            k_T = torch.full((T,), k, dtype=torch.long, device=h_TD.device)
+        else:  # training: k_max slots, those past k padding, so that no step waits for the host
+            weights_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
+            weights_TK = weights_TK * (torch.arange(self.k_max, device=k.device) < k)
+            k_T = k.expand(T)
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        k_T = torch.full((h_TD.shape[0],), self.top_k, dtype=torch.long, device=h_TD.device)
         return experts_TK, weights_TK, k_T, probs_TE, None
 
 
@@ -200,6 +235,19 @@ def chosen_slots(mass_before_TK: torch.Tensor, threshold: float | torch.Tensor, 
     return chosen_TK
 
 
+def nucleus(probs_TE: torch.Tensor, k_max: int, threshold: float | torch.Tensor, k_min: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-p selection: the k_max most probable experts (sorted_TK, experts_TK), the mass ranked above each, and
+    the chosen slots, a prefix of each row: the smallest set whose mass reaches the threshold, within [k_min, k_max]."""
+    sorted_TK, experts_TK = probs_TE.topk(k_max, dim=-1)
+    # An expert is needed while the mass before it is still below the threshold. The exclusive cumsum
+    # never decreases (unlike cumsum - sorted, after rounding), so the needed slots are a prefix of
+    # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
+    # compute, which counts when decoding pays per kernel call.
+    mass_before_TK = mass_before(sorted_TK)
+    return sorted_TK, experts_TK, mass_before_TK, chosen_slots(mass_before_TK, threshold, k_min)
+
+
 class TopPRouter(Router):
     """Smallest set of top experts whose probability mass reaches the threshold (Huang et al. 2024)."""
 
@@ -217,14 +265,8 @@ class TopPRouter(Router):
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
         probs_TE = (logits_TE / self.temperature(h_TD)).softmax(dim=-1)
-        sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
-        # An expert is needed while the mass before it is still below the threshold. The exclusive cumsum
-        # never decreases (unlike cumsum - sorted, after rounding), so the needed slots are a prefix of
-        # length k: the first always (a threshold is > 0), at most k_max, and no clamp or second mask to
-        # compute, which counts when decoding pays per kernel call.
-        mass_before_TK = mass_before(sorted_TK)
-        threshold = self.threshold if threshold_T is None else threshold_T[:, None].to(mass_before_TK.dtype)
-        chosen_TK = chosen_slots(mass_before_TK, threshold, self.k_min)
+        threshold = self.threshold if threshold_T is None else threshold_T[:, None].to(probs_TE.dtype)
+        sorted_TK, experts_TK, mass_before_TK, chosen_TK = nucleus(probs_TE, self.k_max, threshold, self.k_min)
         k_T = chosen_TK.sum(-1)
         soft_k_T = None
         if torch.is_grad_enabled():  # only the training loss uses it
@@ -285,8 +327,62 @@ class ReLURouter(Router):
         return experts_TK, weights_TK, k_T, probs_TE, gates_TE.sum(-1)
 
 
+MIN_THRESHOLD = 1e-3  # DTop-p's threshold stays in [MIN_THRESHOLD, 1]: at the floor every token runs k_min experts
+
+
+class LogitNorm(nn.Module):
+    """Routing logits standardised over the experts, times a learned gain: one sharpness per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))  # named like a norm's gain, so that it starts at 1
+
+    def forward(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(logits_TE, logits_TE.shape[-1:]) * self.weight
+
+
+class DTopPRouter(Router):
+    """DTop-p (Jin et al. 2025, arXiv 2512.13996): top-p routing whose threshold a PI controller sets toward the
+    target mean k, on routing logits normalised per layer.
+
+    One threshold serves every layer, steered by the whole model's mean k (a global budget); each layer's
+    LogitNorm gain lets it learn its own sharpness under it. No penalty and no temperature head: the
+    threshold alone moves k, and it is state (a buffer), not a dial. The warm-up schedule aims it at k_max
+    first, as for the other adaptive routers.
+    """
+
+    follows_model_mean = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.logit_norm = LogitNorm()
+        # The threshold in use, starting at the configured one: a buffer, so checkpoints carry what the controller set.
+        self.register_buffer("routing_threshold", torch.tensor(float(cfg.threshold)))
+
+    def register_controller_state(self, cfg: ModelConfig) -> None:
+        """The controller's integral term; its output is the threshold itself."""
+        self.register_buffer("threshold_integral", torch.zeros(()))
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
+        # threshold_T is not read: the controller's threshold is this router's state, not a dial.
+        probs_TE = self.logit_norm(logits_TE).softmax(dim=-1)
+        sorted_TK, experts_TK, _, chosen_TK = nucleus(probs_TE, self.k_max, self.routing_threshold, self.k_min)
+        kept_TK = sorted_TK * chosen_TK
+        return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), chosen_TK.sum(-1), probs_TE, None
+
+    def step_controller(self, error: torch.Tensor, applied: torch.Tensor) -> None:
+        """The PI controller on the threshold: down while too many experts run, up while too few, from the
+        configured threshold. The integral stays within what the threshold can express (anti-windup), so a
+        target it cannot reach (k_max during the hold) does not delay the fall that follows."""
+        start = self.threshold
+        integral = (self.threshold_integral + (self.controller_ki * error).float()).clamp(start - 1.0, start - MIN_THRESHOLD)
+        threshold = (start - integral - (self.controller_kp * error).float()).clamp(MIN_THRESHOLD, 1.0)
+        self.threshold_integral.copy_(torch.where(applied, integral, self.threshold_integral))
+        self.routing_threshold.copy_(torch.where(applied, threshold, self.routing_threshold))
+
+
 ROUTER_CLASSES: dict[str, type[Router]] = {
-    "topk": TopKRouter, "topp": TopPRouter, "dynamic": DynamicRouter, "relu": ReLURouter,
+    "topk": TopKRouter, "topp": TopPRouter, "dynamic": DynamicRouter, "relu": ReLURouter, "dtopp": DTopPRouter,
 }
 
 

@@ -262,10 +262,14 @@ class Transformer(nn.Module):
         packed = fresh(self.tied_head_packed, self.tok_embeddings.weight)
         return F.linear(x_BTD, self.tok_embeddings.weight) if packed is None else packed.matmul(x_BTD)
 
-    def update_controllers(self, mean_k_per_layer: list[float]) -> None:
-        """One controller step per MoE layer, from that layer's measured mean experts/token."""
-        for router, mean_k in zip(self.routers(), mean_k_per_layer):
-            router.update_controller(mean_k)
+    def update_controllers(self, mean_k_per_layer: Sequence[float] | torch.Tensor, applied: torch.Tensor | bool = True
+                           ) -> None:
+        """One controller step per MoE layer, from that layer's measured mean experts/token (or the model's, for a
+        router with a global budget); none where `applied` is false. A tensor on the model's device syncs nothing."""
+        mean_k_L = torch.as_tensor(mean_k_per_layer, dtype=torch.float32)
+        model_mean_k = mean_k_L.mean()
+        for router, mean_k in zip(self.routers(), mean_k_L):
+            router.update_controller(model_mean_k if router.follows_model_mean else mean_k, applied)
 
     def num_params(self) -> int:
         """All parameters (tied weights once)."""
