@@ -84,13 +84,18 @@ def train(
     eval_batches: Annotated[int, "validation batches; 0: no validation"] = TRAIN_DEFAULTS["eval_batches"],
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
-    resume: Annotated[bool, "continue the run in --out from its latest checkpoint"] = False,
+    resume: Annotated[bool, "continue the run in --out from its latest checkpoint, or start it if it has none"] = False,
+    resume_from: Annotated[str | None, "continue the run in --out from this checkpoint: a step, or the path of one of its "
+                                       "ckpt-* folders"] = None,
     expert_parallel: Annotated[int, "under torchrun: processes that split the experts between them (a divisor of the "
                                     "world size); every process trains on its slice of each batch"] = 1,
     dist_timeout: Annotated[float, "under torchrun: seconds a collective waits for the other processes before "
                                    "failing"] = TRAIN_DEFAULTS["dist_timeout"],
 ) -> None:
-    """Train a model on a built corpus; --resume continues exactly where the run in --out stopped."""
+    """Train a model on a built corpus; --resume continues exactly where the run in --out stopped.
+
+    SIGTERM, SIGINT and SIGUSR1 stop it after the current step with a checkpoint (exit code 128 + the signal).
+    """
     from dynamoe import train as training
     from dynamoe.config import preset as make_preset
 
@@ -104,7 +109,8 @@ def train(
                             weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, save_every=save_every,
                             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches, device=device,
                             progress=progress, expert_parallel=expert_parallel, dist_timeout=dist_timeout)
-    summary = training.train(model_cfg, train_cfg, resume=resume)
+    summary = training.train(model_cfg, train_cfg, resume=resume,
+                             resume_from=None if resume_from is None else _step_or_path(resume_from))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run rather than one per process
         print(f"trained {summary.step} steps; checkpoint {summary.checkpoint}")
 
@@ -364,14 +370,16 @@ def retrofit(
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
     """Make a static top-k checkpoint route dynamically (fewer experts per token) without retraining its experts."""
-    from dynamoe.checkpoint import check_output_folder, check_same_tokenizer, load_model, save_model, tokenizer_file
+    from dynamoe.checkpoint import (check_output_folder, check_same_tokenizer, checkpoint_bytes, load_config, load_model,
+                                    save_model, tokenizer_file)
     from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
     from dynamoe.retrofit import retrofit as run_retrofit
     from dynamoe.train import resolve_device
 
     cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                          straight_through=straight_through)
-    check_output_folder(out, force)  # before the slow work
+    # Before the slow work: the twin's weights are about the checkpoint's.
+    check_output_folder(out, force, checkpoint_bytes(load_config(checkpoint), with_optimizer=False))
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     static, _ = load_model(checkpoint, device=resolve_device(device))
     dynamic, log = run_retrofit(static, corpus, cfg, progress=progress)
@@ -393,7 +401,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
 
 
 def parse_model_overrides(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings to ModelConfig fields, each value converted to its field's type."""
+    """KEY=VALUE strings to ModelConfig fields: a string field takes VALUE as it is, any other reads it as JSON
+    (3, 0.6, true, [0, 1], null; `none` too); ModelConfig checks the types."""
     hints = typing.get_type_hints(ModelConfig)
     overrides: dict[str, Any] = {}
     for item in items:
@@ -401,29 +410,27 @@ def parse_model_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or key not in hints:
             known = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
             raise DynamoeError(f"--model {item!r}: expected KEY=VALUE with KEY one of: {known}")
-        overrides[key] = _convert(text, hints[key], f"--model {key}")
+        overrides[key] = _parse_value(text, hints[key], f"--model {key}")
     return overrides
 
 
-def _convert(text: str, annotation: Any, where: str) -> Any:
-    """Parse text as a value of annotation (bool, int, float, str, Literal, or X | None)."""
-    if _is_union(annotation):  # X | None
-        if text.lower() == "none":
-            return None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    target = annotation
-    if typing.get_origin(target) is Literal:
-        if text not in typing.get_args(target):
-            raise DynamoeError(f"{where}={text!r}: choose one of {', '.join(typing.get_args(target))}")
-        return text
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+    """text as it is for a string (or Literal) field; otherwise as JSON, with `none` for null."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if any(option is str or typing.get_origin(option) is Literal for option in options):
+        return None if text.lower() == "none" and type(None) in options else text
+    if text.lower() == "none":
+        return None
     try:
-        if target is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-        return target(text)
-    except ValueError:
-        raise DynamoeError(f"{where}={text!r} is not a valid {getattr(target, '__name__', target)}") from None
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise DynamoeError(f"{where}={text!r} is not a valid value: write a number, true/false, null or a JSON "
+                           "list such as [0, 1]") from None
+
+
+def _step_or_path(text: str) -> int | Path:
+    """A checkpoint named by its step (digits) or by its path."""
+    return int(text) if text.isdigit() else Path(text)
 
 
 def _is_union(annotation: Any) -> bool:
@@ -458,9 +465,16 @@ def _add_parameter(parser: argparse.ArgumentParser, parameter: inspect.Parameter
     parser.add_argument(flag, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage is one --help away), like every other error of the CLI."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"dynamoe: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per command function, arguments from its signature."""
-    parser = argparse.ArgumentParser(prog="dynamoe", description="Mixture-of-Experts LMs with dynamic routing.")
+    parser = _Parser(prog="dynamoe", description="Mixture-of-Experts LMs with dynamic routing.")
     groups: dict[str, argparse._SubParsersAction] = {"": parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     for name, function in COMMANDS.items():
         *parents, leaf = name.split()
@@ -488,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         function(**{key: value for key, value in args.items() if key in parameters})
     except DynamoeError as error:
         print(f"dynamoe: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except MemoryError:  # the checks up front are lower bounds; the rest shows here
+        print("dynamoe: error: out of memory; use a smaller model, batch or --seq-len", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dynamoe: interrupted", file=sys.stderr)
