@@ -47,9 +47,8 @@ def check_writable(folder: Path, bytes_needed: int = 0, what: str = "the output"
                            "choose another output folder or fix its permissions") from None
     free = shutil.disk_usage(existing).free
     if free < bytes_needed:
-        raise DynamoeError(f"not enough disk space in {folder}: {what} needs about {bytes_needed:,} bytes "
-                           f"({_size(bytes_needed)}) but {free:,} ({_size(free)}) are free; free some space "
-                           "or choose another output folder")
+        raise DynamoeError(f"not enough disk space in {folder}: {what} needs about {_bytes(bytes_needed)} but "
+                           f"{_bytes(free)} are free; free some space or choose another output folder")
 
 
 def write_failure(error: BaseException) -> str | None:
@@ -94,8 +93,8 @@ def check_memory(bytes_needed: int, device: torch.device, what: str, fix: str) -
     """Raise a DynamoeError, before anything is allocated, when bytes_needed exceeds the device's whole memory."""
     total = device_memory(device)
     if bytes_needed > total:
-        raise DynamoeError(f"{what} needs at least {bytes_needed:,} bytes ({_size(bytes_needed)}) of memory, more than "
-                           f"the {_size(total)} of {device.type}; {fix}")
+        raise DynamoeError(f"{what} needs at least {_bytes(bytes_needed)} of memory, more than the {_bytes(total)} "
+                           f"of {device.type}; {fix}")
 
 
 def device_memory(device: torch.device) -> int:
@@ -105,7 +104,9 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _size(n_bytes: int) -> str:
-    """n_bytes in the largest binary unit that keeps it at least 1."""
-    exponent = min(4, max(0, (n_bytes.bit_length() - 1) // 10))
-    return f"{n_bytes / 1024**exponent:.1f} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
+def _bytes(n_bytes: int) -> str:
+    """A byte count exactly, and in the largest binary unit that keeps it at least 1 (up to PiB)."""
+    exponent = min(5, max(0, (n_bytes.bit_length() - 1) // 10))
+    if exponent == 0:
+        return f"{n_bytes:,} bytes"
+    return f"{n_bytes:,} bytes ({n_bytes / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB', 'TiB', 'PiB')[exponent - 1]})"

@@ -216,8 +216,10 @@ def _build_into(folder: Path, arguments: _Arguments, progress: bool, given: Toke
     counts: dict[str, SplitCounts] = {}
     for split in SPLITS:
         started = time.perf_counter()
-        bar = tqdm(_concatenated(documents[split]), desc=f"tokenizing {split}", unit="doc", leave=False, disable=not progress)
-        counts[split] = write_split(folder, split, bar, tokenizer, domains)
+        # Closed even when writing fails, so that the error starts a line of its own.
+        with tqdm(_concatenated(documents[split]), desc=f"tokenizing {split}", unit="doc", leave=False,
+                  disable=not progress) as bar:
+            counts[split] = write_split(folder, split, bar, tokenizer, domains)
         n_tokens = sum(domain_counts["tokens"] for domain_counts in counts[split].values())
         _report(progress, f"{split}: {n_tokens:,} tokens ({_since(started)})")
 
