@@ -321,3 +321,31 @@ def test_a_lost_rank_ends_the_others_with_a_clear_error(tiny_corpus: Path, tmp_p
     assert ranks[0].returncode == 2
     assert len(stderr.strip().splitlines()) == 1
     assert stderr.startswith("dynamoe: error: rank 0: ") and "another rank died or stalled past --dist-timeout" in stderr
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_corpus: Path, tmp_path: Path) -> None:
+    """A scheduler may signal one process only; the ranks agree, save one checkpoint and all exit with the signal."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}
+    args = cli_args(tiny_corpus, tmp_path, 10_000, "--expert-parallel=2", "--dist-timeout=30", "--save-every=100000")
+    ranks = [subprocess.Popen([sys.executable, "-m", "dynamoe", *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        log = tmp_path / "log.jsonl"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            assert ranks[0].poll() is None, ranks[0].communicate()[1]
+            time.sleep(0.1)
+        os.kill(ranks[1].pid, signal.SIGUSR1)
+        errors = [process.communicate(timeout=60)[1] for process in ranks]
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert [process.returncode for process in ranks] == [128 + signal.SIGUSR1] * 2, errors
+    step = json.loads(log.read_text().splitlines()[-1])["step"]
+    for stderr in errors:
+        assert stderr.splitlines() == [f"dynamoe: error: training stopped by SIGUSR1 after step {step}, saved in "
+                                       f"{tmp_path / f'ckpt-{step:07d}'}; run the same command with --resume to continue"]
+    train_here(tiny_corpus, tmp_path, step + 1, resume=True)  # the checkpoint is whole and resumes in one process

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import dynamoe.train as train_module
-from dynamoe.checkpoint import latest_checkpoint, load_model, load_trainer_state
+from dynamoe.checkpoint import checkpoint_name, latest_checkpoint, load_model, load_trainer_state
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
@@ -320,3 +321,144 @@ def test_status_lines_replace_the_bar_one_line_per_checkpoint(tiny_corpus: Path,
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["[run] step 2/5", "[run] step 4/5", "[run] step 5/5"]
     assert all(", tok/s " in line and ", k " in line and line.split(": ")[1].startswith("loss ") for line in lines)
+
+
+# ---------------------------------------------------------------- resuming: one command for every (re)start
+
+def test_resume_on_an_empty_or_missing_run_starts_it(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "missing", empty):
+        summary = train(tiny(), config(tiny_corpus, out, decay_steps=8), resume=True)
+        assert summary.step == 8
+        same_steps(read_log(out), read_log(straight_run), EXACT_KEYS)
+
+
+def test_resume_from_picks_a_checkpoint(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)  # holds ckpt-6 and ckpt-8
+    (run / "ckpt-0000008" / "trainer_state.pt").write_bytes(b"damaged")
+    with pytest.raises(DynamoeError, match="trainer_state.pt is corrupt .* older checkpoint with --resume-from STEP"):
+        train(tiny(), config(tiny_corpus, run, steps=9, decay_steps=8), resume=True)
+    with pytest.raises(DynamoeError, match="has no complete checkpoint ckpt-0000005; .* at steps: 6, 8"):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=5)
+    with pytest.raises(DynamoeError, match="is not a checkpoint folder of"):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=straight_run / "ckpt-0000006")
+    summary = train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=run / "ckpt-0000006")
+    assert summary.step == 8 and summary.checkpoint == run / "ckpt-0000008"
+    same_steps(read_log(run), read_log(straight_run), EXACT_KEYS)
+    resumed, expected = (load_file(folder / "ckpt-0000008" / "model.safetensors") for folder in (run, straight_run))
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_resume_from_moves_latest_back_until_the_next_save(tiny_corpus: Path, tmp_path: Path, straight_run: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+
+    def killed(*args: Any) -> Any:
+        raise KeyboardInterrupt  # the run dies on its first step, before any save
+
+    monkeypatch.setattr(train_module, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=6)
+    assert latest_checkpoint(run) == run / "ckpt-0000006"  # a plain --resume now continues the chosen checkpoint
+
+
+# ---------------------------------------------------------------- stop signals: save at the next step, then exit
+
+STOPPED_RUN = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from dynamoe.cli import main
+from dynamoe.data import TokenDataset
+
+batch = TokenDataset.batch
+def slow_batch(self, *args):  # time to signal it mid-run; the batches themselves are unchanged
+    time.sleep(0.2)
+    return batch(self, *args)
+TokenDataset.batch = slow_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli_config(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """config()'s run (8 steps on the 8-step schedule) as a command line, saving only at the end."""
+    return ["train", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "8", "--batch-size", "8",
+            "--warmup-steps", "2", "--decay-steps", "8", "--save-every", "100", "--log-every", "1", "--eval-every", "0",
+            "--eval-batches", "2", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_stop_signal_saves_at_the_next_step_and_exits_non_zero(stop: signal.Signals, tiny_corpus: Path,
+                                                                 tmp_path: Path, straight_run: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, *cli_config(tiny_corpus, tmp_path, "--resume")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "log.jsonl").exists() and len(read_log(tmp_path)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(stop)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stopped_at = read_log(tmp_path)[-1]["step"]
+    assert proc.returncode == 128 + stop, stderr
+    assert stderr.splitlines() == [f"dynamoe: error: training stopped by {stop.name} after step {stopped_at}, saved in "
+                                   f"{tmp_path / checkpoint_name(stopped_at)}; run the same command with --resume to continue"]
+    assert 2 <= stopped_at < 8 and latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(stopped_at)
+    train(tiny(), config(tiny_corpus, tmp_path, decay_steps=8, save_every=100), resume=True)
+    same_steps(read_log(tmp_path), read_log(straight_run), EXACT_KEYS)
+    assert [record["step"] for record in read_log(tmp_path)] == list(range(1, 9))
+
+
+def test_a_second_signal_stops_at_once(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = train_module.train_step
+
+    def interrupted_twice(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: the usual KeyboardInterrupt, no waiting for a save
+        return step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), config(tiny_corpus, tmp_path))
+    assert latest_checkpoint(tmp_path) is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+# ---------------------------------------------------------------- checked before anything is allocated or trained
+
+def test_a_corpus_without_its_tokenizer_fails_before_training(tiny_corpus: Path, tmp_path: Path) -> None:
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+    (corpus / "tokenizer.json").unlink()
+    with pytest.raises(DynamoeError, match="no tokenizer at .*tokenizer.json"):
+        train(tiny(), config(corpus, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_outside_the_vocabulary_fail_before_training(split: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+    tokens = np.memmap(corpus / f"{split}.bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = 512  # one past the 512-token vocabulary
+    tokens.flush()
+    with pytest.raises(DynamoeError, match=f"{split}.bin .* holds token id 512, outside the vocabulary of 512 tokens"):
+        train(tiny(), config(corpus, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("model", "settings", "fragment"), [
+    (dict(dim=2**30), {}, "training this model at this batch size needs at least"),
+    (dict(n_experts=2**20, expert_dim=2**20), {}, "needs at least"),
+    ({}, dict(batch_size=10**12), "lower --batch-size or --seq-len"),
+])
+def test_sizes_beyond_the_machine_are_refused_before_allocating(model: dict[str, int], settings: dict[str, int],
+                                                                fragment: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    started = time.perf_counter()
+    with pytest.raises(DynamoeError, match=fragment):
+        train(tiny(**model), config(tiny_corpus, tmp_path / "run", **settings))
+    assert time.perf_counter() - started < 10 and not (tmp_path / "run").exists()
