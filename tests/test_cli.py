@@ -141,3 +141,23 @@ def test_eval_refuses_a_corpus_with_another_tokenizer(capsys, tiny_corpus: Path,
     other = build_corpus(tmp_path / "other", vocab_size=400, bytes_per_domain=40_000, seed=1, progress=False)
     code, _, err = run_cli(capsys, "eval", run, "--corpus", other)
     assert_one_line_error(code, err, "different tokenizer")
+
+
+def test_argument_errors_and_odd_paths_are_one_line(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    from dynamoe.checkpoint import save_model
+    from dynamoe.config import tiny
+    from dynamoe.model import Transformer
+
+    ckpt = save_model(tmp_path / "ckpt", Transformer(tiny()), tiny_corpus / "tokenizer.json")
+    for argv, fragment in [(["train", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+                           (["generate", ckpt, "--prompt", "\udcff"], "--prompt holds bytes that are not UTF-8 text"),
+                           (["eval", tmp_path / ("n" * 300)], "File name too long"),
+                           (["eval", tmp_path / "line\nbreak"], "line\\nbreak does not exist"),
+                           (["bench", ckpt, "--threads", "100000000000"], "must be from 1 to the"),
+                           (["eval", ckpt, "--device", "mps"], "device='mps' is not a device dynamoe runs on")]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code
+        assert code == 2
+        assert_one_line_error(code, capsys.readouterr().err, fragment)

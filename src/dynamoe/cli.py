@@ -166,6 +166,10 @@ def generate(
     from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
+    try:
+        prompt.encode("utf-8")  # Python hands over argv bytes that are not UTF-8 as lone surrogates
+    except UnicodeEncodeError:
+        raise DynamoeError("--prompt holds bytes that are not UTF-8 text; set the terminal to UTF-8 or fix the text") from None
     model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True)
     if threshold is not None:
         model.set_routing_threshold(threshold)
@@ -212,14 +216,10 @@ def bench(
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
     """Compare checkpoints and dial settings: perplexity, decode latency, throughput, memory, cost."""
-    import torch
-
     from dynamoe.bench import markdown_table, run_bench
 
     if threads is not None:
-        if threads < 1:
-            raise DynamoeError(f"--threads={threads} must be at least 1")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
@@ -258,18 +258,15 @@ def experiment_headline(
     progress: Annotated[bool, "show progress bars (one training at a time only)"] = True,
 ) -> None:
     """Dense, static top-k and adaptive routers on one budget, benched side by side: latency at quality parity."""
-    import torch
-
     from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
     from dynamoe.runs import default_workers
     from dynamoe.train import resolve_device
 
-    for name, value in (("jobs", jobs), ("threads", threads)):
-        if value is not None and value < 1:
-            raise DynamoeError(f"--{name}={value} must be at least 1")
+    if jobs is not None and jobs < 1:
+        raise DynamoeError(f"--jobs={jobs} must be at least 1")
     jobs, auto_threads = default_workers(resolve_device(device), jobs)
     threads = threads or auto_threads
-    torch.set_num_threads(threads)
+    set_threads(threads)
     profile = headline_profile(quick, preset, tokens, dense_warmup)
     seeds, models = seeds or [0], models or list(MODEL_KEYS)
     run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
@@ -400,6 +397,16 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads: from 1 to the cores (more only slow it down, and OpenMP would try to start them all)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        raise DynamoeError(f"--threads={threads} must be from 1 to the {cores} CPU cores of this machine")
+    torch.set_num_threads(threads)
+
+
 def parse_model_overrides(items: list[str]) -> dict[str, Any]:
     """KEY=VALUE strings to ModelConfig fields: a string field takes VALUE as it is, any other reads it as JSON
     (3, 0.6, true, [0, 1], null; `none` too); ModelConfig checks the types."""
@@ -493,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(message: str) -> None:
+    """One line on stderr, whatever the message holds (a path with a newline, say)."""
+    print(f"dynamoe: error: {message}".replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dynamoe` command."""
     args = vars(build_parser().parse_args(argv))
@@ -501,10 +513,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         function(**{key: value for key, value in args.items() if key in parameters})
     except DynamoeError as error:
-        print(f"dynamoe: error: {error}", file=sys.stderr)
+        _error_line(str(error))
         return error.exit_code
+    except OSError as error:  # a path the system refuses (a name too long, a permission...), wherever it was met
+        _error_line(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+        return 2
     except MemoryError:  # the checks up front are lower bounds; the rest shows here
-        print("dynamoe: error: out of memory; use a smaller model, batch or --seq-len", file=sys.stderr)
+        _error_line("out of memory; use a smaller model, batch or --seq-len")
         return 2
     except KeyboardInterrupt:
         print("dynamoe: interrupted", file=sys.stderr)

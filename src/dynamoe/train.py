@@ -126,11 +126,7 @@ class TrainConfig:
         need(self.dist_timeout > 0, f"dist_timeout={self.dist_timeout} must be positive")
         # _start hands the seed to np.random.seed, which takes 32 bits.
         need(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                need(False, f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        parse_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings)."""
@@ -236,13 +232,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr_floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr_floor)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's device string ("auto" picks cuda when there is one)."""
+def parse_device(name: str) -> torch.device | None:
+    """The device a device string names (None for "auto"), refusing any but the CPU and CUDA GPUs."""
     if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DynamoeError(f"device={name!r} is not a device dynamoe runs on; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a device string ("auto" picks cuda when there is one), which must exist here."""
+    device = parse_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DynamoeError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DynamoeError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} GPU(s), "
+                           "numbered from 0")
     return device
 
 
