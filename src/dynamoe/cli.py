@@ -321,7 +321,7 @@ def serve(
 def import_hf(
     source: Annotated[Path, "transformers checkpoint folder (config.json, *.safetensors, optional tokenizer.json)"],
     out: Annotated[Path, "new dynamoe checkpoint folder"],
-    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+    force: Annotated[bool, "replace OUT if it exists"] = False,
 ) -> None:
     """Import a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint as a dynamoe checkpoint (exact logits)."""
     from dynamoe.hf import import_hf as run_import
@@ -339,7 +339,7 @@ def export(
     output_format: Annotated[Literal["hf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE layout)",
                              "--format"] = "hf",
     allow_dynamic: Annotated[bool, "write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
-    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+    force: Annotated[bool, "replace OUT if it exists"] = False,
 ) -> None:
     """Export a static top-k checkpoint in a layout that transformers loads with identical logits."""
     from dynamoe.hf import export_hf

@@ -74,7 +74,8 @@ def writing(folder: Path, what: str, then: str = RETRY) -> Iterator[None]:
             raise
         fix = f"free some space, then {then}" if reason.startswith("disk full") else \
             "fix its permissions or choose another output folder"
-        raise DynamoeError(f"{reason} while writing {what} to {folder}; {fix}") from None
+        file = getattr(error, "filename", None)
+        raise DynamoeError(f"{reason} while writing {what} to {folder}{f' ({file})' if file else ''}; {fix}") from None
 
 
 def model_bytes(cfg: ModelConfig) -> int:
@@ -100,7 +101,8 @@ def check_memory(bytes_needed: int, device: torch.device, what: str, fix: str) -
 def device_memory(device: torch.device) -> int:
     """Total memory of a CUDA device, or of this machine for the CPU."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device()).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
