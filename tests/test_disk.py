@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 import dynamoe.checkpoint as checkpoint_module
 import dynamoe.data.build as build_module
-from dynamoe.checkpoint import latest_checkpoint, load_model, save_model
+from dynamoe.checkpoint import latest_checkpoint, save_model
 from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.hf import export_hf

@@ -369,5 +369,6 @@ def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: in
         plot_histograms(result, out / HISTOGRAM_PNG)
         plot_k_vs_loss(result, out / K_LOSS_PNG)
         plot_usage_heatmap(result, out / HEATMAP_PNG)
-        (out / SAMPLE_HTML).write_text(sample_html(samples, result.k_max, f"experts per token: {checkpoint}"), encoding="utf-8")
+        html_page = sample_html(samples, result.k_max, f"experts per token: {checkpoint}")
+        (out / SAMPLE_HTML).write_text(html_page, encoding="utf-8")
     return result

@@ -169,7 +169,8 @@ def generate(
     try:
         prompt.encode("utf-8")  # Python hands over argv bytes that are not UTF-8 as lone surrogates
     except UnicodeEncodeError:
-        raise DynamoeError("--prompt holds bytes that are not UTF-8 text; set the terminal to UTF-8 or fix the text") from None
+        raise DynamoeError("--prompt holds bytes that are not UTF-8 text; set the terminal to UTF-8 "
+                           "or fix the text") from None
     model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True)
     if threshold is not None:
         model.set_routing_threshold(threshold)

@@ -199,7 +199,8 @@ class ModelConfig:
         need(self.qk_norm in ("none", "head", "proj"), f"qk_norm must be 'none', 'head' or 'proj', got {self.qk_norm!r}")
         need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv={self.clip_qkv} must be positive (or None)")
         need(self.shared_expert_dim >= 0, f"shared_expert_dim={self.shared_expert_dim} must be >= 0 (0: no shared expert)")
-        need(all(0 <= i < self.n_layers for i in self.dense_layers) and len(set(self.dense_layers)) == len(self.dense_layers),
+        need(all(0 <= i < self.n_layers for i in self.dense_layers)
+             and len(set(self.dense_layers)) == len(self.dense_layers),
              f"dense_layers={self.dense_layers!r} must be a list of distinct block indices in [0, n_layers={self.n_layers})")
         need(1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
         need(1 <= self.k_min <= self.k_max, f"need 1 <= k_min={self.k_min} <= k_max={self.k_max}")
@@ -212,7 +213,8 @@ class ModelConfig:
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
         need(min(self.target_k_hold_steps, self.target_k_decay_steps) >= 0,
-             f"target_k_hold_steps={self.target_k_hold_steps} and target_k_decay_steps={self.target_k_decay_steps} must be >= 0")
+             f"target_k_hold_steps={self.target_k_hold_steps} and target_k_decay_steps={self.target_k_decay_steps} "
+             "must be >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
                  f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "
@@ -230,7 +232,8 @@ class ModelConfig:
         attention = 2 * self.dim * (self.n_heads + self.kv_heads) * self.head_dim
         moe_layers = self.n_layers - len(self.dense_layers) if self.ffn == "moe" else 0
         moe = self.dim * (self.n_experts * (1 + 3 * self.expert_dim) + 3 * self.shared_expert_dim)
-        return embeddings + self.n_layers * attention + moe_layers * moe + (self.n_layers - moe_layers) * 3 * self.dim * self.dense_hidden
+        dense = 3 * self.dim * self.dense_hidden
+        return embeddings + self.n_layers * attention + moe_layers * moe + (self.n_layers - moe_layers) * dense
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -112,8 +112,8 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
     total = _Accumulator(n_moe_layers, k_slots)
     reports = []
     for domain, tokens in tokens_by_domain.items():
-        check_token_ids(tokens, cfg.vocab_size, f"the text of domain {domain!r}", "the model's vocabulary is smaller than its "
-                        "tokenizer's; evaluate with the tokenizer (corpus) it was trained with")
+        check_token_ids(tokens, cfg.vocab_size, f"the text of domain {domain!r}", "the model's vocabulary is smaller "
+                        "than its tokenizer's; evaluate with the tokenizer (corpus) it was trained with")
         acc = _Accumulator(n_moe_layers, k_slots)
         batches = windows(tokens, seq_len, max_tokens, batch_size, domain)
         for x, y in tqdm(batches, desc=f"eval {domain}", disable=not progress, leave=False):

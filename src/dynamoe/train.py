@@ -323,79 +323,82 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False,
     A stop signal (STOP_SIGNALS) ends the run at the next step boundary with a checkpoint and TrainingStopped.
     """
     device = resolve_device(train_cfg.device)
-    if world_size_from_env() == 1:
-        if train_cfg.expert_parallel != 1:
-            raise DynamoeError(f"--expert-parallel {train_cfg.expert_parallel} splits the experts over that many processes; "
-                               f"launch with torchrun --nproc_per_node {train_cfg.expert_parallel} -m dynamoe train ...")
-        return _train(model_cfg, train_cfg, device, resume, resume_from, SingleProcess())
-    with distributed(train_cfg.expert_parallel, device.type, train_cfg.dist_timeout) as parallel:
-        return _train(model_cfg, train_cfg, parallel.mesh.device, resume, resume_from, parallel)
+    # From the start: a signal during the set-up stops the run after its first step.
+    with StopSignals() as stop:
+        if world_size_from_env() == 1:
+            if train_cfg.expert_parallel != 1:
+                raise DynamoeError(f"--expert-parallel {train_cfg.expert_parallel} splits the experts over that many "
+                                   f"processes; launch with torchrun --nproc_per_node {train_cfg.expert_parallel} "
+                                   "-m dynamoe train ...")
+            return _train(model_cfg, train_cfg, device, resume, resume_from, stop, SingleProcess())
+        with distributed(train_cfg.expert_parallel, device.type, train_cfg.dist_timeout) as parallel:
+            return _train(model_cfg, train_cfg, parallel.mesh.device, resume, resume_from, stop, parallel)
 
 
 def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool, resume_from: int | Path | None,
-           parallel: Parallelism) -> TrainSummary:
+           stop: StopSignals, parallel: Parallelism) -> TrainSummary:
     started = time.perf_counter()
     seq_len, train_data, val_data = _check_ready(model_cfg, cfg, device, parallel)
     model, optimizer, counters = _start(model_cfg, cfg, device, resume, resume_from, parallel)
     first_step, tokens_per_step = counters.step + 1, cfg.batch_size * cfg.grad_accum * seq_len
 
-    with writing(cfg.out_dir, "the training logs", then=RESUME_HINT), StopSignals() as stop:
-        # Rank 0 alone writes the log, TensorBoard events and checkpoints. purge_step hides the events
-        # a killed run wrote past the checkpoint it resumes from.
+    # Rank 0 alone writes the log, TensorBoard events and checkpoints. purge_step hides the events
+    # a killed run wrote past the checkpoint it resumes from.
+    with writing(cfg.out_dir, "the training logs", then=RESUME_HINT):
         writers = (_open_log(cfg.out_dir / "log.jsonl", counters.step),
                    SummaryWriter(str(cfg.out_dir / "tb"), purge_step=counters.step + 1)) if parallel.is_main else None
-        bar = tqdm(total=cfg.steps, initial=counters.step, disable=not (cfg.progress and parallel.is_main), desc="train",
-                   dynamic_ncols=True)
-        recent_k: deque[list[float]] = deque(maxlen=K_WINDOW)
-        train_time, window_time, window_steps = 0.0, 0.0, 0  # seconds in train_step: throughput ignores evals and saves
-        result, val_loss, ckpt = None, None, None
-        try:
-            for step in range(first_step, cfg.steps + 1):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                tick = time.perf_counter()
-                result = train_step(model, optimizer, train_data, cfg, step, seq_len, device, parallel)
-                elapsed = time.perf_counter() - tick
-                train_time, window_time, window_steps = train_time + elapsed, window_time + elapsed, window_steps + 1
-                counters.advance(step, tokens_per_step, result.skipped)
-                if not result.skipped and result.mean_k_per_layer:
-                    recent_k.append(result.mean_k_per_layer)
+    bar = tqdm(total=cfg.steps, initial=counters.step, disable=not (cfg.progress and parallel.is_main), desc="train",
+               dynamic_ncols=True)
+    recent_k: deque[list[float]] = deque(maxlen=K_WINDOW)
+    train_time, window_time, window_steps = 0.0, 0.0, 0  # seconds in train_step: throughput ignores evals and saves
+    result, val_loss, ckpt = None, None, None
+    try:
+        for step in range(first_step, cfg.steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            tick = time.perf_counter()
+            result = train_step(model, optimizer, train_data, cfg, step, seq_len, device, parallel)
+            elapsed = time.perf_counter() - tick
+            train_time, window_time, window_steps = train_time + elapsed, window_time + elapsed, window_steps + 1
+            counters.advance(step, tokens_per_step, result.skipped)
+            if not result.skipped and result.mean_k_per_layer:
+                recent_k.append(result.mean_k_per_layer)
 
-                last = step == cfg.steps
-                if last:
-                    # Before the final evaluation, so that nothing failing after the last step can cost the run.
-                    ckpt = _save(model, optimizer, counters, cfg, parallel)
-                val_loss = None
-                if val_data is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
-                    val_loss = evaluate_loss(model, val_data, cfg, seq_len, device, parallel)
-                if step % cfg.log_every == 0 or last or val_loss is not None or result.skipped:
-                    tokens_per_s = window_steps * tokens_per_step / window_time
-                    if writers is not None:
-                        _write_log(*writers, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
-                    window_time, window_steps = 0.0, 0
-                postfix = _postfix(result, tokens_per_step / elapsed, counters)
-                bar.update(1)
-                bar.set_postfix(postfix, refresh=False)
+            last = step == cfg.steps
+            if last:
+                # Before the final evaluation, so that nothing failing after the last step can cost the run.
+                ckpt = _save(model, optimizer, counters, cfg, parallel)
+            val_loss = None
+            if val_data is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+                val_loss = evaluate_loss(model, val_data, cfg, seq_len, device, parallel)
+            if step % cfg.log_every == 0 or last or val_loss is not None or result.skipped:
+                tokens_per_s = window_steps * tokens_per_step / window_time
+                if writers is not None:
+                    _write_log(*writers, _record(step, result, optimizer.param_groups[0]["lr"], tokens_per_s, counters, val_loss))
+                window_time, window_steps = 0.0, 0
+            postfix = _postfix(result, tokens_per_step / elapsed, counters)
+            bar.update(1)
+            bar.set_postfix(postfix, refresh=False)
 
-                if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                    raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {step} had "
-                                       f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
-                # Saved after the step's log line, so a resume from it never lacks that line.
-                if step % cfg.save_every == 0 and not last:
+            if counters.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise DynamoeError(f"training diverged: {counters.consecutive_skips} steps in a row up to step {step} had "
+                                   f"a non-finite loss or gradient; lower --lr or lengthen warm-up, then {_restart(cfg)}")
+            # Saved after the step's log line, so a resume from it never lacks that line.
+            if step % cfg.save_every == 0 and not last:
+                ckpt = _save(model, optimizer, counters, cfg, parallel)
+            if cfg.status_lines and parallel.is_main and (last or step % cfg.save_every == 0):
+                status = ", ".join(f"{key} {value}" for key, value in postfix.items())
+                print(f"[{cfg.out_dir.name}] step {step}/{cfg.steps}: {status}", flush=True)
+            # Every rank asks every step, so that all stop after the same one, whichever got the signal.
+            stopped = parallel.max_over_ranks(stop.received)
+            if stopped and not last:
+                if step % cfg.save_every:
                     ckpt = _save(model, optimizer, counters, cfg, parallel)
-                if cfg.status_lines and parallel.is_main and (last or step % cfg.save_every == 0):
-                    status = ", ".join(f"{key} {value}" for key, value in postfix.items())
-                    print(f"[{cfg.out_dir.name}] step {step}/{cfg.steps}: {status}", flush=True)
-                # Every rank asks every step, so that all stop after the same one, whichever got the signal.
-                stopped = parallel.max_over_ranks(stop.received)
-                if stopped and not last:
-                    if step % cfg.save_every:
-                        ckpt = _save(model, optimizer, counters, cfg, parallel)
-                    raise TrainingStopped(stopped, step, ckpt)
-        finally:
-            bar.close()
-            for writer in writers or ():
-                writer.close()
+                raise TrainingStopped(stopped, step, ckpt)
+    finally:
+        bar.close()
+        for writer in writers or ():
+            writer.close()
 
     assert result is not None and ckpt is not None  # _start guarantees at least one step
     if result.skipped:
@@ -572,8 +575,9 @@ def _write_log(log: TextIO, tb: SummaryWriter, record: dict[str, Any]) -> None:
             return None
         return [clean(v) for v in value] if isinstance(value, list) else value
 
-    log.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
-    log.flush()
+    with writing(Path(log.name).parent, "the training log", then=RESUME_HINT):
+        log.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
+        log.flush()
     step = record["step"]
     for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mean_k", "nan_skips"):
         if record[key] is not None:
