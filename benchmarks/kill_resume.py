@@ -33,11 +33,11 @@ from dynamoe.errors import DynamoeError
 TIMINGS = ("tokens_per_s",)  # the only logged values that may differ between runs
 
 
-def train_command(corpus: Path, out: Path, preset: str, steps: int) -> list[str]:
+def train_command(corpus: Path, out: Path, preset: str, steps: int, save_every: int) -> list[str]:
     """One command line for the first run and every restart: --resume starts the run when it has no checkpoint."""
     return [sys.executable, "-m", "dynamoe", "train", "--data", str(corpus), "--out", str(out), "--preset", preset,
-            "--steps", str(steps), "--batch-size", "8", "--warmup-steps", "5", "--save-every", "5", "--log-every", "1",
-            "--eval-every", "20", "--eval-batches", "2", "--device", "cpu", "--no-progress", "--resume"]
+            "--steps", str(steps), "--batch-size", "8", "--warmup-steps", "5", "--save-every", str(save_every),
+            "--log-every", "1", "--eval-every", "20", "--eval-batches", "2", "--device", "cpu", "--no-progress", "--resume"]
 
 
 def start(command: list[str]) -> subprocess.Popen[str]:
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10, help="stops per signal")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--save-every", type=int, default=3, help="often, so that many stops land inside a save")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random delays")
     parser.add_argument("--out", type=Path, default=Path("runs/kill-resume"))
     args = parser.parse_args()
@@ -166,14 +167,14 @@ def main() -> None:
     corpus = build_corpus(args.out / "corpus", vocab_size=512, bytes_per_domain=40_000, seed=0, progress=False)
 
     reference = args.out / "uninterrupted"
-    timing = timed_run(train_command(corpus, reference, args.preset, args.steps), reference)
+    timing = timed_run(train_command(corpus, reference, args.preset, args.steps, args.save_every), reference)
     print(f"uninterrupted run: {timing}", flush=True)
 
     report: dict[str, Any] = {"settings": {**vars(args), "out": str(args.out)}, "uninterrupted": timing}
     for stop in (signal.SIGKILL, signal.SIGTERM):
         run = args.out / stop.name.lower()
         run.mkdir(parents=True)
-        command = train_command(corpus, run, args.preset, args.steps)
+        command = train_command(corpus, run, args.preset, args.steps, args.save_every)
         result = stop_repeatedly(command, run, stop, args.kills, timing["training_s"], args.steps, rng)
         result.update(compare(run, reference))
         report[stop.name] = result

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import dynamoe.train as train_module
-from dynamoe.checkpoint import checkpoint_name, latest_checkpoint, load_model, load_trainer_state
+from dynamoe.checkpoint import checkpoint_name, latest_checkpoint, load_model, load_trainer_state, run_checkpoint
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
@@ -344,6 +344,8 @@ def test_resume_from_picks_a_checkpoint(tiny_corpus: Path, tmp_path: Path, strai
         train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=5)
     with pytest.raises(DynamoeError, match="is not a checkpoint folder of"):
         train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=straight_run / "ckpt-0000006")
+    for choice in (run / "ckpt-0000006", Path("ckpt-0000006")):  # its path, or its name in the run folder
+        assert run_checkpoint(run, choice) == run / "ckpt-0000006"
     summary = train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=run / "ckpt-0000006")
     assert summary.step == 8 and summary.checkpoint == run / "ckpt-0000008"
     same_steps(read_log(run), read_log(straight_run), EXACT_KEYS)

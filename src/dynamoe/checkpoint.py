@@ -174,9 +174,13 @@ def complete_checkpoints(run_dir: Path) -> dict[Path, int]:
 
 
 def run_checkpoint(run_dir: Path, choice: int | Path) -> Path:
-    """The complete checkpoint of run_dir that choice names: a step, or the path of one of its ckpt-* folders."""
+    """The complete checkpoint of run_dir that choice names: a step, or one of its ckpt-* folders (a path, or a
+    name inside run_dir)."""
     run_dir = Path(run_dir)
-    ckpt = run_dir / checkpoint_name(choice) if isinstance(choice, int) else Path(choice)
+    if isinstance(choice, int):
+        ckpt = run_dir / checkpoint_name(choice)
+    else:
+        ckpt = choice if choice.is_dir() or choice.is_absolute() else run_dir / choice
     if isinstance(choice, Path) and (not ckpt.is_dir() or ckpt.resolve().parent != run_dir.resolve()):
         raise DynamoeError(f"{choice} is not a checkpoint folder of {run_dir}; pass a step or one of its ckpt-* folders")
     if not _is_complete(ckpt):

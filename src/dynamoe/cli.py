@@ -85,8 +85,8 @@ def train(
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
     resume: Annotated[bool, "continue the run in --out from its latest checkpoint, or start it if it has none"] = False,
-    resume_from: Annotated[str | None, "continue the run in --out from this checkpoint: a step, or the path of one of its "
-                                       "ckpt-* folders"] = None,
+    resume_from: Annotated[str | None, "continue the run in --out from this checkpoint: a step, or one of its ckpt-* "
+                                       "folders"] = None,
     expert_parallel: Annotated[int, "under torchrun: processes that split the experts between them (a divisor of the "
                                     "world size); every process trains on its slice of each batch"] = 1,
     dist_timeout: Annotated[float, "under torchrun: seconds a collective waits for the other processes before "

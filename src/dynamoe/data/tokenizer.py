@@ -40,7 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    """Raise a DynamoeError when vocab_size cannot hold every byte and the end-of-text token."""
+    """Raise a DynamoeError when vocab_size cannot hold every byte and the end-of-text token, or its ids no shard."""
     if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise DynamoeError(f"vocab_size must be an integer from {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}) to "
                            f"{MAX_VOCAB_SIZE} (ids stored as uint32), got {vocab_size!r}")
