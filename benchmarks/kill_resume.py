@@ -62,9 +62,9 @@ def stop_repeatedly(command: list[str], run: Path, stop: signal.Signals, kills: 
                     steps: int, rng: random.Random) -> dict[str, Any]:
     """Stop the run `kills` times at random moments of its training, then let it finish; what happened each time.
 
-    Each process is stopped once it has logged a step, after a delay drawn from 0 to twice its share of the
-    training (training_s / kills), so that the stops spread over the whole run. A run that reaches its end before
-    the last stop is started over.
+    Each process is stopped once it has logged a step, after a delay drawn from 0 to its share of the training
+    (training_s / kills), so that the stops spread over most of the run. A run that reaches its end before the
+    last stop is started over.
     """
     stops: list[dict[str, Any]] = []
     while len(stops) < kills:
@@ -76,7 +76,7 @@ def stop_repeatedly(command: list[str], run: Path, stop: signal.Signals, kills: 
         # checkpoint) and logged a step of its own.
         while process.poll() is None and (log_identity(run) == old_log or last_logged_step(run) <= done):
             time.sleep(0.01)
-        delay = rng.uniform(0, 2 * training_s / kills)
+        delay = rng.uniform(0, training_s / kills)
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
