@@ -266,7 +266,7 @@ def experiment_headline(
     if jobs is not None and jobs < 1:
         raise DynamoeError(f"--jobs={jobs} must be at least 1")
     jobs, auto_threads = default_workers(resolve_device(device), jobs)
-    threads = threads or auto_threads
+    threads = auto_threads if threads is None else threads
     set_threads(threads)
     profile = headline_profile(quick, preset, tokens, dense_warmup)
     seeds, models = seeds or [0], models or list(MODEL_KEYS)
@@ -403,8 +403,10 @@ def set_threads(threads: int) -> None:
     import torch
 
     cores = os.cpu_count() or 1
-    if not 1 <= threads <= cores:
-        raise DynamoeError(f"--threads={threads} must be from 1 to the {cores} CPU cores of this machine")
+    if threads < 1:
+        raise DynamoeError(f"--threads={threads} must be at least 1")
+    if threads > cores:
+        raise DynamoeError(f"--threads={threads} is more than the {cores} CPU cores of this machine")
     torch.set_num_threads(threads)
 
 
