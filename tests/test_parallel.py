@@ -222,7 +222,7 @@ def test_layouts_and_sizes_are_checked(tiny_corpus: Path, tmp_path: Path, monkey
     model_cfg = model_config_for_data(tiny(), tiny_corpus)
     cfg = TrainConfig(data_dir=tiny_corpus, out_dir=tmp_path / "run", steps=1, batch_size=8, progress=False)
     with pytest.raises(DynamoeError, match="batch_size=8 .* cannot be split evenly over 3 processes"):
-        train_module._train(model_cfg, cfg, torch.device("cpu"), False, ThreeProcesses())
+        train_module._train(model_cfg, cfg, torch.device("cpu"), False, None, train_module.StopSignals(), ThreeProcesses())
     with pytest.raises(DynamoeError, match="launch with torchrun --nproc_per_node 2"):
         train(model_cfg, dataclasses.replace(cfg, expert_parallel=2))
     monkeypatch.setenv("WORLD_SIZE", "two")
