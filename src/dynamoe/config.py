@@ -214,7 +214,7 @@ class ModelConfig:
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
         need(min(self.target_k_hold_steps, self.target_k_decay_steps) >= 0,
              f"target_k_hold_steps={self.target_k_hold_steps} and target_k_decay_steps={self.target_k_decay_steps} "
-             "must be >= 0")
+             "must be integers >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
                  f"target_k={self.target_k} is outside [k_min={self.k_min}, k_max={self.k_max}]; "
