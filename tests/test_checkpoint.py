@@ -227,3 +227,63 @@ def test_a_corpus_built_with_a_checkpoints_tokenizer_matches_it(capsys, tmp_path
     capsys.readouterr()
     assert main(argv) == 0 and "reusing" in capsys.readouterr().err  # same arguments and tokenizer: reused
     assert main([*argv[:-1], str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_kill_while_old_checkpoints_are_deleted_never_leaves_a_broken_one(tmp_path: Path, tiny_corpus: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynamoe.checkpoint as checkpoint_module
+
+    for step in (2, 4):
+        _save(tmp_path, tiny_corpus, step)
+    rmtree = shutil.rmtree
+
+    def killed_halfway(path: Path, *args: object, **kwargs: object) -> None:
+        next(iter(sorted(Path(path).iterdir()))).unlink()  # the first file goes, then the process dies
+        raise KeyboardInterrupt  # stands in for the kill
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, tiny_corpus, 6)  # prunes ckpt-2
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", rmtree)
+    visible = sorted(tmp_path.glob("ckpt-*"))
+    assert [path.name for path in visible] == ["ckpt-0000004", "ckpt-0000006"]
+    for ckpt in visible:  # every checkpoint in sight is whole
+        load_model(ckpt)
+        assert load_trainer_state(ckpt)["step"] == int(ckpt.name[5:])
+    _save(tmp_path, tiny_corpus, 8)  # the next save sweeps what the killed deletion left
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt-0000006", "ckpt-0000008", "latest"]
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfeckpt-0000004\n", b"../other/ckpt-0000009\n", "ABSOLUTE", b"ckpt-0000004/..\n"],
+                         ids=["not-utf8", "parent", "absolute", "dotdot-suffix"])
+def test_a_damaged_or_escaping_latest_falls_back_to_the_newest_checkpoint(pointer: bytes | str, tmp_path: Path,
+                                                                          tiny_corpus: Path) -> None:
+    run, other = tmp_path / "run", tmp_path / "other"
+    _save(run, tiny_corpus, 2, keep=5)
+    _save(run, tiny_corpus, 4, keep=5)
+    outside, _ = _save(other, tiny_corpus, 9)  # a complete checkpoint that `latest` must never lead to
+    (run / "latest").write_bytes(f"{outside}\n".encode() if pointer == "ABSOLUTE" else pointer)
+    assert latest_checkpoint(run) == run / "ckpt-0000004"
+    assert resolve_checkpoint(run) == run / "ckpt-0000004"
+
+
+def test_non_finite_weights_are_refused_on_load(tmp_path: Path, tiny_corpus: Path) -> None:
+    from safetensors.torch import save_file
+
+    ckpt, _ = _save(tmp_path, tiny_corpus, 1)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["layers.1.attn.wo.weight"] = torch.full_like(weights["layers.1.attn.wo.weight"], float("nan"))
+    save_file(weights, ckpt / "model.safetensors")
+    assert "weight layers.1.attn.wo.weight holds NaN or infinite values" in _message(ckpt)
+
+
+def test_a_config_json_of_the_wrong_types_or_sizes_is_refused_before_allocating(tmp_path: Path, tiny_corpus: Path) -> None:
+    ckpt, _ = _save(tmp_path, tiny_corpus, 1)
+    config = json.loads((ckpt / "config.json").read_text())
+    for change, fragment in [({"n_layers": 2.0}, "n_layers=2.0 must be an integer"),
+                             ({"tie_embeddings": "yes"}, "tie_embeddings='yes' must be true or false"),
+                             ({"norm_eps": float("inf")}, "norm_eps=inf must be a finite number"),
+                             ({"dense_layers": "0"}, "dense_layers='0' must be a list of integers"),
+                             ({"vocab_size": 2**40}, "needs at least"), ({"max_seq_len": 2**45}, "of memory")]:
+        (ckpt / "config.json").write_text(json.dumps({**config, **change}))  # json writes inf as Infinity
+        assert fragment in _message(ckpt)

@@ -104,13 +104,23 @@ def test_parser_defaults_come_from_the_signatures_and_train_config() -> None:
 
 def test_model_overrides_are_typed() -> None:
     from dynamoe.cli import parse_model_overrides
+    from dynamoe.config import tiny
     from dynamoe.errors import DynamoeError
 
-    assert parse_model_overrides(["n_experts=4", "threshold=0.6", "tie_embeddings=true", "target_k=none"]) == {
-        "n_experts": 4, "threshold": 0.6, "tie_embeddings": True, "target_k": None}
-    for bad, fragment in [("n_experts=four", "not a valid int"), ("width=3", "KEY one of"), ("router=magic", "choose one of")]:
+    parsed = parse_model_overrides(["n_experts=4", "threshold=0.6", "tie_embeddings=true", "target_k=none",
+                                    "dense_layers=[0]", "router=topk", "n_kv_heads=null"])
+    assert parsed == {"n_experts": 4, "threshold": 0.6, "tie_embeddings": True, "target_k": None, "dense_layers": [0],
+                      "router": "topk", "n_kv_heads": None}
+    assert tiny(dense_layers=parsed["dense_layers"]).dense_layers == [0]  # block indices, not characters
+    for bad, fragment in [("n_experts=four", "not a valid value"), ("width=3", "KEY one of")]:
         with pytest.raises(DynamoeError, match=fragment):
             parse_model_overrides([bad])
+    # Values of the wrong type parse, then the config names the field and the type it needs.
+    for bad, fragment in [("router=magic", "router='magic' must be one of 'topk'"), ("n_layers=2.5", "must be an integer"),
+                          ("tie_embeddings=\"yes\"", "must be true or false"), ("norm_eps=Infinity", "finite number"),
+                          ("dense_layers=[\"0\"]", "a list of integers")]:
+        with pytest.raises(DynamoeError, match=fragment):
+            tiny(**parse_model_overrides([bad]))
 
 
 def test_train_with_model_overrides(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
@@ -131,3 +141,23 @@ def test_eval_refuses_a_corpus_with_another_tokenizer(capsys, tiny_corpus: Path,
     other = build_corpus(tmp_path / "other", vocab_size=400, bytes_per_domain=40_000, seed=1, progress=False)
     code, _, err = run_cli(capsys, "eval", run, "--corpus", other)
     assert_one_line_error(code, err, "different tokenizer")
+
+
+def test_argument_errors_and_odd_paths_are_one_line(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    from dynamoe.checkpoint import save_model
+    from dynamoe.config import tiny
+    from dynamoe.model import Transformer
+
+    ckpt = save_model(tmp_path / "ckpt", Transformer(tiny()), tiny_corpus / "tokenizer.json")
+    for argv, fragment in [(["train", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+                           (["generate", ckpt, "--prompt", "\udcff"], "--prompt holds bytes that are not UTF-8 text"),
+                           (["eval", tmp_path / ("n" * 300)], "File name too long"),
+                           (["eval", tmp_path / "line\nbreak"], "line\\nbreak does not exist"),
+                           (["bench", ckpt, "--threads", "100000000000"], "is more than the"),
+                           (["eval", ckpt, "--device", "mps"], "device='mps' is not a device dynamoe runs on")]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code
+        assert code == 2
+        assert_one_line_error(code, capsys.readouterr().err, fragment)

@@ -448,3 +448,21 @@ def test_eos_of_an_imported_tokenizer_and_a_clear_error_without_one(tmp_path: Pa
     assert eos_id(word_level({"a": 0, "</s>": 1, "<|im_end|>": 2})) == 1  # Mixtral's spelling, before a chat one
     with pytest.raises(DynamoeError, match="no end-of-text token"):
         eos_id(word_level({"a": 0, "b": 1}))
+
+
+def test_a_vocabulary_larger_than_the_text_can_fill_is_capped(tmp_path: Path) -> None:
+    """BPE cannot learn more tokens than merges of the text; asking for a billion once aborted the tokenizer library."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n\n" * 2000)
+    command = [sys.executable, "-m", "dynamoe", "data", "build", "--data", str(text), "--out", str(tmp_path / "corpus")]
+    done = subprocess.run([*command, "--vocab-size", "1000000000"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((tmp_path / "corpus" / "meta.json").read_text())
+    assert 257 < meta["vocab_size"] < 257 + text.stat().st_size
+    done = subprocess.run([*command, "--vocab-size", str(2**32 + 1)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"dynamoe: error: vocab_size must be an integer from 257 (256 bytes + <|endoftext|>) to {2**32} "
+        f"(ids stored as uint32), got {2**32 + 1}"]

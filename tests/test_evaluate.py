@@ -95,3 +95,25 @@ def test_dense_model_report_has_no_routing() -> None:
     assert [d.domain for d in report.domains] == ["a", "b"]
     assert report.total.mean_k is None and report.total.tokens == 78
     assert "mean k" not in format_report(report)
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_errors(capsys, tiny_corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dynamoe.checkpoint import save_model
+    from dynamoe.cli import main
+
+    ckpt = save_model(tmp_path / "ckpt", Transformer(tiny()), tiny_corpus / "tokenizer.json")
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+    tokens = np.memmap(corpus / "test.bin", dtype=np.uint16, mode="r+")
+    tokens[3] = 700  # past the 512-token vocabulary
+    tokens.flush()
+    assert main(["eval", str(ckpt), "--corpus", str(corpus), "--max-tokens", "64"]) == 2
+    assert "test.bin (vocabulary of meta.json) holds token id 700, outside" in capsys.readouterr().err
+    # A model whose vocabulary is smaller than its tokenizer's: the user's text reaches ids it has no row for.
+    small = save_model(tmp_path / "small", Transformer(tiny(vocab_size=300)), tiny_corpus / "tokenizer.json")
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question. " * 20)
+    assert main(["eval", str(small), "--data", str(tmp_path / "text.txt"), "--max-tokens", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynamoe: error: the text of domain 'user' holds token id") and "outside the vocabulary of 300" in err
+    assert "\n" not in err

@@ -190,6 +190,23 @@ def test_missing_shard(mixtral_copy: tuple[Path, Path], capsys: pytest.CaptureFi
     assert f"shard {shard.name} listed in" in error_of(["import", str(folder), str(folder.parent / "out")], capsys)
 
 
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_names_are_confined_to_the_checkpoint_folder(where: str, mixtral_copy: tuple[Path, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    _, folder = mixtral_copy
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = folder.parent / "elsewhere.safetensors"  # a readable tensor file the index must not lead to
+    shutil.move(folder / shard, outside)
+    name = "../elsewhere.safetensors" if where == "parent" else str(outside)
+    index["weight_map"] = {key: name if value == shard else value for key, value in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    err = error_of(["import", str(folder), str(folder.parent / "out")], capsys)
+    assert f"names shard {name!r} outside {folder}" in err
+    assert not (folder.parent / "out").exists()
+
+
 def test_mismatched_shapes(mixtral_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     folder, _ = mixtral_copy
     edit_config(folder, intermediate_size=40)

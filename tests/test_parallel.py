@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -220,7 +222,7 @@ def test_layouts_and_sizes_are_checked(tiny_corpus: Path, tmp_path: Path, monkey
     model_cfg = model_config_for_data(tiny(), tiny_corpus)
     cfg = TrainConfig(data_dir=tiny_corpus, out_dir=tmp_path / "run", steps=1, batch_size=8, progress=False)
     with pytest.raises(DynamoeError, match="batch_size=8 .* cannot be split evenly over 3 processes"):
-        train_module._train(model_cfg, cfg, torch.device("cpu"), False, ThreeProcesses())
+        train_module._train(model_cfg, cfg, torch.device("cpu"), False, None, train_module.StopSignals(), ThreeProcesses())
     with pytest.raises(DynamoeError, match="launch with torchrun --nproc_per_node 2"):
         train(model_cfg, dataclasses.replace(cfg, expert_parallel=2))
     monkeypatch.setenv("WORLD_SIZE", "two")
@@ -295,29 +297,50 @@ def test_resume_across_world_sizes_continues_the_curve(tiny_corpus: Path, tmp_pa
 
 # ---------------------------------------------------------------- a rank that dies or stalls
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
-def test_a_lost_rank_ends_the_others_with_a_clear_error(tiny_corpus: Path, tmp_path: Path, fault: signal.Signals) -> None:
+@contextmanager
+def two_ranks_training(corpus: Path, out: Path, dist_timeout: int) -> Iterator[list[subprocess.Popen[str]]]:
+    """Two ranks launched as torchrun would, training a long run with expert parallelism; yielded once they have
+    logged a step, and killed on the way out if still there."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
-    args = cli_args(tiny_corpus, tmp_path, 10_000, "--expert-parallel=2", "--dist-timeout=3", "--save-every=100000")
+    args = cli_args(corpus, out, 10_000, "--expert-parallel=2", f"--dist-timeout={dist_timeout}", "--save-every=100000")
     ranks = [subprocess.Popen([sys.executable, "-m", "dynamoe", *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
-        log = tmp_path / "log.jsonl"
+        log = out / "log.jsonl"
         deadline = time.monotonic() + 60
         while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
             assert ranks[0].poll() is None, ranks[0].communicate()[1]
             time.sleep(0.1)
-        os.kill(ranks[1].pid, fault)
-        lost_at = time.monotonic()
-        _, stderr = ranks[0].communicate(timeout=30)
-        waited = time.monotonic() - lost_at
+        yield ranks
     finally:
         for process in ranks:
             if process.poll() is None:
                 process.kill()
             process.communicate()
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_a_lost_rank_ends_the_others_with_a_clear_error(tiny_corpus: Path, tmp_path: Path, fault: signal.Signals) -> None:
+    with two_ranks_training(tiny_corpus, tmp_path, dist_timeout=3) as ranks:
+        os.kill(ranks[1].pid, fault)
+        lost_at = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=30)
+        waited = time.monotonic() - lost_at
     print(f"rank 0 exited {waited:.1f} s after rank 1 was {'killed' if fault == signal.SIGKILL else 'stopped'}: {stderr.strip()}")
     assert ranks[0].returncode == 2
     assert len(stderr.strip().splitlines()) == 1
     assert stderr.startswith("dynamoe: error: rank 0: ") and "another rank died or stalled past --dist-timeout" in stderr
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_corpus: Path, tmp_path: Path) -> None:
+    """A scheduler may signal one process only; the ranks agree, save one checkpoint and all exit with the signal."""
+    with two_ranks_training(tiny_corpus, tmp_path, dist_timeout=30) as ranks:
+        os.kill(ranks[1].pid, signal.SIGUSR1)
+        errors = [process.communicate(timeout=60)[1] for process in ranks]
+    assert [process.returncode for process in ranks] == [128 + signal.SIGUSR1] * 2, errors
+    step = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]
+    for stderr in errors:
+        assert stderr.splitlines() == [f"dynamoe: error: training stopped by SIGUSR1 after step {step}, saved in "
+                                       f"{tmp_path / f'ckpt-{step:07d}'}; run the same command with --resume to continue"]
+    train_here(tiny_corpus, tmp_path, step + 1, resume=True)  # the checkpoint is whole and resumes in one process

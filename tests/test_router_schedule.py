@@ -58,7 +58,7 @@ def test_only_a_scheduled_router_carries_a_step_count() -> None:
 @pytest.mark.parametrize("field", ["target_k_hold_steps", "target_k_decay_steps"])
 @pytest.mark.parametrize("value", [-1, 2.5])
 def test_schedule_lengths_must_be_whole_and_non_negative(field: str, value: float) -> None:
-    with pytest.raises(DynamoeError, match=f"{field}=.*must be integers >= 0"):
+    with pytest.raises(DynamoeError, match=f"{field}=.*must be (integers >= 0|an integer)"):
         tiny(**{field: value})
 
 

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import dynamoe.train as train_module
-from dynamoe.checkpoint import latest_checkpoint, load_model, load_trainer_state
+from dynamoe.checkpoint import checkpoint_name, latest_checkpoint, load_model, load_trainer_state, run_checkpoint
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
@@ -78,14 +79,14 @@ def test_config_round_trip_and_validation(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(DynamoeError, match="unknown train config field.*colour"):
         TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
-    (tmp_path / "notes.txt").write_text("not a run folder")
     for bad, fragment in [(dict(steps=0), "steps=0"), (dict(min_lr=1.0), "min_lr=1.0"),
                           (dict(device="toaster"), "device='toaster'"), (dict(betas=(0.9, 1.0)), "betas"),
                           (dict(grad_clip=-1.0), "grad_clip"), (dict(lr=math.inf), "lr=inf"),
                           (dict(min_lr=math.nan), "min_lr=nan"), (dict(weight_decay=math.inf), "weight_decay=inf"),
                           (dict(seed=-1), r"seed=-1 must be in \[0, 2\*\*32\)"), (dict(seed=2**32), "seed=4294967296"),
-                          (dict(out_dir=tmp_path / "notes.txt"), "notes.txt is a file"),
-                          (dict(out_dir=tmp_path / "notes.txt" / "run"), "notes.txt is a file")]:
+                          (dict(steps=2.0), "steps=2.0 must be an integer"), (dict(batch_size="8"), "batch_size='8'"),
+                          (dict(betas=(0.9,)), "betas=.* must be a list of 2 finite numbers"),
+                          (dict(progress="yes"), "progress='yes' must be true or false")]:
         with pytest.raises(DynamoeError, match=fragment):
             TrainConfig(data_dir=tmp_path, **bad)
     assert TrainConfig(data_dir=tmp_path, seed=2**32 - 1).seed == 2**32 - 1
@@ -209,11 +210,9 @@ def test_persistent_nans_stop_training(tiny_corpus: Path, tmp_path: Path, monkey
     assert [record["skipped"] for record in read_log(tmp_path)] == [True, True, True]
 
 
-def test_refuses_to_overwrite_or_mix_runs(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+def test_refuses_to_overwrite_or_mix_runs(tiny_corpus: Path, straight_run: Path) -> None:
     with pytest.raises(DynamoeError, match="already holds a checkpoint.*--resume.*--out"):
         train(tiny(), config(tiny_corpus, straight_run))
-    with pytest.raises(DynamoeError, match="nothing to resume"):
-        train(tiny(), config(tiny_corpus, tmp_path), resume=True)
     with pytest.raises(DynamoeError, match="trained with dim=64 but dim=32 was asked for"):
         train(tiny(dim=32), config(tiny_corpus, straight_run, steps=9), resume=True)
     with pytest.raises(DynamoeError, match="already at step 8 >= steps=8"):
@@ -345,7 +344,7 @@ def test_bf16_autocast_trains_and_evaluates(tiny_corpus: Path, tmp_path: Path) -
     log = read_log(tmp_path / "bf16")
     assert log[-1]["loss"] < log[0]["loss"] and bf16.val_loss is not None and math.isfinite(bf16.val_loss)
     assert bf16.val_loss != fp32.val_loss and abs(bf16.val_loss - fp32.val_loss) < 0.1
-    with pytest.raises(DynamoeError, match="precision='fp16' must be auto, fp32 or bf16"):
+    with pytest.raises(DynamoeError, match="precision='fp16' must be one of 'auto', 'fp32', 'bf16'"):
         config(tiny_corpus, tmp_path, precision="fp16")
 
 
@@ -370,3 +369,146 @@ def test_a_training_step_on_a_gpu_never_waits_for_the_device(router: str, tiny_c
     results = [step.read() for step in queued]
     assert all(math.isfinite(r.loss) and not r.skipped for r in results)
     assert [int(r.controller_steps) for r in model.routers()] == [5, 5]
+
+
+# ---------------------------------------------------------------- resuming: one command for every (re)start
+
+def test_resume_on_an_empty_or_missing_run_starts_it(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "missing", empty):
+        summary = train(tiny(), config(tiny_corpus, out, decay_steps=8), resume=True)
+        assert summary.step == 8
+        same_steps(read_log(out), read_log(straight_run), EXACT_KEYS)
+
+
+def test_resume_from_picks_a_checkpoint(tiny_corpus: Path, tmp_path: Path, straight_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)  # holds ckpt-6 and ckpt-8
+    (run / "ckpt-0000008" / "trainer_state.pt").write_bytes(b"damaged")
+    with pytest.raises(DynamoeError, match="trainer_state.pt is corrupt .* older checkpoint with --resume-from STEP"):
+        train(tiny(), config(tiny_corpus, run, steps=9, decay_steps=8), resume=True)
+    with pytest.raises(DynamoeError, match="has no complete checkpoint ckpt-0000005; .* at steps: 6, 8"):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=5)
+    with pytest.raises(DynamoeError, match="is not a checkpoint folder of"):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=straight_run / "ckpt-0000006")
+    for choice in (run / "ckpt-0000006", Path("ckpt-0000006")):  # its path, or its name in the run folder
+        assert run_checkpoint(run, choice) == run / "ckpt-0000006"
+    summary = train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=run / "ckpt-0000006")
+    assert summary.step == 8 and summary.checkpoint == run / "ckpt-0000008"
+    same_steps(read_log(run), read_log(straight_run), EXACT_KEYS)
+    resumed, expected = (load_file(folder / "ckpt-0000008" / "model.safetensors") for folder in (run, straight_run))
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_resume_from_moves_latest_back_until_the_next_save(tiny_corpus: Path, tmp_path: Path, straight_run: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+
+    def killed(*args: Any) -> Any:
+        raise KeyboardInterrupt  # the run dies on its first step, before any save
+
+    monkeypatch.setattr(train_module, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), config(tiny_corpus, run, decay_steps=8), resume_from=6)
+    assert latest_checkpoint(run) == run / "ckpt-0000006"  # a plain --resume now continues the chosen checkpoint
+
+
+# ---------------------------------------------------------------- stop signals: save at the next step, then exit
+
+STOPPED_RUN = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from dynamoe.cli import main
+from dynamoe.data import TokenDataset
+
+batch = TokenDataset.batch
+def slow_batch(self, *args):  # time to signal it mid-run; the batches themselves are unchanged
+    time.sleep(0.2)
+    return batch(self, *args)
+TokenDataset.batch = slow_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli_config(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """config()'s run (8 steps on the 8-step schedule) as a command line, saving only at the end."""
+    return ["train", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--steps", "8", "--batch-size", "8",
+            "--warmup-steps", "2", "--decay-steps", "8", "--save-every", "100", "--log-every", "1", "--eval-every", "0",
+            "--eval-batches", "2", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_stop_signal_saves_at_the_next_step_and_exits_non_zero(stop: signal.Signals, tiny_corpus: Path,
+                                                                 tmp_path: Path, straight_run: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, *cli_config(tiny_corpus, tmp_path, "--resume")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "log.jsonl").exists() and len(read_log(tmp_path)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(stop)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stopped_at = read_log(tmp_path)[-1]["step"]
+    assert proc.returncode == 128 + stop, stderr
+    assert stderr.splitlines() == [f"dynamoe: error: training stopped by {stop.name} after step {stopped_at}, saved in "
+                                   f"{tmp_path / checkpoint_name(stopped_at)}; run the same command with --resume to continue"]
+    assert 2 <= stopped_at < 8 and latest_checkpoint(tmp_path) == tmp_path / checkpoint_name(stopped_at)
+    train(tiny(), config(tiny_corpus, tmp_path, decay_steps=8, save_every=100), resume=True)
+    same_steps(read_log(tmp_path), read_log(straight_run), EXACT_KEYS)
+    assert [record["step"] for record in read_log(tmp_path)] == list(range(1, 9))
+
+
+def test_a_second_signal_stops_at_once(tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = train_module.train_step
+
+    def interrupted_twice(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: the usual KeyboardInterrupt, no waiting for a save
+        return step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), config(tiny_corpus, tmp_path))
+    assert latest_checkpoint(tmp_path) is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+# ---------------------------------------------------------------- checked before anything is allocated or trained
+
+def test_a_corpus_without_its_tokenizer_fails_before_training(tiny_corpus: Path, tmp_path: Path) -> None:
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+    (corpus / "tokenizer.json").unlink()
+    with pytest.raises(DynamoeError, match="no tokenizer at .*tokenizer.json"):
+        train(tiny(), config(corpus, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_outside_the_vocabulary_fail_before_training(split: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    corpus = Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+    tokens = np.memmap(corpus / f"{split}.bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = 512  # one past the 512-token vocabulary
+    tokens.flush()
+    with pytest.raises(DynamoeError, match=f"{split}.bin .* holds token id 512, outside the vocabulary of 512 tokens"):
+        train(tiny(), config(corpus, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("model", "settings", "fragment"), [
+    (dict(dim=2**30), {}, "training this model at this batch size needs at least"),
+    (dict(n_experts=2**20, expert_dim=2**20), {}, "needs at least"),
+    ({}, dict(batch_size=10**12), "lower --batch-size or --seq-len"),
+])
+def test_sizes_beyond_the_machine_are_refused_before_allocating(model: dict[str, int], settings: dict[str, int],
+                                                                fragment: str, tiny_corpus: Path, tmp_path: Path) -> None:
+    started = time.perf_counter()
+    with pytest.raises(DynamoeError, match=fragment):
+        train(tiny(**model), config(tiny_corpus, tmp_path / "run", **settings))
+    assert time.perf_counter() - started < 10 and not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ from dynamoe.checkpoint import check_same_tokenizer, load_model, load_tokenizer_
 from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import split_tokens_by_domain, windows
 from dynamoe.model import Dial, Transformer
+from dynamoe.resources import REPORT_BYTES, check_writable, writing
 
 ANALYSIS_JSON, SAMPLE_HTML = "analysis.json", "sample.html"
 HISTOGRAM_PNG, K_LOSS_PNG, HEATMAP_PNG = "k_histograms.png", "k_vs_loss.png", "expert_domain_usage.png"
@@ -354,17 +355,20 @@ def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: in
     if max_tokens < 1 or sample_tokens < 1:
         raise DynamoeError(f"--max-tokens ({max_tokens}) and --sample-tokens ({sample_tokens}) must be at least 1")
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
+    check_writable(Path(out), REPORT_BYTES, "the analysis")
     model, _ = load_model(checkpoint, device=device)
     model.layer_thresholds(threshold)  # a model without a dial refuses one before any work
     tokens = split_tokens_by_domain(corpus, "test")
     domains = list(tokens)
     result = analyse(collect(model, tokens, max_tokens, dial=threshold), domains, str(checkpoint), model, threshold)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ANALYSIS_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    plot_histograms(result, out / HISTOGRAM_PNG)
-    plot_k_vs_loss(result, out / K_LOSS_PNG)
-    plot_usage_heatmap(result, out / HEATMAP_PNG)
     samples = text_samples(model, load_tokenizer_for(checkpoint), tokens, sample_tokens, threshold)
-    (out / SAMPLE_HTML).write_text(sample_html(samples, result.k_max, f"experts per token: {checkpoint}"), encoding="utf-8")
+    out = Path(out)
+    with writing(out, "the analysis"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ANALYSIS_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        plot_histograms(result, out / HISTOGRAM_PNG)
+        plot_k_vs_loss(result, out / K_LOSS_PNG)
+        plot_usage_heatmap(result, out / HEATMAP_PNG)
+        html_page = sample_html(samples, result.k_max, f"experts per token: {checkpoint}")
+        (out / SAMPLE_HTML).write_text(html_page, encoding="utf-8")
     return result

@@ -35,6 +35,7 @@ from dynamoe.evaluate import EvalReport, evaluate_tokens, split_tokens_by_domain
 from dynamoe.generate import GREEDY, decode_one_token, prefill
 from dynamoe.model import Dial, MoE, Routing, Transformer
 from dynamoe.model.router import check_threshold
+from dynamoe.resources import REPORT_BYTES, check_writable, writing
 from dynamoe.train import resolve_device
 
 MIB = 2 ** 20
@@ -397,6 +398,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
         raise DynamoeError("bench needs at least one checkpoint")
     for value in dial:
         check_threshold(value)
+    check_writable(Path(out), REPORT_BYTES, "the bench report")  # before the measurements, not after
     torch_device = resolve_device(device) if isinstance(device, str) else device
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
@@ -435,10 +437,11 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
 
 def write_outputs(report: BenchReport, out: Path) -> None:
     """results.json, results.md and latency_vs_perplexity.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (out / RESULTS_MD).write_text(markdown_report(report))
-    plot_latency_vs_perplexity(report.variants, out / PLOT_PNG)
+    with writing(out, "the bench report"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULTS_JSON).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (out / RESULTS_MD).write_text(markdown_report(report))
+        plot_latency_vs_perplexity(report.variants, out / PLOT_PNG)
 
 
 def _fmt(value: float | None, spec: str) -> str:

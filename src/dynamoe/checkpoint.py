@@ -8,7 +8,8 @@ A run folder looks like this::
       latest          "ckpt-0000500"
 
 A checkpoint is built in a hidden `.tmp-ckpt-*` folder and renamed into place, and `latest` is
-replaced by rename too, so a kill at any moment leaves `latest` naming a complete checkpoint.
+replaced by rename too, so a kill at any moment leaves `latest` naming a complete checkpoint. Old
+checkpoints are hidden by a rename before they are deleted, so no visible checkpoint is ever incomplete.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import random
 import re
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from dynamoe.config import ModelConfig
 from dynamoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_digest
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
+from dynamoe.resources import FLOAT_BYTES, RETRY, check_memory, check_writable, model_bytes, writing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +45,9 @@ TMP_PREFIX = ".tmp-ckpt-"
 # The files a checkpoint folder must hold to be resumable; the tokenizer is copied in for inference.
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE)
 _CKPT_NAME = re.compile(r"ckpt-(\d+)")
+# AdamW keeps two moments per weight, so a resumable checkpoint holds about three copies of the weights.
+CHECKPOINT_COPIES = 3
+OLDER_CHECKPOINT = "resume from an older checkpoint with --resume-from STEP"
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,59 +56,92 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, trainer_state: dict[str, Any],
-                    train_config: dict[str, Any], tokenizer_path: Path, keep: int = 2) -> Path:
-    """Write run_dir/ckpt-{step}, point `latest` at it, then delete all but the newest `keep`."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and hide the checkpoint from other users.
-    tmp = run_dir / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    model.config.save(tmp / CONFIG_FILE)
-    save_file(unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", "step": str(step)})
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-    torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
-    for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
+                    train_config: dict[str, Any], tokenizer_path: Path, keep: int = 2, then: str = RETRY) -> Path:
+    """Write run_dir/ckpt-{step}, point `latest` at it, then delete all but the newest `keep`.
 
+    then: how to carry on after a full disk (the error says it).
+    """
+    run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
-    if final.exists():
-        # Left by a run killed after this rename but before `latest` moved on; `latest` still
-        # names an older, complete checkpoint, so replacing this one is safe.
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(run_dir)
-    _write_latest(run_dir, final.name)
+    # A leftover of this step (a run killed after its rename but before `latest` moved on, or one resumed from
+    # an older checkpoint) is replaced; `latest` names an older, complete checkpoint meanwhile.
+    with staged_folder(final, f"checkpoint {final.name}", then) as tmp:
+        model.config.save(tmp / CONFIG_FILE)
+        write_safetensors(unique_state_dict(model), tmp / WEIGHTS_FILE, {"format": "pt", "step": str(step)})
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        (tmp / TRAIN_CONFIG_FILE).write_text(json.dumps(train_config, indent=2) + "\n")
+    with writing(run_dir, f"the {LATEST_FILE} pointer", then):
+        point_latest_at(final)
     _prune(run_dir, step, keep)
     return final
 
 
-def check_output_folder(folder: Path, force: bool) -> None:
-    """Refuse to write into a folder that holds something (a file, or a non-empty folder) unless forced."""
+def point_latest_at(checkpoint: Path) -> None:
+    """Make a checkpoint its run folder's `latest`, atomically."""
+    run_dir = checkpoint.parent
+    tmp = run_dir / f"{LATEST_FILE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(checkpoint.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / LATEST_FILE)
+    _fsync(run_dir)
+
+
+@contextmanager
+def staged_folder(final: Path, what: str, then: str = RETRY) -> Iterator[Path]:
+    """A hidden folder beside `final` to write `what` into, renamed to `final` (replacing it) once the block succeeds
+    and removed if it fails: `final` is only ever seen complete, and a failed write leaves nothing behind (a full
+    disk or a permission error becomes a DynamoeError saying so)."""
+    with writing(final.parent, what, then):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0o700 mode would survive the rename and hide the folder from other users.
+        staging = final.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+        staging.mkdir()
+        try:
+            yield staging
+            for file in staging.iterdir():
+                _fsync(file)
+            _fsync(staging)
+            _retire(final)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync(final.parent)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file, then the mode the umask gives new files: safetensors itself writes 0o600 whatever the umask."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def check_output_folder(folder: Path, force: bool, bytes_needed: int = 0) -> None:
+    """Refuse to write into a folder that holds something (a file, or a non-empty folder) unless forced, or
+    that cannot be written or lacks bytes_needed of free space."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
         raise DynamoeError(f"{folder} exists and is not empty; choose a new folder or pass --force")
+    check_writable(folder.parent if folder.exists() and not folder.is_dir() else folder, bytes_needed)
+
+
+def checkpoint_bytes(cfg: ModelConfig, with_optimizer: bool = True) -> int:
+    """About the bytes a checkpoint of cfg takes on disk: the weights, and AdamW's moments for a resumable one."""
+    return FLOAT_BYTES * cfg.weight_count() * (CHECKPOINT_COPIES if with_optimizer else 1)
 
 
 def save_model(folder: Path, model: Transformer, tokenizer_path: Path | None = None, force: bool = False,
                metadata: dict[str, str] | None = None) -> Path:
     """Write an inference checkpoint folder (config, weights, tokenizer) atomically: built beside it, then renamed."""
     folder = Path(folder)
-    check_output_folder(folder, force)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    model.config.save(tmp / CONFIG_FILE)
-    save_file(unique_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt", **(metadata or {})})
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-    for file in tmp.iterdir():
-        _fsync(file)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(tmp, folder)
-    _fsync(folder.parent)
+    check_output_folder(folder, force, checkpoint_bytes(model.config, with_optimizer=False))
+    with staged_folder(folder, f"the checkpoint {folder.name}") as tmp:
+        model.config.save(tmp / CONFIG_FILE)
+        write_safetensors(unique_state_dict(model), tmp / WEIGHTS_FILE, {"format": "pt", **(metadata or {})})
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
     return folder
 
 
@@ -122,13 +161,33 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint `latest` names, else the newest complete ckpt-* folder, else None."""
     run_dir = Path(run_dir)
-    pointer = run_dir / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and _is_complete(run_dir / name):
-            return run_dir / name
-    complete = {d: s for d in run_dir.glob("ckpt-*") if (s := _step_of(d)) is not None and _is_complete(d)}
+    named = _latest_name(run_dir / LATEST_FILE)
+    if named is not None and _is_complete(run_dir / named):
+        return run_dir / named
+    complete = complete_checkpoints(run_dir)
     return max(complete, key=complete.__getitem__) if complete else None
+
+
+def complete_checkpoints(run_dir: Path) -> dict[Path, int]:
+    """The complete ckpt-* folders of a run folder and their steps."""
+    return {d: s for d in Path(run_dir).glob("ckpt-*") if (s := _step_of(d)) is not None and _is_complete(d)}
+
+
+def run_checkpoint(run_dir: Path, choice: int | Path) -> Path:
+    """The complete checkpoint of run_dir that choice names: a step, or one of its ckpt-* folders (a path, or a
+    name inside run_dir)."""
+    run_dir = Path(run_dir)
+    if isinstance(choice, int):
+        ckpt = run_dir / checkpoint_name(choice)
+    else:
+        ckpt = choice if choice.is_dir() or choice.is_absolute() else run_dir / choice
+    if isinstance(choice, Path) and (not ckpt.is_dir() or ckpt.resolve().parent != run_dir.resolve()):
+        raise DynamoeError(f"{choice} is not a checkpoint folder of {run_dir}; pass a step or one of its ckpt-* folders")
+    if not _is_complete(ckpt):
+        steps = sorted(complete_checkpoints(run_dir).values())
+        raise DynamoeError(f"{run_dir} has no complete checkpoint {ckpt.name}; its complete checkpoints are at steps: "
+                           f"{', '.join(map(str, steps)) or 'none'}")
+    return ckpt
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -167,6 +226,8 @@ def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = Fals
     """
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt)
+    check_memory(model_bytes(cfg), torch.device(device), f"the model of {ckpt}",
+                 "its config.json asks for more than this machine holds; use a bigger machine or another checkpoint")
     with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's RNG
         model = Transformer(cfg)
     weights = _read_weights(ckpt)
@@ -199,7 +260,7 @@ def _resume_file(path: Path, name: str, consequence: str) -> Path:
     file = ckpt / name
     if not file.is_file():
         raise DynamoeError(f"checkpoint {ckpt} has no {name}, so {consequence}; "
-                           "resume from another checkpoint or start a new run")
+                           f"{OLDER_CHECKPOINT} or start a new run")
     return file
 
 
@@ -211,7 +272,7 @@ def load_train_config(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         settings = None
     if not isinstance(settings, dict):
-        raise DynamoeError(f"{file} is corrupt or unreadable; resume from an older checkpoint")
+        raise DynamoeError(f"{file} is corrupt or unreadable; {OLDER_CHECKPOINT}")
     return settings
 
 
@@ -221,9 +282,10 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, disallowed global: all mean corrupt
-        raise DynamoeError(f"{file} is corrupt or unreadable ({type(e).__name__}); resume from an older checkpoint") from None
+        reason = _permission_problem(file) or f"corrupt or unreadable ({type(e).__name__})"
+        raise DynamoeError(f"{file} is {reason}; {OLDER_CHECKPOINT}") from None
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise DynamoeError(f"{file} does not hold a dynamoe trainer state; resume from an older checkpoint")
+        raise DynamoeError(f"{file} does not hold a dynamoe trainer state; {OLDER_CHECKPOINT}")
     return state
 
 
@@ -266,11 +328,22 @@ def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
-        raise DynamoeError(f"{file} is corrupt or truncated ({e}); use another checkpoint") from None
+        raise DynamoeError(f"{file} is {_permission_problem(file) or f'corrupt or truncated ({e})'}; "
+                           "use another checkpoint") from None
+
+
+def _permission_problem(file: Path) -> str | None:
+    """Why a file that failed to load cannot be read, if the reason is a permission (libraries report it as damage)."""
+    try:
+        with open(file, "rb"):
+            return None
+    except PermissionError:
+        return (f"not readable by this user (permission denied; mode {file.stat().st_mode & 0o777:o}): "
+                "ask its owner to make it readable (chmod a+r)")
 
 
 def _check_weights(ckpt: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Name the first missing key, unexpected key or shape mismatch between the file and config.json."""
+    """Name the first missing key, unexpected key, shape mismatch or non-finite weight of the file."""
     missing = [name for name in expected if name not in weights]
     if missing:
         raise DynamoeError(f"checkpoint {ckpt}: weight {missing[0]} is missing from {WEIGHTS_FILE} "
@@ -283,16 +356,16 @@ def _check_weights(ckpt: Path, weights: dict[str, torch.Tensor], expected: dict[
         if weights[name].shape != tensor.shape:
             raise DynamoeError(f"checkpoint {ckpt}: weight {name} has shape {list(weights[name].shape)} "
                                f"but {CONFIG_FILE} implies {list(tensor.shape)}; the config does not match the weights")
+    bad = first_non_finite(weights)
+    if bad is not None:  # training never saves these: the file was damaged or written by something else
+        raise DynamoeError(f"checkpoint {ckpt}: weight {bad} holds NaN or infinite values; use another checkpoint")
 
 
-def _write_latest(run_dir: Path, name: str) -> None:
-    tmp = run_dir / f"{LATEST_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync(run_dir)
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or infinity, if any."""
+    floats = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in floats.values()]).tolist() if floats else []  # one host sync
+    return next((name for name, ok in zip(floats, finite) if not ok), None)
 
 
 def _prune(run_dir: Path, step: int, keep: int) -> None:
@@ -300,9 +373,31 @@ def _prune(run_dir: Path, step: int, keep: int) -> None:
     # Later checkpoints can only be leftovers of a killed run; the save of their step replaces them.
     older = {d: s for d in run_dir.glob("ckpt-*") if (s := _step_of(d)) is not None and s < step}
     for old in sorted(older, key=older.__getitem__)[:max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
     for stale in run_dir.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _retire(path: Path) -> None:
+    """Delete a folder (or file) without ever showing it half-deleted: one rename hides it, then it goes."""
+    if not path.exists() and not path.is_symlink():
+        return
+    hidden = path.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    os.rename(path, hidden)
+    if hidden.is_dir() and not hidden.is_symlink():
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:
+        hidden.unlink()
+
+
+def _latest_name(pointer: Path) -> str | None:
+    """The checkpoint name in a `latest` file; None when it is missing, unreadable or names anything but a
+    ckpt-* folder of its own run (an absolute path, `..`): a damaged pointer falls back to the newest checkpoint."""
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _CKPT_NAME.fullmatch(name) else None
 
 
 def _step_of(folder: Path) -> int | None:
@@ -312,6 +407,17 @@ def _step_of(folder: Path) -> int | None:
 
 def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (changing it races other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)$", status, re.MULTILINE).group(1), 8)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _fsync(path: Path) -> None:

@@ -86,13 +86,18 @@ def train(
     eval_batches: Annotated[int, "validation batches; 0: no validation"] = TRAIN_DEFAULTS["eval_batches"],
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
-    resume: Annotated[bool, "continue the run in --out from its latest checkpoint"] = False,
+    resume: Annotated[bool, "continue the run in --out from its latest checkpoint, or start it if it has none"] = False,
+    resume_from: Annotated[str | None, "continue the run in --out from this checkpoint: a step, or one of its ckpt-* "
+                                       "folders"] = None,
     expert_parallel: Annotated[int, "under torchrun: processes that split the experts between them (a divisor of the "
                                     "world size); every process trains on its slice of each batch"] = 1,
     dist_timeout: Annotated[float, "under torchrun: seconds a collective waits for the other processes before "
                                    "failing"] = TRAIN_DEFAULTS["dist_timeout"],
 ) -> None:
-    """Train a model on a built corpus; --resume continues exactly where the run in --out stopped."""
+    """Train a model on a built corpus; --resume continues exactly where the run in --out stopped.
+
+    SIGTERM, SIGINT and SIGUSR1 stop it after the current step with a checkpoint (exit code 128 + the signal).
+    """
     from dynamoe import train as training
     from dynamoe.config import preset as make_preset
 
@@ -106,7 +111,8 @@ def train(
                             weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, save_every=save_every,
                             log_every=log_every, eval_every=eval_every, eval_batches=eval_batches, device=device,
                             progress=progress, expert_parallel=expert_parallel, dist_timeout=dist_timeout)
-    summary = training.train(model_cfg, train_cfg, resume=resume)
+    summary = training.train(model_cfg, train_cfg, resume=resume,
+                             resume_from=None if resume_from is None else _step_or_path(resume_from))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run rather than one per process
         print(f"trained {summary.step} steps; checkpoint {summary.checkpoint}")
 
@@ -168,6 +174,11 @@ def generate(
     from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
+    try:
+        prompt.encode("utf-8")  # Python hands over argv bytes that are not UTF-8 as lone surrogates
+    except UnicodeEncodeError:
+        raise DynamoeError("--prompt holds bytes that are not UTF-8 text; set the terminal to UTF-8 "
+                           "or fix the text") from None
     model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, dtype=getattr(torch, dtype))
     if compile:
         model.compile_decode()
@@ -219,9 +230,7 @@ def bench(
     from dynamoe.bench import kernels_line, markdown_table, run_bench
 
     if threads is not None:
-        if threads < 1:
-            raise DynamoeError(f"--threads={threads} must be at least 1")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
@@ -268,15 +277,12 @@ def experiment_headline(
 ) -> None:
     """Dense, static top-k (cold and warmed up) and adaptive routers on one budget, benched side by side over seeds:
     latency at quality parity, and each claim seed by seed."""
-    import torch
-
     from dynamoe.experiment import command_line, default_models, headline_profile, run_headline
     from dynamoe.runs import default_workers
     from dynamoe.train import resolve_device
 
-    for name, value in (("jobs", jobs), ("threads", threads)):
-        if value is not None and value < 1:
-            raise DynamoeError(f"--{name}={value} must be at least 1")
+    if jobs is not None and jobs < 1:
+        raise DynamoeError(f"--jobs={jobs} must be at least 1")
     if quick and profile not in ("default", "quick"):
         raise DynamoeError(f"--quick is --profile quick; it cannot go with --profile {profile}")
     chosen = headline_profile("quick" if quick else profile, preset, tokens, dense_warmup)
@@ -286,8 +292,8 @@ def experiment_headline(
     if jobs is None and chosen.gpu_parallel and device_type == "cuda":
         jobs = len(models)
     jobs, auto_threads = default_workers(device_type, jobs)
-    threads = threads or auto_threads
-    torch.set_num_threads(threads)
+    threads = auto_threads if threads is None else threads
+    set_threads(threads)
     run_headline(chosen, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
                  progress=progress, command=command_line(chosen.name, preset, tokens, seeds, models, out, dense_warmup),
                  workers=jobs, threads=threads)
@@ -349,7 +355,7 @@ def serve(
 def import_hf(
     source: Annotated[Path, "transformers checkpoint folder (config.json, *.safetensors, optional tokenizer.json)"],
     out: Annotated[Path, "new dynamoe checkpoint folder"],
-    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+    force: Annotated[bool, "replace OUT if it exists"] = False,
 ) -> None:
     """Import a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint as a dynamoe checkpoint (exact logits)."""
     from dynamoe.hf import import_hf as run_import
@@ -367,7 +373,7 @@ def export(
     output_format: Annotated[Literal["hf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE layout)",
                              "--format"] = "hf",
     allow_dynamic: Annotated[bool, "write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
-    force: Annotated[bool, "write into OUT even if it is not empty"] = False,
+    force: Annotated[bool, "replace OUT if it exists"] = False,
 ) -> None:
     """Export a static top-k checkpoint in a layout that transformers loads with identical logits."""
     from dynamoe.hf import export_hf
@@ -395,14 +401,16 @@ def retrofit(
     progress: Annotated[bool, "show a progress bar"] = True,
 ) -> None:
     """Make a static top-k checkpoint route dynamically (fewer experts per token) without retraining its experts."""
-    from dynamoe.checkpoint import check_output_folder, check_same_tokenizer, load_model, save_model, tokenizer_file
+    from dynamoe.checkpoint import (check_output_folder, check_same_tokenizer, checkpoint_bytes, load_config, load_model,
+                                    save_model, tokenizer_file)
     from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
     from dynamoe.retrofit import retrofit as run_retrofit
     from dynamoe.train import resolve_device
 
     cfg = RetrofitConfig(target_k=target_k, mode=mode, tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                          straight_through=straight_through)
-    check_output_folder(out, force)  # before the slow work
+    # Before the slow work: the twin's weights are about the checkpoint's.
+    check_output_folder(out, force, checkpoint_bytes(load_config(checkpoint), with_optimizer=False))
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     static, _ = load_model(checkpoint, device=resolve_device(device))
     dynamic, log = run_retrofit(static, corpus, cfg, progress=progress)
@@ -423,8 +431,21 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads: from 1 to the cores (more only slow it down, and OpenMP would try to start them all)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if threads < 1:
+        raise DynamoeError(f"--threads={threads} must be at least 1")
+    if threads > cores:
+        raise DynamoeError(f"--threads={threads} is more than the {cores} CPU cores of this machine")
+    torch.set_num_threads(threads)
+
+
 def parse_model_overrides(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings to ModelConfig fields, each value converted to its field's type."""
+    """KEY=VALUE strings to ModelConfig fields: a string field takes VALUE as it is, any other reads it as JSON
+    (3, 0.6, true, [0, 1], null; `none` too); ModelConfig checks the types."""
     hints = typing.get_type_hints(ModelConfig)
     overrides: dict[str, Any] = {}
     for item in items:
@@ -432,29 +453,27 @@ def parse_model_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or key not in hints:
             known = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
             raise DynamoeError(f"--model {item!r}: expected KEY=VALUE with KEY one of: {known}")
-        overrides[key] = _convert(text, hints[key], f"--model {key}")
+        overrides[key] = _parse_value(text, hints[key], f"--model {key}")
     return overrides
 
 
-def _convert(text: str, annotation: Any, where: str) -> Any:
-    """Parse text as a value of annotation (bool, int, float, str, Literal, or X | None)."""
-    if _is_union(annotation):  # X | None
-        if text.lower() == "none":
-            return None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    target = annotation
-    if typing.get_origin(target) is Literal:
-        if text not in typing.get_args(target):
-            raise DynamoeError(f"{where}={text!r}: choose one of {', '.join(typing.get_args(target))}")
-        return text
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+    """text as it is for a string (or Literal) field; otherwise as JSON, with `none` for null."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if any(option is str or typing.get_origin(option) is Literal for option in options):
+        return None if text.lower() == "none" and type(None) in options else text
+    if text.lower() == "none":
+        return None
     try:
-        if target is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-        return target(text)
-    except ValueError:
-        raise DynamoeError(f"{where}={text!r} is not a valid {getattr(target, '__name__', target)}") from None
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise DynamoeError(f"{where}={text!r} is not a valid value: write a number, true/false, null or a JSON "
+                           "list such as [0, 1]") from None
+
+
+def _step_or_path(text: str) -> int | Path:
+    """A checkpoint named by its step (digits) or by its path."""
+    return int(text) if text.isdigit() else Path(text)
 
 
 def _is_union(annotation: Any) -> bool:
@@ -489,9 +508,16 @@ def _add_parameter(parser: argparse.ArgumentParser, parameter: inspect.Parameter
     parser.add_argument(flag, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage is one --help away), like every other error of the CLI."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"dynamoe: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per command function, arguments from its signature."""
-    parser = argparse.ArgumentParser(prog="dynamoe", description="Mixture-of-Experts LMs with dynamic routing.")
+    parser = _Parser(prog="dynamoe", description="Mixture-of-Experts LMs with dynamic routing.")
     groups: dict[str, argparse._SubParsersAction] = {"": parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     for name, function in COMMANDS.items():
         *parents, leaf = name.split()
@@ -510,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(message: str) -> None:
+    """One line on stderr, whatever the message holds (a path with a newline, say)."""
+    print(f"dynamoe: error: {message}".replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dynamoe` command."""
     args = vars(build_parser().parse_args(argv))
@@ -518,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         function(**{key: value for key, value in args.items() if key in parameters})
     except DynamoeError as error:
-        print(f"dynamoe: error: {error}", file=sys.stderr)
+        _error_line(str(error))
+        return error.exit_code
+    except OSError as error:  # a path the system refuses (a name too long, a permission...), wherever it was met
+        _error_line(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+        return 2
+    except MemoryError:  # the checks up front are lower bounds; the rest shows here
+        _error_line("out of memory; use a smaller model, batch or --seq-len")
         return 2
     except KeyboardInterrupt:
         print("dynamoe: interrupted", file=sys.stderr)

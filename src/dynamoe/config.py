@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -33,6 +35,67 @@ def read_json_object(path: Path, missing: str, corrupt: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DynamoeError(f"{path} must hold a JSON object")
     return data
+
+
+def check_field_types(config: Any, what: str) -> None:
+    """Check every field of a config dataclass against its annotation, converting what JSON and the command line
+    cannot spell (an integer for a float, a string for a path, a list for a tuple); DynamoeError names the first
+    field that does not fit. Floats must be finite."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        try:
+            converted = _as_type(value, hints[f.name])
+        except (TypeError, ValueError):
+            raise DynamoeError(f"invalid {what}: {f.name}={value!r} must be {_describe(hints[f.name])}") from None
+        object.__setattr__(config, f.name, converted)  # frozen dataclasses too
+
+
+def _as_type(value: Any, annotation: Any) -> Any:
+    """value as a value of annotation, or TypeError/ValueError; bool is no integer here, as in JSON."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _as_type(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(value)
+    if origin is Literal:
+        if value not in args or not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            raise TypeError(value)
+        kinds = args * len(value) if origin is list else args
+        items = [_as_type(item, kind) for item, kind in zip(value, kinds)]
+        return items if origin is list else tuple(items)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(value)
+        return float(value)
+    if annotation is Path and isinstance(value, (str, Path)):
+        return Path(value)
+    if annotation in (int, bool, str) and type(value) is annotation:
+        return value
+    raise TypeError(value)
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of annotation looks like, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple):
+        count = f"{len(args)} " if origin is tuple else ""
+        return f"a list of {count}{_describe(args[0]).split(' ', 1)[1]}s"
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", Path: "a path"}
+    return names.get(annotation, str(annotation))
 
 
 def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> ConfigT:
@@ -104,6 +167,7 @@ class ModelConfig:
     shared_expert_dim: int = 0  # hidden size of an always-on expert behind a sigmoid gate in every MoE block; 0: none
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model config")
         self.validate()
 
     @property
@@ -135,9 +199,8 @@ class ModelConfig:
         need(self.n_experts >= 1, "n_experts must be at least 1")
         need(self.qk_norm in ("none", "head", "proj"), f"qk_norm must be 'none', 'head' or 'proj', got {self.qk_norm!r}")
         need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv={self.clip_qkv} must be positive (or None)")
-        need(isinstance(self.shared_expert_dim, int) and self.shared_expert_dim >= 0,
-             f"shared_expert_dim={self.shared_expert_dim!r} must be an integer >= 0 (0: no shared expert)")
-        need(isinstance(self.dense_layers, list) and all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.dense_layers)
+        need(self.shared_expert_dim >= 0, f"shared_expert_dim={self.shared_expert_dim} must be >= 0 (0: no shared expert)")
+        need(all(0 <= i < self.n_layers for i in self.dense_layers)
              and len(set(self.dense_layers)) == len(self.dense_layers),
              f"dense_layers={self.dense_layers!r} must be a list of distinct block indices in [0, n_layers={self.n_layers})")
         need(1 <= self.top_k <= self.n_experts, f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
@@ -147,13 +210,13 @@ class ModelConfig:
         need(self.k_max <= self.n_experts, f"k_max={self.k_max} exceeds n_experts={self.n_experts}")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold} must be in (0, 1]")
         moe_layers = self.n_layers - len(self.dense_layers) if self.ffn == "moe" else 0
-        need(self.layer_thresholds is None or (isinstance(self.layer_thresholds, list) and len(self.layer_thresholds) == moe_layers
-                                               and all(isinstance(t, (int, float)) and 0 < t <= 1 for t in self.layer_thresholds)),
+        need(self.layer_thresholds is None or (len(self.layer_thresholds) == moe_layers
+                                               and all(0 < t <= 1 for t in self.layer_thresholds)),
              f"layer_thresholds={self.layer_thresholds!r} must list one threshold in (0, 1] per MoE layer ({moe_layers})")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
-        need(all(isinstance(n, int) and n >= 0 for n in (self.target_k_hold_steps, self.target_k_decay_steps)),
-             f"target_k_hold_steps={self.target_k_hold_steps!r} and target_k_decay_steps={self.target_k_decay_steps!r} "
+        need(min(self.target_k_hold_steps, self.target_k_decay_steps) >= 0,
+             f"target_k_hold_steps={self.target_k_hold_steps} and target_k_decay_steps={self.target_k_decay_steps} "
              "must be integers >= 0")
         if self.target_k is not None and self.router != "topk" and self.ffn == "moe":
             need(self.k_min <= self.target_k <= self.k_max,
@@ -164,6 +227,16 @@ class ModelConfig:
                 need(self.target_k < reachable or self.target_k == self.k_min or self.threshold >= 1.0,
                      f"target_k={self.target_k} cannot be reached: threshold {self.threshold} over {self.n_experts} "
                      f"experts selects at most {reachable} (only for a perfectly flat softmax); raise threshold or lower target_k")
+
+    def weight_count(self) -> int:
+        """Parameters of the model's matrices (embeddings, head, attention, gates, experts, dense layers): all but
+        norms, biases and temperature heads, so a lower bound of its size within a few percent. Computed, not built."""
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        attention = 2 * self.dim * (self.n_heads + self.kv_heads) * self.head_dim
+        moe_layers = self.n_layers - len(self.dense_layers) if self.ffn == "moe" else 0
+        moe = self.dim * (self.n_experts * (1 + 3 * self.expert_dim) + 3 * self.shared_expert_dim)
+        dense = 3 * self.dim * self.dense_hidden
+        return embeddings + self.n_layers * attention + moe_layers * moe + (self.n_layers - moe_layers) * dense
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from dynamoe.data import TokenDataset, encode_documents, user_documents
+from dynamoe.data.shards import check_token_ids
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Dial, Transformer
 
@@ -113,6 +114,8 @@ def evaluate_tokens(model: Transformer, tokens_by_domain: dict[str, np.ndarray],
     total = _Accumulator(n_moe_layers, k_slots)
     reports = []
     for domain, tokens in tokens_by_domain.items():
+        check_token_ids(tokens, cfg.vocab_size, f"the text of domain {domain!r}", "the model's vocabulary is smaller "
+                        "than its tokenizer's; evaluate with the tokenizer (corpus) it was trained with")
         acc = _Accumulator(n_moe_layers, k_slots)
         batches = windows(tokens, seq_len, max_tokens, batch_size, domain)
         for x, y in tqdm(batches, desc=f"eval {domain}", disable=not progress, leave=False):

@@ -1,6 +1,7 @@
 """The training loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping,
 non-finite steps skipped, the routers' compute controllers stepped, periodic evaluation, logging
-(progress bar, TensorBoard, JSONL) and atomic checkpoints that resume bit-for-bit.
+(progress bar, TensorBoard, JSONL) and atomic checkpoints that resume bit-for-bit. SIGTERM, SIGINT and
+SIGUSR1 (cluster preemption) stop it at the next step boundary, after a checkpoint of that step.
 
 On a GPU the loop never waits for the step it has just queued: skipping, the controllers and the batches'
 copies stay on the device, and the host reads a step's numbers once the next step is queued (at once only
@@ -19,11 +20,14 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections import deque
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, TextIO
 
 import numpy as np
@@ -31,20 +35,28 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dynamoe.checkpoint import (check_same_tokenizer, checkpoint_name, latest_checkpoint, load_model,
-                                load_train_config, load_trainer_state, rng_state, save_checkpoint, set_rng_state)
-from dynamoe.config import ModelConfig, dataclass_from_dict, requirement
-from dynamoe.data import TokenDataset
+from dynamoe.checkpoint import (OLDER_CHECKPOINT, check_same_tokenizer, checkpoint_bytes, checkpoint_name,
+                                complete_checkpoints, first_non_finite, latest_checkpoint, load_model, load_train_config,
+                                load_trainer_state, point_latest_at, rng_state, run_checkpoint, save_checkpoint,
+                                set_rng_state)
+from dynamoe.config import ModelConfig, check_field_types, dataclass_from_dict, requirement
+from dynamoe.data import TokenDataset, load_tokenizer
+from dynamoe.data.shards import read_meta
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
 from dynamoe.parallel import Parallelism, SingleProcess, distributed, world_size_from_env
+from dynamoe.resources import check_memory, check_writable, training_bytes, writing
 
 MAX_CONSECUTIVE_SKIPS = 20  # this many non-finite steps in a row means the run has diverged
 K_WINDOW = 20  # the summary's mean experts/token averages this many final steps
 # The settings that shape the trajectory a resume must continue; the rest may change between runs.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "decay_steps",
                      "weight_decay", "betas", "grad_clip", "seed")
+# Signals that stop training at the next step boundary, after a checkpoint: Ctrl-C, `kill`, and SIGUSR1, which
+# cluster schedulers (e.g. Slurm's --signal) send ahead of preemption.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+RESUME_HINT = "run the same command with --resume to continue"
 
 
 @dataclass
@@ -88,9 +100,7 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        # JSON hands back strings and lists; keep the declared types either way.
-        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        check_field_types(self, "train config")  # JSON hands back strings and lists: the declared types either way
         self.validate()
 
     @property
@@ -109,31 +119,21 @@ class TrainConfig:
         need(self.steps >= 1, f"steps={self.steps} must be at least 1")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.seq_len is None or self.seq_len >= 1, f"seq_len={self.seq_len} must be at least 1")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
-        need(math.isfinite(self.lr_floor) and 0 <= self.lr_floor <= self.lr,
-             f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        need(self.lr > 0, f"lr={self.lr} must be positive")
+        need(0 <= self.lr_floor <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         need(self.decay_steps is None or self.decay_steps >= 1, f"decay_steps={self.decay_steps} must be at least 1")
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay={self.weight_decay} must be finite and >= 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(all(0 <= b < 1 for b in self.betas), f"betas={self.betas} must both be in [0, 1)")
         need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         need(self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be at least 1")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         need(self.eval_every >= 0 and self.eval_batches >= 0, "eval_every and eval_batches must be >= 0")
         need(self.expert_parallel >= 1, f"expert_parallel={self.expert_parallel} must be at least 1")
-        need(self.precision in ("auto", "fp32", "bf16"), f"precision={self.precision!r} must be auto, fp32 or bf16")
         need(math.isfinite(self.dist_timeout) and self.dist_timeout > 0, f"dist_timeout={self.dist_timeout} must be positive")
         # _start hands the seed to np.random.seed, which takes 32 bits.
         need(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")
-        blocker = next((path for path in (self.out_dir, *self.out_dir.parents) if path.exists() and not path.is_dir()),
-                       None)
-        need(blocker is None, f"out_dir={self.out_dir} cannot be a folder because {blocker} is a file; choose another --out")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                need(False, f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        parse_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings)."""
@@ -145,6 +145,41 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build from a dict, rejecting unknown keys with a clear message."""
         return dataclass_from_dict(cls, data, "train config")
+
+
+class TrainingStopped(DynamoeError):
+    """A stop signal ended training before its last step, after a checkpoint of the step it had reached."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"training stopped by {signal.Signals(signal_number).name} after step {step}, saved in "
+                         f"{checkpoint}; {RESUME_HINT}")
+        self.exit_code = 128 + signal_number  # as if the signal had ended the process, which schedulers expect
+
+
+class StopSignals:
+    """While entered (in the main thread), remembers the first stop signal instead of dying of it; a second
+    signal acts as it would without training (Ctrl-C twice stops at once)."""
+
+    def __init__(self) -> None:
+        self.received = 0  # the signal number, 0 while none came
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {number: signal.signal(number, self._remember) for number in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _remember(self, number: int, frame: FrameType | None) -> None:
+        self.received = number
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 @dataclass
@@ -222,7 +257,7 @@ class QueuedStep:
 
 def model_config_for_data(cfg: ModelConfig, data_dir: Path) -> ModelConfig:
     """cfg with vocab_size set to the size of data_dir's tokenizer."""
-    return dataclasses.replace(cfg, vocab_size=TokenDataset(Path(data_dir), "train").vocab_size)
+    return dataclasses.replace(cfg, vocab_size=read_meta(Path(data_dir))["vocab_size"])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -233,13 +268,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr_floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.lr_floor)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's device string ("auto" picks cuda when there is one)."""
+def parse_device(name: str) -> torch.device | None:
+    """The device a device string names (None for "auto"), refusing any but the CPU and CUDA GPUs."""
     if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DynamoeError(f"device={name!r} is not a device dynamoe runs on; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a device string ("auto" picks cuda when there is one), which must exist here."""
+    device = parse_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DynamoeError(f"device {name!r} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DynamoeError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} GPU(s), "
+                           "numbered from 0")
     return device
 
 
@@ -327,41 +378,44 @@ def reads_at_once(step: int, cfg: TrainConfig, evaluates: bool) -> bool:
     return step == cfg.steps or step % cfg.save_every == 0 or (evaluates and cfg.eval_every > 0 and step % cfg.eval_every == 0)
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False) -> TrainSummary:
-    """Train a model on train_cfg.data_dir into train_cfg.out_dir; resume=True continues its latest checkpoint.
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False,
+          resume_from: int | Path | None = None) -> TrainSummary:
+    """Train a model on train_cfg.data_dir into train_cfg.out_dir.
 
-    A resume must keep the model config, the tokenizer and the TRAJECTORY_FIELDS of the saved run;
-    steps, saving, logging, evaluation, device and progress may change. Raising steps without a fixed
-    decay_steps stretches the cosine to the new end, so the resumed steps differ from a longer run's.
+    resume=True continues out_dir's latest checkpoint, or starts afresh when it holds none (so that one command
+    serves the first run and every requeue); resume_from continues a chosen checkpoint of out_dir instead (a step,
+    or the path of its ckpt-* folder). A resume must keep the model config, the tokenizer and the TRAJECTORY_FIELDS
+    of the saved run; steps, saving, logging, evaluation, device and progress may change. Raising steps without a
+    fixed decay_steps stretches the cosine to the new end, so the resumed steps differ from a longer run's.
     Launched by torchrun, the processes split every batch (and the experts, by expert_parallel) and
     take the steps one process would; the world size may change between resumes.
+    A stop signal (STOP_SIGNALS) ends the run at the next step boundary with a checkpoint and TrainingStopped.
     """
     device = resolve_device(train_cfg.device)
-    if world_size_from_env() == 1:
-        if train_cfg.expert_parallel != 1:
-            raise DynamoeError(f"--expert-parallel {train_cfg.expert_parallel} splits the experts over that many processes; "
-                               f"launch with torchrun --nproc_per_node {train_cfg.expert_parallel} -m dynamoe train ...")
-        return _train(model_cfg, train_cfg, device, resume, SingleProcess())
-    with distributed(train_cfg.expert_parallel, device.type, train_cfg.dist_timeout) as parallel:
-        return _train(model_cfg, train_cfg, parallel.mesh.device, resume, parallel)
+    # From the start: a signal during the set-up stops the run after its first step.
+    with StopSignals() as stop:
+        if world_size_from_env() == 1:
+            if train_cfg.expert_parallel != 1:
+                raise DynamoeError(f"--expert-parallel {train_cfg.expert_parallel} splits the experts over that many "
+                                   f"processes; launch with torchrun --nproc_per_node {train_cfg.expert_parallel} "
+                                   "-m dynamoe train ...")
+            return _train(model_cfg, train_cfg, device, resume, resume_from, stop, SingleProcess())
+        with distributed(train_cfg.expert_parallel, device.type, train_cfg.dist_timeout) as parallel:
+            return _train(model_cfg, train_cfg, parallel.mesh.device, resume, resume_from, stop, parallel)
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool,
-           parallel: Parallelism) -> TrainSummary:
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool, resume_from: int | Path | None,
+           stop: StopSignals, parallel: Parallelism) -> TrainSummary:
     started = time.perf_counter()
-    train_data = TokenDataset(cfg.data_dir, "train")
-    val_data = TokenDataset(cfg.data_dir, "val") if cfg.eval_batches else None
-    seq_len = _check_fits(model_cfg, cfg, [train_data] if val_data is None else [train_data, val_data])
-    if cfg.batch_size % parallel.world_size:
-        raise DynamoeError(f"batch_size={cfg.batch_size} (the global batch) cannot be split evenly over "
-                           f"{parallel.world_size} processes; use a multiple of {parallel.world_size}")
-    model, optimizer, counters = _start(model_cfg, cfg, device, resume, parallel)
+    seq_len, train_data, val_data = _check_ready(model_cfg, cfg, device, parallel)
+    model, optimizer, counters = _start(model_cfg, cfg, device, resume, resume_from, parallel)
     first_step, tokens_per_step = counters.step + 1, cfg.batch_size * cfg.grad_accum * seq_len
 
     # Rank 0 alone writes the log, TensorBoard events and checkpoints. purge_step hides the events
     # a killed run wrote past the checkpoint it resumes from.
-    writers = (_open_log(cfg.out_dir / "log.jsonl", counters.step),
-               SummaryWriter(str(cfg.out_dir / "tb"), purge_step=counters.step + 1)) if parallel.is_main else None
+    with writing(cfg.out_dir, "the training logs", then=RESUME_HINT):
+        writers = (_open_log(cfg.out_dir / "log.jsonl", counters.step),
+                   SummaryWriter(str(cfg.out_dir / "tb"), purge_step=counters.step + 1)) if parallel.is_main else None
     bar = tqdm(total=cfg.steps, initial=counters.step, disable=not (cfg.progress and parallel.is_main), desc="train",
                dynamic_ncols=True)
     recent_k: deque[list[float]] = deque(maxlen=K_WINDOW)
@@ -378,7 +432,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
             # a step that saves or evaluates after itself is read at once.
             done = [] if pending is None else [(step - 1, pending.read())]
             pending = queued
-            if reads_at_once(step, cfg, val_data is not None):
+            # Every rank asks every step, so that all stop after the same one, whichever got the signal.
+            stopped = parallel.max_over_ranks(stop.received)
+            if stopped or reads_at_once(step, cfg, val_data is not None):
                 done, pending = [*done, (step, queued.read())], None
             unattributed += time.perf_counter() - tick
             for done_step, result in done:
@@ -413,6 +469,10 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                 if cfg.status_lines and parallel.is_main and (last or done_step % cfg.save_every == 0):
                     status = ", ".join(f"{key} {value}" for key, value in postfix.items())
                     print(f"[{cfg.out_dir.name}] step {done_step}/{cfg.steps}: {status}", flush=True)
+                if stopped and done_step == step and not last:  # read at once (above): no step is left queued
+                    if done_step % cfg.save_every:
+                        ckpt = _save(model, optimizer, counters, cfg, parallel)
+                    raise TrainingStopped(stopped, done_step, ckpt)
             if done:
                 unattributed = 0.0
     finally:
@@ -433,6 +493,30 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
                         tokens_seen=counters.tokens_seen)
 
 
+def _check_ready(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+                 parallel: Parallelism) -> tuple[int, TokenDataset, TokenDataset | None]:
+    """What a run could otherwise fail on later, checked before anything is allocated: the corpus and its
+    tokenizer, the model against them, the batch against the world size, memory, and the output folder's room.
+
+    Returns the sequence length and the train and val (None without evaluation) splits.
+    """
+    load_tokenizer(cfg.data_dir)  # every checkpoint copies it: without one, the first save would fail
+    train_data = TokenDataset(cfg.data_dir, "train")
+    val_data = TokenDataset(cfg.data_dir, "val") if cfg.eval_batches else None
+    seq_len = _check_fits(model_cfg, cfg, [train_data] if val_data is None else [train_data, val_data])
+    if cfg.batch_size % parallel.world_size:
+        raise DynamoeError(f"batch_size={cfg.batch_size} (the global batch) cannot be split evenly over "
+                           f"{parallel.world_size} processes; use a multiple of {parallel.world_size}")
+    needed = training_bytes(model_cfg, cfg.batch_size // parallel.world_size, seq_len, cfg.expert_parallel)
+    check_memory(needed, device, "training this model at this batch size",
+                 "lower --batch-size or --seq-len, or use a smaller model")
+    if parallel.is_main:
+        # Room for keep_checkpoints of them, and one more while a save replaces the oldest; those there count.
+        missing = cfg.keep_checkpoints + 1 - len(complete_checkpoints(cfg.out_dir))
+        check_writable(cfg.out_dir, checkpoint_bytes(model_cfg) * max(1, missing), "the run's checkpoints")
+    return seq_len, train_data, val_data
+
+
 def _check_fits(model_cfg: ModelConfig, cfg: TrainConfig, splits: list[TokenDataset]) -> int:
     """The sequence length to train at, after checking the model can read every split it will at that length."""
     vocab_size = splits[0].vocab_size
@@ -449,18 +533,13 @@ def _check_fits(model_cfg: ModelConfig, cfg: TrainConfig, splits: list[TokenData
     return seq_len
 
 
-def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool,
+def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resume: bool, resume_from: int | Path | None,
            parallel: Parallelism) -> tuple[Transformer, torch.optim.AdamW, Counters]:
-    """A fresh seeded model and optimizer, or those of out_dir's latest checkpoint, parallelized.
+    """A fresh seeded model and optimizer, or those of the checkpoint resumed from, parallelized.
 
     Checkpoints hold every expert whatever the world size: each rank loads the whole model, then keeps its part.
     """
-    existing = latest_checkpoint(cfg.out_dir)
-    if resume and existing is None:
-        raise DynamoeError(f"nothing to resume: {cfg.out_dir} holds no checkpoint; drop --resume to start a new run there")
-    if not resume and existing is not None:
-        raise DynamoeError(f"{cfg.out_dir} already holds a checkpoint ({existing.name}); "
-                           "use --resume to continue it or another --out to start a new run")
+    existing = _resume_point(cfg, resume, resume_from)
     # Seeding before the model is built makes the initial weights a function of the seed.
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -484,11 +563,24 @@ def _start(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, resum
         set_rng_state(state["rng"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise DynamoeError(f"{existing}/trainer_state.pt does not fit this model ({type(e).__name__}: {e}); "
-                           "resume from an older checkpoint") from None
+                           f"{OLDER_CHECKPOINT}") from None
     if counters.step >= cfg.steps:
         raise DynamoeError(f"{existing} is already at step {counters.step} >= steps={cfg.steps}; "
                            "raise --steps to train further")
+    if resume_from is not None and parallel.is_main:
+        point_latest_at(existing)  # so that a kill before the next save resumes from here again, not from later
     return model.train(), optimizer, counters
+
+
+def _resume_point(cfg: TrainConfig, resume: bool, resume_from: int | Path | None) -> Path | None:
+    """The checkpoint a run continues: the one asked for, out_dir's latest on resume, or none (a fresh run)."""
+    if resume_from is not None:
+        return run_checkpoint(cfg.out_dir, resume_from)
+    latest = latest_checkpoint(cfg.out_dir)
+    if latest is not None and not resume:
+        raise DynamoeError(f"{cfg.out_dir} already holds a checkpoint ({latest.name}); "
+                           "use --resume to continue it or another --out to start a new run")
+    return latest
 
 
 def _check_unchanged(ckpt: Path, kind: str, saved: dict[str, Any], asked: dict[str, Any]) -> None:
@@ -516,20 +608,13 @@ def _save(model: Transformer, optimizer: torch.optim.Optimizer, counters: Counte
     with parallel.full_model(model) as writer:
         if not writer:
             return cfg.out_dir / checkpoint_name(counters.step)
-        bad = _first_non_finite(model)
+        bad = first_non_finite(model.state_dict())
         if bad is not None:
             raise DynamoeError(f"weight {bad} is not finite after step {counters.step}, so it was not saved; "
                                f"lower --lr or lengthen warm-up, then {_restart(cfg)}")
         state = {**dataclasses.asdict(counters), "optimizer": optimizer_state, "rng": rng_state()}
-        return save_checkpoint(cfg.out_dir, counters.step, model, state, cfg.to_dict(),
-                               cfg.data_dir / TOKENIZER_FILE, keep=cfg.keep_checkpoints)
-
-
-def _first_non_finite(model: Transformer) -> str | None:
-    """The name of the first weight or buffer holding a NaN or infinity, if any."""
-    tensors = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
-    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors.values()]).tolist()  # one host sync
-    return next((name for name, ok in zip(tensors, finite) if not ok), None)
+        return save_checkpoint(cfg.out_dir, counters.step, model, state, cfg.to_dict(), cfg.data_dir / TOKENIZER_FILE,
+                               keep=cfg.keep_checkpoints, then=RESUME_HINT)
 
 
 def _open_log(path: Path, last_step: int) -> TextIO:
@@ -570,8 +655,9 @@ def _write_log(log: TextIO, tb: SummaryWriter, record: dict[str, Any]) -> None:
             return None
         return [clean(v) for v in value] if isinstance(value, list) else value
 
-    log.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
-    log.flush()
+    with writing(Path(log.name).parent, "the training log", then=RESUME_HINT):
+        log.write(json.dumps({key: clean(value) for key, value in record.items()}) + "\n")
+        log.flush()
     step = record["step"]
     for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mean_k", "nan_skips"):
         if record[key] is not None:

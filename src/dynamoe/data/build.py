@@ -30,8 +30,10 @@ from dynamoe.data.shards import (
     tokens_path,
     write_split,
 )
-from dynamoe.data.tokenizer import TOKENIZER_FILE, check_vocab_size, eos_id, load_tokenizer, tokenizer_digest, train_tokenizer
+from dynamoe.data.tokenizer import (MIN_VOCAB_SIZE, TOKENIZER_FILE, check_vocab_size, eos_id, load_tokenizer,
+                                    tokenizer_digest, train_tokenizer)
 from dynamoe.errors import DynamoeError
+from dynamoe.resources import check_writable, writing
 
 _MATH_SAMPLE_DOCS = 32  # documents generated to estimate how many reach the byte budget
 
@@ -92,17 +94,21 @@ def build_corpus(
     _check_replaceable(out_dir)
     started = time.perf_counter()
     target = out_dir.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename into place, so an interrupted build never leaves a
-    # half-written folder that looks complete. The pid keeps concurrent builds apart.
-    staging = target.with_name(f".{target.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        _build_into(staging, arguments, progress, given)
-        _swap_in(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+    # The build is staged beside the target: its parent must take about the text's size (2-byte ids, a few bytes
+    # of text per token).
+    check_writable(target.parent, _text_bytes(arguments), f"the corpus {out_dir}")
+    with writing(target.parent, f"the corpus {out_dir}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename into place, so an interrupted build never leaves a
+        # half-written folder that looks complete. The pid keeps concurrent builds apart.
+        staging = target.with_name(f".{target.name}.building-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            _build_into(staging, arguments, progress, given)
+            _swap_in(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
     _report(progress, f"corpus ready in {out_dir} ({time.perf_counter() - started:.1f} s)")
     return out_dir
 
@@ -146,6 +152,13 @@ def _fingerprint(data: Path) -> str:
     return digest.hexdigest()
 
 
+def _text_bytes(arguments: _Arguments) -> int:
+    """The bytes of text a build reads: the user's files, or the built-in domains' budget (0 when unbounded)."""
+    if arguments.data is not None:
+        return sum(file.stat().st_size for file in user_data_files(Path(arguments.data)))
+    return 3 * (arguments.bytes_per_domain or 0)
+
+
 def _is_built_with(out_dir: Path, arguments: _Arguments) -> bool:
     """True when out_dir holds a complete corpus built from these arguments."""
     try:
@@ -187,8 +200,12 @@ def _build_into(folder: Path, arguments: _Arguments, progress: bool, given: Toke
 
     started = time.perf_counter()
     if given is None:
-        train_texts = (document.text for document in _concatenated(documents["train"]))
-        tokenizer = train_tokenizer(train_texts, arguments.vocab_size)
+        train_documents = _concatenated(documents["train"])
+        # BPE learns one token per merge, and each merge shortens the text by at least one symbol: a vocabulary
+        # larger than this can never fill, and the trainer would reserve memory for all of it.
+        learnable = MIN_VOCAB_SIZE + _count_bytes(train_documents)
+        tokenizer = train_tokenizer((document.text for document in train_documents),
+                                    min(arguments.vocab_size, learnable))
         _report(progress, f"tokenizer: {tokenizer.get_vocab_size()} tokens learned from the train split ({_since(started)})")
     else:
         tokenizer = given
@@ -199,8 +216,10 @@ def _build_into(folder: Path, arguments: _Arguments, progress: bool, given: Toke
     counts: dict[str, SplitCounts] = {}
     for split in SPLITS:
         started = time.perf_counter()
-        bar = tqdm(_concatenated(documents[split]), desc=f"tokenizing {split}", unit="doc", leave=False, disable=not progress)
-        counts[split] = write_split(folder, split, bar, tokenizer, domains)
+        # Closed even when writing fails, so that the error starts a line of its own.
+        with tqdm(_concatenated(documents[split]), desc=f"tokenizing {split}", unit="doc", leave=False,
+                  disable=not progress) as bar:
+            counts[split] = write_split(folder, split, bar, tokenizer, domains)
         n_tokens = sum(domain_counts["tokens"] for domain_counts in counts[split].values())
         _report(progress, f"{split}: {n_tokens:,} tokens ({_since(started)})")
 

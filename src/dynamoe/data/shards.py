@@ -100,6 +100,9 @@ class TokenDataset:
             raise DynamoeError(
                 f"{tokens_path(data_dir, split)} has {len(self.tokens)} tokens but its index says {indexed}: {_REBUILD_HINT}"
             )
+        # Once, up front: a stray id would otherwise surface as an IndexError in the middle of training.
+        check_token_ids(self.tokens, self.vocab_size, f"{tokens_path(data_dir, split)} (vocabulary of {META_FILE})",
+                        _REBUILD_HINT)
 
     @property
     def n_tokens(self) -> int:
@@ -139,6 +142,16 @@ class TokenDataset:
         rows = self.docs[self.docs[:, 2] == self.domains.index(domain)]
         pieces = [self.tokens[start : start + length] for start, length in rows[:, :2]]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.tokens.dtype)
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str, fix: str) -> None:
+    """Raise a DynamoeError when a token id is negative or not below vocab_size."""
+    if len(tokens) == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise DynamoeError(f"{source} holds token id {bad}, outside the vocabulary of {vocab_size} tokens: {fix}")
 
 
 def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:

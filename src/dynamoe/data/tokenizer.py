@@ -15,6 +15,7 @@ EOS_TOKEN = "<|endoftext|>"
 OTHER_EOS_TOKENS = ("</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256 + 1  # every byte plus the end-of-text token
+MAX_VOCAB_SIZE = 2**32  # token shards store ids as uint32 at most
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
@@ -39,11 +40,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    """Raise a DynamoeError when vocab_size cannot hold every byte and the end-of-text token."""
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise DynamoeError(
-            f"vocab_size must be an integer of at least {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}), got {vocab_size!r}"
-        )
+    """Raise a DynamoeError when vocab_size cannot hold every byte and the end-of-text token, or its ids no shard."""
+    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DynamoeError(f"vocab_size must be an integer from {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN}) to "
+                           f"{MAX_VOCAB_SIZE} (ids stored as uint32), got {vocab_size!r}")
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_output_folder, load_model, resolve_checkpoint
+from dynamoe.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_output_folder, checkpoint_bytes, load_config, load_model,
+                                resolve_checkpoint, staged_folder, write_safetensors)
 from dynamoe.config import ModelConfig
 from dynamoe.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
@@ -66,14 +66,14 @@ def family_for(cfg: ModelConfig) -> Family:
 def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: bool = False) -> Exported:
     """Write a dynamoe checkpoint as a transformers checkpoint folder that `from_pretrained` loads."""
     ckpt = resolve_checkpoint(checkpoint)
+    out = Path(out)
+    check_output_folder(out, force, checkpoint_bytes(load_config(ckpt), with_optimizer=False))
     model, cfg = load_model(ckpt)
     family = family_for(cfg)
     dynamic = cfg.router != "topk"
     if dynamic and not allow_dynamic:
         raise DynamoeError(f"{ckpt} uses the {cfg.router} router (a variable number of experts per token), which transformers "
                            "cannot run; pass --allow-dynamic to write its weights anyway, with the routing documented")
-    out = Path(out)
-    check_output_folder(out, force)
 
     ours = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     if not dynamic:
@@ -86,17 +86,18 @@ def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: b
         raise DynamoeError(f"weight {sorted(ours)[0]} of {ckpt} has no place in a {family.architecture}")
 
     hf = family.hf_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if (ckpt / TOKENIZER_FILE).is_file():
-        shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
-        hf["eos_token_id"] = Tokenizer.from_file(str(ckpt / TOKENIZER_FILE)).token_to_id(EOS_TOKEN)
-    if dynamic:
-        hf["num_experts_per_tok"] = static_stand_in(cfg)
-        hf[ROUTING_KEY] = settings_beyond(family, hf, cfg)
-        save_file({name: tensor.contiguous() for name, tensor in ours.items()}, out / ROUTER_FILE, metadata={"format": "pt"})
-        (out / README_FILE).write_text(dynamic_readme(cfg, family, hf))
-    (out / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-    save_file(theirs, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    with staged_folder(out, f"the exported checkpoint {out.name}") as staging:
+        if (ckpt / TOKENIZER_FILE).is_file():
+            shutil.copyfile(ckpt / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            hf["eos_token_id"] = Tokenizer.from_file(str(ckpt / TOKENIZER_FILE)).token_to_id(EOS_TOKEN)
+        if dynamic:
+            hf["num_experts_per_tok"] = static_stand_in(cfg)
+            hf[ROUTING_KEY] = settings_beyond(family, hf, cfg)
+            write_safetensors({name: tensor.contiguous() for name, tensor in ours.items()}, staging / ROUTER_FILE,
+                              {"format": "pt"})
+            (staging / README_FILE).write_text(dynamic_readme(cfg, family, hf))
+        (staging / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        write_safetensors(theirs, staging / WEIGHTS_FILE, {"format": "pt"})
     return Exported(out, family.architecture, dynamic)
 
 

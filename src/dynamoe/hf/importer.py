@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_output_folder
+from dynamoe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_output_folder, staged_folder, write_safetensors
 from dynamoe.config import ModelConfig, read_json_object
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
 from dynamoe.hf.families import Family, family_of
 from dynamoe.hf.weights import SafetensorsFolder, weight_rules
 from dynamoe.model import Transformer
+from dynamoe.resources import check_memory, model_bytes
 
 # What `dynamoe export --allow-dynamic` adds, so that importing its output restores the dynamic router.
 ROUTING_KEY = "dynamoe_routing"  # config.json entry: the ModelConfig fields transformers has no field for
@@ -50,6 +50,8 @@ def convert(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Family,
     hf = read_hf_config(folder)
     family = family_of(hf)
     cfg = with_dynamic_routing(family.model_config(hf), hf)
+    check_memory(model_bytes(cfg), torch.device("cpu"), f"the model of {folder}",
+                 "its config.json asks for more than this machine holds")
     source = SafetensorsFolder(folder)
     expected = expected_shapes(cfg)
 
@@ -118,13 +120,14 @@ def load_hf(path: Path, device: str | torch.device = "cpu") -> tuple[Transformer
 def import_hf(source: Path, out: Path, force: bool = False) -> Imported:
     """Write a transformers MoE checkpoint folder as a dynamoe checkpoint folder (config, weights, tokenizer)."""
     source, out = Path(source), Path(out)
-    check_output_folder(out, force)
+    # The converted weights take what the source's take (same dtypes), so that is the room to ask for.
+    check_output_folder(out, force, sum(file.stat().st_size for file in Path(source).glob("*.safetensors")))
     cfg, tensors, family, fused = convert(source)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_FILE)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, out / WEIGHTS_FILE,
-              metadata={"format": "pt", "source": family.architecture})
     tokenizer = (source / TOKENIZER_FILE).is_file()
-    if tokenizer:
-        shutil.copyfile(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    with staged_folder(out, f"the imported checkpoint {out.name}") as staging:
+        cfg.save(staging / CONFIG_FILE)
+        write_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()}, staging / WEIGHTS_FILE,
+                          {"format": "pt", "source": family.architecture})
+        if tokenizer:
+            shutil.copyfile(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
     return Imported(out, family.architecture, cfg, fused, tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
 import torch
@@ -144,7 +144,14 @@ class SafetensorsFolder:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise DynamoeError(f"{index} is not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in (*weight_map, *weight_map.values())):
+                raise DynamoeError(f"{index}: weight_map must map tensor names to shard file names")
             for shard in sorted(set(weight_map.values())):
+                # Shards live in the checkpoint's own folder; an index naming /etc/x or ../x must not read elsewhere.
+                # (Checked on the name, not the resolved path: the Hugging Face cache links shards to a blobs folder.)
+                if PurePath(shard).is_absolute() or ".." in PurePath(shard).parts:
+                    raise DynamoeError(f"{index} names shard {shard!r} outside {self.folder}; shard names must be files "
+                                       "of the checkpoint folder")
                 if not (self.folder / shard).is_file():
                     raise DynamoeError(f"shard {shard} listed in {index} is missing from {self.folder}; copy every shard")
             return dict(weight_map)

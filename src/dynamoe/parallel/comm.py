@@ -53,6 +53,14 @@ def all_reduce_sum_(tensor: torch.Tensor, group: ProcessGroup | None = None, wha
     return tensor
 
 
+def all_reduce_max(value: int, device: torch.device, what: str) -> int:
+    """The largest of every rank's integer."""
+    tensor = torch.tensor([value], device=device)
+    with collective(what):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_sum_flat_(tensors: list[torch.Tensor], group: ProcessGroup, what: str) -> None:
     """Sum many tensors over the group in place, a few flat buffers at a time (few collectives, bounded memory)."""
     bucket: list[torch.Tensor] = []

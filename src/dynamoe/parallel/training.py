@@ -9,7 +9,7 @@ import torch
 
 from dynamoe.model import Transformer
 from dynamoe.parallel import data_parallel, expert_parallel
-from dynamoe.parallel.comm import all_reduce_sum_
+from dynamoe.parallel.comm import all_reduce_max, all_reduce_sum_
 from dynamoe.parallel.mesh import Mesh, destroy_mesh, init_mesh
 
 
@@ -22,6 +22,7 @@ class Parallelism(Protocol):
     def parallelize(self, model: Transformer) -> Transformer: ...
     def local_rows(self, batch_B: torch.Tensor) -> torch.Tensor: ...
     def mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def max_over_ranks(self, value: int) -> int: ...
     def reduce_gradients(self, model: Transformer) -> None: ...
     def clip_grad_norm_(self, model: Transformer, max_norm: float) -> torch.Tensor: ...
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer, model: Transformer) -> dict[str, Any] | None: ...
@@ -47,6 +48,10 @@ class SingleProcess:
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor itself."""
         return tensor
+
+    def max_over_ranks(self, value: int) -> int:
+        """The value itself."""
+        return value
 
     def reduce_gradients(self, model: Transformer) -> None:
         """Nothing to reduce."""
@@ -89,6 +94,10 @@ class Distributed:
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean of a tensor over every rank (ranks hold equal shares of the batch, so means of means are means)."""
         return all_reduce_sum_(tensor.clone(), what="averaging the losses") / self.world_size
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's value, so that what one rank saw (a stop signal) every rank acts on."""
+        return all_reduce_max(value, self.mesh.device, "agreeing on a stop signal")
 
     def reduce_gradients(self, model: Transformer) -> None:
         """Gradients of the mean loss over the global batch."""
