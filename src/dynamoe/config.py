@@ -43,8 +43,8 @@ def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> 
     return cls(**data)
 
 
-RouterName = Literal["topk", "dynamic", "topp", "relu"]
-ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu")
+RouterName = Literal["topk", "dynamic", "topp", "relu", "need", "null"]
+ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu", "need", "null")
 
 
 @dataclass
@@ -92,6 +92,12 @@ class ModelConfig:
     # topp/dynamic routers: weight each chosen expert as a static top-k_max router with renormalize_topk would
     # (dropped experts simply removed) instead of renormalising over the chosen ones; retrofit sets it.
     static_weights: bool = False
+    # Allocation by need (the need and null routers): their controller sets a price per expert directly, a
+    # pure integral step of price_gain per expert of error (mean k answers at once, unlike a penalty under Adam).
+    price_gain: float = 0.1
+    price_limit: float = 16.0  # bound of the price
+    need_every: int = 1  # need router: measure the benefit of experts every this many optimizer steps ...
+    need_fraction: float = 0.125  # ... on this share of the batch's rows (at least one row)
 
     # Variants that imported checkpoints need (Qwen-MoE, OLMoE); the defaults are dynamoe's own architecture.
     attn_head_dim: int | None = None  # None: dim // n_heads; set when heads are wider or narrower (Qwen3-MoE)
@@ -149,6 +155,9 @@ class ModelConfig:
              f"layer_thresholds={self.layer_thresholds!r} must list one threshold in (0, 1] per MoE layer ({moe_layers})")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
+        need(self.price_gain >= 0 and self.price_limit > 0, "price_gain must be >= 0 and price_limit positive")
+        need(isinstance(self.need_every, int) and self.need_every >= 1 and 0 < self.need_fraction <= 1,
+             f"need_every={self.need_every!r} must be an integer >= 1 and need_fraction={self.need_fraction!r} in (0, 1]")
         need(all(isinstance(n, int) and n >= 0 for n in (self.target_k_hold_steps, self.target_k_decay_steps)),
              f"target_k_hold_steps={self.target_k_hold_steps!r} and target_k_decay_steps={self.target_k_decay_steps!r} "
              "must be integers >= 0")

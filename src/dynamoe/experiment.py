@@ -33,7 +33,7 @@ PARITY_TOLERANCE = 0.01  # "reaches top-8's perplexity": within 1%
 TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
 REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
 ANALYSED = "dynamic-3"  # the model whose routing the report analyses
-ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu")  # routers whose k varies per token
+ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu", "need", "null")  # routers whose k varies per token
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,8 @@ MODELS = (  # the reference first: bench ratios are relative to the first checkp
     HeadlineModel("dynamic-4", "dynamic, target k=4", {"router": "dynamic", "target_k": 4.0}),
     HeadlineModel("topp-3", "top-p, target k=3", {"router": "topp", "target_k": 3.0}),
     HeadlineModel("relu-3", "ReLU (ReMoE), target k=3", {"router": "relu", "target_k": 3.0}),
+    HeadlineModel("need-2", "by need (benefit-supervised k head), target k=2", {"router": "need", "target_k": 2.0}),
+    HeadlineModel("null-2", "null experts (AdaMoE), target k=2", {"router": "null", "target_k": 2.0}),
 )
 MODEL_KEYS = tuple(model.key for model in MODELS)
 

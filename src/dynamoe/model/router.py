@@ -277,8 +277,99 @@ class ReLURouter(Router):
         return experts_TK, weights_TK, k_T, probs_TE, gates_TE.sum(-1)
 
 
+class PricedRouter(Router):
+    """A router whose controller sets the price of an expert directly (k_penalty), k answering at once.
+
+    The penalty routers' controller acts through the optimizer on a differentiable cost; here the price
+    enters the choice of k itself, so a pure integral step (price_gain per expert of error) settles it
+    within a few steps and no proportional term is needed.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        if self.target_k is not None:
+            self.controller_kp, self.controller_ki, self.controller_limit = 0.0, cfg.price_gain, cfg.price_limit
+        else:  # no controller: a fixed price of 0
+            self.register_buffer("k_penalty", torch.zeros(()))
+        self.input_scale = cfg.dim ** -0.5
+
+    def scaled_head(self, head: nn.Linear, h_TD: torch.Tensor) -> torch.Tensor:
+        """bias + (h @ w) / sqrt(dim), in one kernel call (see DynamicRouter's temperature head for the scaling)."""
+        return at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.input_scale))
+
+
+# The need head learns from its loss alone (its input is detached), so under Adam the weight does not change
+# its steps; a small one keeps its gradient out of the norm that clipping scales the model's gradients by.
+NEED_LOSS_WEIGHT = 0.01
+
+
+class NeedRouter(PricedRouter):
+    """Experts by need: the gate ranks the experts, a need head decides how many.
+
+    The head predicts log2 of a token's benefit from experts (loss at k=1 minus loss at k_max, measured
+    by forced routing during training: dynamoe.model.need), from the layer's input without shaping it.
+    Assuming each further expert halves the benefit left, a token runs one more expert per doubling of
+    its predicted benefit: k = round(need - price), clamped to [k_min, k_max]; the controller's price
+    keeps the mean on target. The chosen experts' softmax weights are renormalised.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.need_head = nn.Linear(cfg.dim, 1)
+        self.need_target_N: torch.Tensor | None = None  # log2 benefit of the next forward's first tokens (training)
+
+    def need(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """Predicted log2 benefit of experts per token, (T,); the head learns only from its own loss."""
+        return self.scaled_head(self.need_head, h_TD.detach())[:, 0]
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
+        probs_TE = logits_TE.softmax(dim=-1)
+        sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
+        k_T = (self.need(h_TD) - self.k_penalty).round().clamp(self.k_min, self.k_max).long()
+        kept_TK = sorted_TK * (torch.arange(self.k_max, device=h_TD.device) < k_T[:, None])
+        return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), k_T, probs_TE, None
+
+    def forward(self, h_TD: torch.Tensor) -> Routing:
+        routing = super().forward(h_TD)
+        target_N = self.need_target_N
+        if torch.is_grad_enabled() and target_N is not None:  # a training step whose benefit was measured
+            self.need_target_N = None
+            need_loss = F.huber_loss(self.need(h_TD[:target_N.numel()]), target_N)
+            routing.stats["need_loss"] = need_loss.detach()
+            routing.aux_loss = routing.aux_loss + NEED_LOSS_WEIGHT * need_loss
+        return routing
+
+
+class NullRouter(PricedRouter):
+    """Null (zero-computation) experts, as AdaMoE: k_max slots, each filled by a real expert or by "no expert".
+
+    The null experts share one learned logit per token, so a real expert runs when its logit beats the
+    null's plus the price (in units of the token's logit spread, which keeps the controller's gain
+    meaningful however sharp the gate is); k can fall to 0. The weights are a softmax over the slots, null
+    ones included: a null slot computes nothing and scales the output down, which is how the LM loss
+    tells the null logit whether a token wants more of the experts.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.null_head = nn.Linear(cfg.dim, 1)
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
+        sorted_TK, experts_TK = logits_TE.topk(self.k_max, dim=-1)
+        null_T1 = self.scaled_head(self.null_head, h_TD)
+        bar_T1 = null_T1.detach() + self.k_penalty * logits_TE.detach().std(dim=-1, correction=0, keepdim=True)
+        chosen_TK = sorted_TK > bar_T1  # a prefix: the logits are sorted
+        k_T = chosen_TK.sum(-1)
+        top_T1 = torch.maximum(sorted_TK[:, :1], null_T1)  # subtracted before exp, for stability
+        real_TK = (sorted_TK - top_T1).exp() * chosen_TK
+        null_mass_T1 = (self.k_max - k_T[:, None]) * (null_T1 - top_T1).exp()
+        weights_TK = real_TK / (real_TK.sum(-1, keepdim=True) + null_mass_T1)
+        return experts_TK, weights_TK, k_T, logits_TE.softmax(dim=-1), None
+
+
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "topk": TopKRouter, "topp": TopPRouter, "dynamic": DynamicRouter, "relu": ReLURouter,
+    "need": NeedRouter, "null": NullRouter,
 }
 
 
