@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from dynamoe.bench import short_names
 from dynamoe.checkpoint import load_model, load_tokenizer_for
-from dynamoe.data.mathgen import MAX_DIFFICULTY, MIN_DIFFICULTY, answer_prompt, check_answer, held_out_problems
+from dynamoe.data.mathgen import (MAX_DIFFICULTY, MIN_DIFFICULTY, answer_prompt, check_answer, difficulty_range,
+                                  held_out_problems)
 from dynamoe.data.tokenizer import eos_id
 from dynamoe.errors import DynamoeError
 from dynamoe.generate import GREEDY, generate
@@ -85,8 +86,12 @@ def answer_once(model: Transformer, tokenizer: Tokenizer, question: str) -> tupl
     """The greedy answer to one question, the seconds it took, its tokens, and the experts they ran (summed)."""
     eos = eos_id(tokenizer)
     prompt = [eos, *tokenizer.encode(answer_prompt(question), add_special_tokens=False).ids]
+    room = min(MAX_ANSWER_TOKENS, model.config.max_seq_len - len(prompt))  # a long answer is cut at the context
+    if room < 1:
+        raise DynamoeError(f"the question {question!r} takes {len(prompt)} tokens, the model's whole context of "
+                           f"{model.config.max_seq_len}: it cannot answer; ask easier levels")
     started = time.perf_counter()
-    generation = generate(model, prompt, MAX_ANSWER_TOKENS, GREEDY, stop_ids={eos}, stop=("\n",), decode=tokenizer.decode)[0]
+    generation = generate(model, prompt, room, GREEDY, stop_ids={eos}, stop=("\n",), decode=tokenizer.decode)[0]
     seconds = time.perf_counter() - started
     return generation.text.strip(), seconds, len(generation.token_ids), sum(generation.experts)
 
@@ -113,6 +118,8 @@ def run_answers(checkpoints: Sequence[Path], out: Path, problems: int = 100,
     write answers.json and answers.md to `out`."""
     if not checkpoints or problems < 1 or not levels or not price_per_hour >= 0:
         raise DynamoeError(f"answers needs checkpoints, --problems >= 1 (got {problems}), levels and a price >= 0")
+    for level in levels:
+        difficulty_range(level)  # a one-line error for a level the generator does not have, before the slow load
     torch_device = resolve_device(device) if isinstance(device, str) else device
     models = [load_model(checkpoint, device=torch_device, pack=True)[0] for checkpoint in checkpoints]
     tokenizers = [load_tokenizer_for(checkpoint) for checkpoint in checkpoints]

@@ -98,6 +98,7 @@ class ModelConfig:
     price_limit: float = 16.0  # bound of the price
     need_every: int = 1  # need router: measure the benefit of experts every this many optimizer steps ...
     need_fraction: float = 0.125  # ... on this share of the batch's rows (at least one row)
+    need_spread: float = 1.0  # need router: experts added per standard deviation of need
 
     # Variants that imported checkpoints need (Qwen-MoE, OLMoE); the defaults are dynamoe's own architecture.
     attn_head_dim: int | None = None  # None: dim // n_heads; set when heads are wider or narrower (Qwen3-MoE)
@@ -156,8 +157,9 @@ class ModelConfig:
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
         need(self.price_gain >= 0 and self.price_limit > 0, "price_gain must be >= 0 and price_limit positive")
-        need(isinstance(self.need_every, int) and self.need_every >= 1 and 0 < self.need_fraction <= 1,
-             f"need_every={self.need_every!r} must be an integer >= 1 and need_fraction={self.need_fraction!r} in (0, 1]")
+        need(isinstance(self.need_every, int) and self.need_every >= 1 and 0 < self.need_fraction <= 1 and self.need_spread > 0,
+             f"need_every={self.need_every!r} must be an integer >= 1, need_fraction={self.need_fraction!r} in (0, 1] "
+             f"and need_spread={self.need_spread!r} positive")
         need(all(isinstance(n, int) and n >= 0 for n in (self.target_k_hold_steps, self.target_k_decay_steps)),
              f"target_k_hold_steps={self.target_k_hold_steps!r} and target_k_decay_steps={self.target_k_decay_steps!r} "
              "must be integers >= 0")

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dynamoe import runs
+from dynamoe.allocation import allocation_markdown, allocation_report
 from dynamoe.analyze import analyze_checkpoint
 from dynamoe.bench import BenchReport, BenchSettings, VariantResult, environment, run_bench
 from dynamoe.config import ModelConfig, dense_warmup_half, preset, with_dense_warmup
@@ -421,6 +422,10 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
         analysis = {key: analysis[key] for key in ("checkpoint", "mean_k_per_domain", "spearman_k_loss",
                                                    "spearman_k_loss_per_domain", "specialisation_nmi")}
     timings["analysis_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    allocation = allocation_report(out, seeds, list(configs), data_dir, reports, profile.eval_tokens, device)
+    timings["allocation_s"] = time.perf_counter() - mark
     wall = time.perf_counter() - started
 
     results = {
@@ -432,6 +437,7 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] = (0,)
                            "training": {str(seed): training[seed][m.key] for seed in seeds}} for m in chosen},
         "rows": [asdict(row) for row in rows], "verdict": {**asdict(result), "target_met": result.target_met},
         "bench": {str(seed): report.to_dict() for seed, report in reports.items()}, "analysis": analysis,
+        "allocation": allocation,
     }
     write_report(results, rows, result, Path(out))
     print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(report_lines(results, rows, result)))
@@ -514,6 +520,8 @@ def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdi
                      f"{_fmt(a['spearman_k_loss'], '.3f')} over all tokens; within domains: {rho}. Specialisation, "
                      f"NMI(expert; domain): {_fmt(a['specialisation_nmi'], '.3f')}. Plots and a coloured text sample "
                      "in [analysis/](analysis/).\n")
+    if results["allocation"]:
+        parts.append(allocation_markdown(results["allocation"]))
     parts.append(f"## Conditions\n\ndynamoe {env['dynamoe']}, torch {env['torch']}, numpy {env['numpy']}, Python "
                  f"{env['python']}; {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
                  f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}; {env['platform']}.\n")

@@ -19,8 +19,6 @@ from torch import nn
 from dynamoe.model.router import NeedRouter, Router, Routing, at_least_fp32
 from dynamoe.model.transformer import Transformer
 
-BENEFIT_FLOOR = 1 / 64  # nats: a token gaining less from k_max experts than this needs no more than the fewest
-
 
 def forced_routing(router: Router, h_TD: torch.Tensor, k: int) -> Routing:
     """The router's own choice cut or extended to its top k experts, with its weights renormalised over them."""
@@ -65,8 +63,13 @@ def token_benefit(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor) ->
 
 
 def need_of(benefit_N: torch.Tensor) -> torch.Tensor:
-    """The need head's target: log2 of the benefit, floored at BENEFIT_FLOOR."""
-    return benefit_N.clamp(min=BENEFIT_FLOOR).log2()
+    """The need head's target: the normal score of each benefit's rank among the tokens measured together.
+
+    Ranks, because a token's benefit is noisy and heavy-tailed (the experts can as well hurt a token they
+    were not trained to serve together); normal scores, so that the regression sees a bell, not a box.
+    """
+    ranks_N = benefit_N.argsort().argsort().to(torch.float64)
+    return torch.special.ndtri((ranks_N + 0.5) / benefit_N.numel()).to(benefit_N.dtype)
 
 
 def need_routers(model: Transformer) -> list[NeedRouter]:

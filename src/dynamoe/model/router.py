@@ -301,43 +301,75 @@ class PricedRouter(Router):
 # The need head learns from its loss alone (its input is detached), so under Adam the weight does not change
 # its steps; a small one keeps its gradient out of the norm that clipping scales the model's gradients by.
 NEED_LOSS_WEIGHT = 0.01
+NEED_MOMENTUM = 0.1  # weight of each training step in the running mean and variance of the need scores
 
 
 class NeedRouter(PricedRouter):
     """Experts by need: the gate ranks the experts, a need head decides how many.
 
-    The head predicts log2 of a token's benefit from experts (loss at k=1 minus loss at k_max, measured
-    by forced routing during training: dynamoe.model.need), from the layer's input without shaping it.
-    Assuming each further expert halves the benefit left, a token runs one more expert per doubling of
-    its predicted benefit: k = round(need - price), clamped to [k_min, k_max]; the controller's price
-    keeps the mean on target. The chosen experts' softmax weights are renormalised.
+    The head scores a token's benefit from experts (its loss at k=1 minus at k_max, measured by forced
+    routing during training: dynamoe.model.need), learning from the layer's input without shaping it: it
+    regresses the normal score of the benefit's rank among the measured tokens. Standardised by the running
+    mean and variance of the scores over the training tokens, a score z sets k = need_spread * z - price, rounded
+    and clamped to [k_min, k_max]: one standard deviation more need, need_spread more experts, and the
+    controller's price keeps the mean on target. The chosen experts' softmax weights are renormalised.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.need_head = nn.Linear(cfg.dim, 1)
-        self.need_target_N: torch.Tensor | None = None  # log2 benefit of the next forward's first tokens (training)
+        self.need_spread = cfg.need_spread
+        self.register_buffer("need_moments", torch.tensor([0.0, 1.0]))  # running mean and variance of the scores
+        # Slot j runs when the token's extra experts exceed j + 1/2 (k rounded), the first k_min always.
+        bars_K = torch.arange(cfg.k_max, dtype=torch.float32) + 0.5
+        self.register_buffer("slot_bars_K", bars_K.masked_fill(bars_K < cfg.k_min, -math.inf), persistent=False)
+        self.need_target_N: torch.Tensor | None = None  # the next training forward's targets, for its first tokens
+        self.batch_moments: torch.Tensor | None = None  # the last training forward's, folded in by update_controller
 
     def need(self, h_TD: torch.Tensor) -> torch.Tensor:
-        """Predicted log2 benefit of experts per token, (T,); the head learns only from its own loss."""
-        return self.scaled_head(self.need_head, h_TD.detach())[:, 0]
+        """The need score of each token, (T, 1)."""
+        return self.scaled_head(self.need_head, h_TD.detach())
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
         sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
-        k_T = (self.need(h_TD) - self.k_penalty).round().clamp(self.k_min, self.k_max).long()
-        kept_TK = sorted_TK * (torch.arange(self.k_max, device=h_TD.device) < k_T[:, None])
-        return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), k_T, probs_TE, None
+        need_T1 = self.need(h_TD)
+        if torch.is_grad_enabled():
+            self.batch_moments = self.moments(need_T1)
+        # k = need_spread * (need - mean) / std - price, as one multiply-add per token.
+        mean, variance = self.need_moments
+        scale = self.need_spread * variance.clamp(min=1e-12).rsqrt()
+        extra_T1 = torch.addcmul(torch.addcmul(self.k_penalty, mean, scale).neg(), need_T1, scale)
+        chosen_TK = extra_T1 > self.slot_bars_K
+        kept_TK = sorted_TK * chosen_TK
+        return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), chosen_TK.sum(-1), probs_TE, None
+
+    def moments(self, need_T: torch.Tensor) -> torch.Tensor:
+        """Mean and variance of the scores over the batch (over every rank's part of it, under data parallelism)."""
+        sums = torch.stack([need_T.sum(), need_T.square().sum(), torch.tensor(need_T.numel(), device=need_T.device)])
+        sums = sums.detach().double()
+        if self.reduce_expert_counts is not None:  # the sum over ranks that the balance loss uses
+            sums = self.reduce_expert_counts(sums)
+        mean = sums[0] / sums[2]
+        return torch.stack([mean, sums[1] / sums[2] - mean.square()]).float()
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
         routing = super().forward(h_TD)
         target_N = self.need_target_N
         if torch.is_grad_enabled() and target_N is not None:  # a training step whose benefit was measured
             self.need_target_N = None
-            need_loss = F.huber_loss(self.need(h_TD[:target_N.numel()]), target_N)
+            need_loss = F.mse_loss(self.need(h_TD[:target_N.numel()])[:, 0], target_N)
             routing.stats["need_loss"] = need_loss.detach()
             routing.aux_loss = routing.aux_loss + NEED_LOSS_WEIGHT * need_loss
         return routing
+
+    @torch.no_grad()
+    def update_controller(self, mean_k: float) -> None:
+        """The price step, then the last training forward's need scores folded into the running moments."""
+        super().update_controller(mean_k)
+        if self.batch_moments is not None:
+            self.need_moments.lerp_(self.batch_moments, NEED_MOMENTUM)
+            self.batch_moments = None
 
 
 class NullRouter(PricedRouter):
