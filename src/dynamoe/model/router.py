@@ -298,44 +298,48 @@ class PricedRouter(Router):
         return at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.input_scale))
 
 
-# The need head learns from its loss alone (its input is detached), so under Adam the weight does not change
-# its steps; a small one keeps its gradient out of the norm that clipping scales the model's gradients by.
-NEED_LOSS_WEIGHT = 0.01
 NEED_MOMENTUM = 0.1  # weight of each training step in the running mean and variance of the need scores
+NEED_MEMORY = 0.98  # per step, the weight the need head's regression keeps on the tokens measured before
+NEED_RIDGE = 1e-3  # the regression's ridge, relative to the mean squared feature
 
 
 class NeedRouter(PricedRouter):
     """Experts by need: the gate ranks the experts, a need head decides how many.
 
     The head scores a token's benefit from experts (its loss at k=1 minus at k_max, measured by forced
-    routing during training: dynamoe.model.need), learning from the layer's input without shaping it: it
-    regresses the normal score of the benefit's rank among the measured tokens. Standardised by the running
-    mean and variance of the scores over the training tokens, a score z sets k = need_spread * z - price, rounded
-    and clamped to [k_min, k_max]: one standard deviation more need, need_spread more experts, and the
-    controller's price keeps the mean on target. The chosen experts' softmax weights are renormalised.
+    routing during training: dynamoe.model.need). It is a linear regression on the layer's input of the
+    normal score of each benefit's rank among the tokens measured together, refit by least squares after
+    every training step on all the tokens measured so far, the older ones weighted down (NEED_MEMORY): the
+    benefit of one token is mostly noise (it depends on the token that comes next), which per-step
+    gradient steps follow far worse than a fit on thousands of tokens. Standardised by the running mean and
+    variance of the scores, a score z sets k = need_spread * z - price, rounded and clamped to
+    [k_min, k_max]: one standard deviation more need, need_spread more experts, and the controller's price
+    keeps the mean on target. The chosen experts' softmax weights are renormalised.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.need_head = nn.Linear(cfg.dim, 1)
         self.need_spread = cfg.need_spread
+        self.register_buffer("need_weight_D1", torch.zeros(cfg.dim, 1))
+        self.register_buffer("need_bias", torch.zeros(1))
+        # The regression's weighted sums over the measured tokens: features [h, 1] times themselves, and times the target.
+        self.register_buffer("need_gram", torch.zeros(cfg.dim + 1, cfg.dim + 1, dtype=torch.float64))
+        self.register_buffer("need_cross", torch.zeros(cfg.dim + 1, dtype=torch.float64))
         self.register_buffer("need_moments", torch.tensor([0.0, 1.0]))  # running mean and variance of the scores
         # Slot j runs when the token's extra experts exceed j + 1/2 (k rounded), the first k_min always.
         bars_K = torch.arange(cfg.k_max, dtype=torch.float32) + 0.5
         self.register_buffer("slot_bars_K", bars_K.masked_fill(bars_K < cfg.k_min, -math.inf), persistent=False)
         self.need_target_N: torch.Tensor | None = None  # the next training forward's targets, for its first tokens
-        self.batch_moments: torch.Tensor | None = None  # the last training forward's, folded in by update_controller
+        self.batch_sums: torch.Tensor | None = None  # the last training forward's, folded in by update_controller
 
     def need(self, h_TD: torch.Tensor) -> torch.Tensor:
         """The need score of each token, (T, 1)."""
-        return self.scaled_head(self.need_head, h_TD.detach())
+        return at_least_fp32(torch.addmm(self.need_bias.type_as(h_TD), h_TD.detach(), self.need_weight_D1.type_as(h_TD)))
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
         sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
         need_T1 = self.need(h_TD)
-        if torch.is_grad_enabled():
-            self.batch_moments = self.moments(need_T1)
         # k = need_spread * (need - mean) / std - price, as one multiply-add per token.
         mean, variance = self.need_moments
         scale = self.need_spread * variance.clamp(min=1e-12).rsqrt()
@@ -344,32 +348,47 @@ class NeedRouter(PricedRouter):
         kept_TK = sorted_TK * chosen_TK
         return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), chosen_TK.sum(-1), probs_TE, None
 
-    def moments(self, need_T: torch.Tensor) -> torch.Tensor:
-        """Mean and variance of the scores over the batch (over every rank's part of it, under data parallelism)."""
-        sums = torch.stack([need_T.sum(), need_T.square().sum(), torch.tensor(need_T.numel(), device=need_T.device)])
-        sums = sums.detach().double()
-        if self.reduce_expert_counts is not None:  # the sum over ranks that the balance loss uses
-            sums = self.reduce_expert_counts(sums)
-        mean = sums[0] / sums[2]
-        return torch.stack([mean, sums[1] / sums[2] - mean.square()]).float()
-
     def forward(self, h_TD: torch.Tensor) -> Routing:
         routing = super().forward(h_TD)
-        target_N = self.need_target_N
-        if torch.is_grad_enabled() and target_N is not None:  # a training step whose benefit was measured
-            self.need_target_N = None
-            need_loss = F.mse_loss(self.need(h_TD[:target_N.numel()])[:, 0], target_N)
-            routing.stats["need_loss"] = need_loss.detach()
-            routing.aux_loss = routing.aux_loss + NEED_LOSS_WEIGHT * need_loss
+        if torch.is_grad_enabled():  # training: what update_controller folds in after the step
+            routing.stats.update(self.collect_sums(h_TD.detach()))
         return routing
+
+    def collect_sums(self, h_TD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keep the batch's sums for the moments of the scores and, on a measured step, for the regression; return
+        the head's loss on the measured tokens (its squared error before this step's refit)."""
+        need_T = self.need(h_TD)[:, 0].double()
+        sums = [torch.stack([need_T.sum(), need_T.square().sum(), torch.tensor(float(need_T.numel()), dtype=torch.float64)])]
+        target_N, self.need_target_N = self.need_target_N, None
+        stats = {}
+        if target_N is not None:  # a step whose benefit was measured, on its first tokens
+            features_NF = F.pad(h_TD[:target_N.numel()].double(), (0, 1), value=1.0)
+            sums += [(features_NF.t() @ features_NF).flatten(), features_NF.t() @ target_N.double()]
+            stats["need_loss"] = (need_T[:target_N.numel()] - target_N).square().mean().float()
+        self.batch_sums = torch.cat(sums)
+        if self.reduce_expert_counts is not None:  # under data parallelism, the sums over every rank's part of the batch
+            self.batch_sums = self.reduce_expert_counts(self.batch_sums)
+        return stats
 
     @torch.no_grad()
     def update_controller(self, mean_k: float) -> None:
-        """The price step, then the last training forward's need scores folded into the running moments."""
+        """The price step; then the last training step's scores folded into the running moments and, if it was
+        measured, its tokens into the regression, which is solved again."""
         super().update_controller(mean_k)
-        if self.batch_moments is not None:
-            self.need_moments.lerp_(self.batch_moments, NEED_MOMENTUM)
-            self.batch_moments = None
+        sums, self.batch_sums = self.batch_sums, None
+        if sums is None:
+            return
+        total, square, count = sums[:3]
+        self.need_moments.lerp_(torch.stack([total / count, square / count - (total / count) ** 2]).float(), NEED_MOMENTUM)
+        if sums.numel() > 3:
+            features = self.need_gram.shape[0]
+            self.need_gram.mul_(NEED_MEMORY).add_(sums[3:3 + features * features].view(features, features))
+            self.need_cross.mul_(NEED_MEMORY).add_(sums[3 + features * features:])
+            ridge = NEED_RIDGE * self.need_gram.diagonal().mean() * torch.eye(features, dtype=torch.float64,
+                                                                              device=sums.device)
+            solution = torch.linalg.solve(self.need_gram + ridge, self.need_cross)
+            self.need_weight_D1.copy_(solution[:-1, None])
+            self.need_bias.copy_(solution[-1:])
 
 
 class NullRouter(PricedRouter):
