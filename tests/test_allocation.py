@@ -36,8 +36,8 @@ def test_interpolation_on_a_dial_curve() -> None:
 
 
 def test_summary_over_seeds_by_hand() -> None:
-    measures = [SeedMeasure(need(0.4, 0.2, [1.0, 1.5, 2.0]), 50.0, 2.0, 1.1, 2.0, 52.0, 1.0),
-                SeedMeasure(need(0.6, 0.3, [1.0, 2.0, 1.8]), 54.0, 2.2, 1.0, 2.1, 53.0, 1.0)]
+    measures = [SeedMeasure(need(0.4, 0.2, [1.0, 1.5, 2.0]), 50.0, 2.0, 1.1, 2.0, 52.0, 1.0, {"a": -0.1, "b": 0.3}),
+                SeedMeasure(need(0.6, 0.3, [1.0, 2.0, 1.8]), 54.0, 2.2, 1.0, 2.1, 53.0, 1.0, {"a": 0.1, "b": 0.1})]
     s = summarise(measures)
     assert (s["seeds"], s["perplexity"], s["confidence_perplexity_at_k"]) == (2, 52.0, 52.5)
     assert s["seeds_no_worse_than_confidence"] == 1  # 50 <= 52, 54 > 53
@@ -45,6 +45,7 @@ def test_summary_over_seeds_by_hand() -> None:
     assert s["spearman_k_benefit_lowest_domain"] == pytest.approx(0.25) and s["spearman_k_benefit_lowest_seed_and_domain"] == 0.2
     assert s["mean_k_per_level"] == [1.0, 1.75, 1.9] and s["k_rises_with_level"] is True and s["seeds_k_rising"] == 1
     assert s["decode_time_vs_confidence"] == pytest.approx(1.05)
+    assert s["spearman_k_loss_per_domain"] == {"a": pytest.approx(0.0), "b": pytest.approx(0.2)}
     lines = acceptance_lines({"dynamic-2": s, "need-2": s})
     assert len(lines) == 1 and lines[0].startswith("need-2: Spearman(k, benefit) within every domain >= 0.3: does not hold")
     assert "lowest domain 0.250" in lines[0] and "-1.0% (1/2 seeds no worse)" in lines[0] and "+5.0%" in lines[0]

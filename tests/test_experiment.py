@@ -15,9 +15,9 @@ import dynamoe.train
 from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.errors import DynamoeError
-from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK, RESULTS_JSON,
-                                SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config, report_lines,
-                                run_headline, static_perplexity_at, training_cost, verdict, verdict_lines)
+from dynamoe.experiment import (DEFAULT, DEFAULT_KEYS, DOMAINS_PNG, EXPERTS_PNG, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK,
+                                RESULTS_JSON, SUMMARY_MD, HeadlineProfile, Row, headline_profile, model_config,
+                                report_lines, run_headline, static_perplexity_at, training_cost, verdict, verdict_lines)
 from dynamoe.runs import default_workers
 
 SMOKE = HeadlineProfile("smoke", preset="tiny", tokens=4 * 2 * 32, bytes_per_domain=40_000, vocab_size=512, batch_size=2,
@@ -128,7 +128,8 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     assert headline_profile(tokens=4096).steps == 2
     with pytest.raises(DynamoeError, match="less than one step"):
         headline_profile(tokens=100)
-    assert len(MODEL_KEYS) == len(set(MODEL_KEYS)) == 10 and MODEL_KEYS[0] == "top8"
+    assert len(MODEL_KEYS) == len(set(MODEL_KEYS)) == 12 and MODEL_KEYS[0] == "top8"
+    assert DEFAULT_KEYS == tuple(key for key in MODEL_KEYS if key != "null-2")
     configs = {m.key: model_config(m, QUICK, tiny_corpus) for m in MODELS}
     shapes = {(c.dim, c.n_layers, c.n_experts, c.expert_dim, c.vocab_size, c.max_seq_len) for c in configs.values()}
     assert shapes == {(128, 2, 16, 512, 512, 128)}  # one architecture; the corpus's vocabulary
@@ -138,7 +139,7 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     # Every adaptive router warms up from dense routing: k_max for 30% of the steps, then falling to its target
     # over the next 30%; static and dense models have no controller.
     assert QUICK.dense_warmup_steps == int(0.3 * QUICK.steps) == 76
-    adaptive = ("dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3")
+    adaptive = ("dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3", "need-2", "null-2")
     assert {key: (c.target_k_hold_steps, c.target_k_decay_steps) for key, c in configs.items()
             if c.target_k_hold_steps or c.target_k_decay_steps} == {key: (76, 76) for key in adaptive}
     unwarmed = model_config(MODELS[-1], dataclasses.replace(QUICK, dense_warmup=0.0), tiny_corpus)

@@ -235,7 +235,7 @@ def test_null_router_weights_are_a_softmax_over_real_and_null_slots() -> None:
         router.null_head.bias.fill_(0.1)
         routing = router(h_TD)
     logits = h_TD @ router.gate.weight
-    null_T = 0.1 + torch.zeros(6) + (h_TD @ router.null_head.weight.t())[:, 0] * router.input_scale
+    null_T = 0.1 + (h_TD @ router.null_head.weight.t())[:, 0] * router.null_input_scale
     sorted_logits = logits.sort(dim=-1, descending=True).values[:, :8]
     k_T = (sorted_logits > null_T[:, None]).sum(-1)  # price 0
     assert torch.equal(routing.k_T, k_T)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dynamoe.analyze import NeedAnalysis, analyze_checkpoint, plot_need
+from dynamoe.analyze import NeedAnalysis, RoutingAnalysis, analyze_checkpoint, plot_need
 from dynamoe.answers import AnswerReport, LevelScore, run_answers
 from dynamoe.bench import BenchReport, VariantResult
 from dynamoe.checkpoint import load_config
@@ -41,6 +41,7 @@ class SeedMeasure:
     decode_k: float | None  # experts/token while decoding
     confidence_perplexity: float | None  # the confidence router's, on its dial curve at this mean_k (None: outside)
     confidence_ms: float | None  # ... and its decode latency at this decode_k
+    spearman_k_loss_per_domain: dict[str, float | None]  # k against the token's own loss, within each domain
 
 
 def interpolate(points: Sequence[tuple[float, float]], x: float, log: bool) -> float | None:
@@ -64,15 +65,17 @@ def as_trained(variants: list[VariantResult], run_dir: Path) -> VariantResult | 
     return next((v for v in variants if v.threshold is None or v.threshold == threshold), None)
 
 
-def seed_measure(need: NeedAnalysis, trained: VariantResult | None, confidence: list[VariantResult]) -> SeedMeasure:
+def seed_measure(analysis: RoutingAnalysis, trained: VariantResult | None, confidence: list[VariantResult]) -> SeedMeasure:
     """A model's figures of one seed, with the confidence router's dial curve read at its experts/token."""
+    assert analysis.need is not None
+    rho_loss = analysis.spearman_k_loss_per_domain
     if trained is None or trained.eval_mean_k is None or trained.decode_mean_k is None:
-        return SeedMeasure(need, None, None, None, None, None, None)
+        return SeedMeasure(analysis.need, None, None, None, None, None, None, rho_loss)
     quality = [(v.eval_mean_k, v.perplexity) for v in confidence if v.eval_mean_k]
     speed = [(v.decode_mean_k, v.decode_median_ms) for v in confidence if v.decode_mean_k]
-    return SeedMeasure(need, trained.perplexity, trained.eval_mean_k, trained.decode_median_ms, trained.decode_mean_k,
-                       interpolate(quality, trained.eval_mean_k, log=True) if quality else None,
-                       interpolate(speed, trained.decode_mean_k, log=False) if speed else None)
+    return SeedMeasure(analysis.need, trained.perplexity, trained.eval_mean_k, trained.decode_median_ms,
+                       trained.decode_mean_k, interpolate(quality, trained.eval_mean_k, log=True) if quality else None,
+                       interpolate(speed, trained.decode_mean_k, log=False) if speed else None, rho_loss)
 
 
 def allocation_report(out: Path, seeds: Sequence[int], keys: Sequence[str], data_dir: Path,
@@ -91,9 +94,8 @@ def allocation_report(out: Path, seeds: Sequence[int], keys: Sequence[str], data
         for key in adaptive:
             analysis = analyze_checkpoint(runs / key, data_dir, out / "allocation" / f"seed-{seed}" / key,
                                           max_tokens=eval_tokens, device=torch_device, level_problems=level_problems)
-            assert analysis.need is not None
             trained = as_trained(model_variants(reports[seed], runs / key), runs / key)
-            measures[key].append(seed_measure(analysis.need, trained, confidence))
+            measures[key].append(seed_measure(analysis, trained, confidence))
         answered = [key for key in (STATIC, *adaptive) if key in keys]
         for key, report in zip(answered, run_answers([runs / key for key in answered], runs / "answers",
                                                      problems=max(1, level_problems // 2), device=torch_device,
@@ -113,9 +115,9 @@ def mean_of(values: Sequence[float | None]) -> float | None:
 
 def mean_curves(analyses: Sequence[NeedAnalysis]) -> NeedAnalysis:
     """The first seed's analysis with the plotted curves (k by benefit decile, k per level) averaged over seeds."""
-    return dataclasses.replace(analyses[0],
-                               mean_k_by_benefit_decile=[mean_of(c) for c in zip(*(a.mean_k_by_benefit_decile for a in analyses))],
-                               mean_k_per_level=[float(np.mean(c)) for c in zip(*(a.mean_k_per_level for a in analyses))])
+    deciles = [mean_of(c) for c in zip(*(a.mean_k_by_benefit_decile for a in analyses))]
+    levels = [float(np.mean(c)) for c in zip(*(a.mean_k_per_level for a in analyses))]
+    return dataclasses.replace(analyses[0], mean_k_by_benefit_decile=deciles, mean_k_per_level=levels)
 
 
 def lowest(values: Sequence[float | None]) -> float | None:
@@ -140,6 +142,7 @@ def summarise(measures: Sequence[SeedMeasure]) -> dict[str, Any]:
         "seeds_no_worse_than_confidence": sum(p <= c for p, c in equal_k),
         "spearman_k_benefit": mean_of([n.spearman_k_benefit for n in needs]),
         "spearman_k_benefit_per_domain": per_domain,
+        "spearman_k_loss_per_domain": {d: mean_of([m.spearman_k_loss_per_domain[d] for m in measures]) for d in domains},
         "spearman_k_benefit_lowest_domain": lowest(list(per_domain.values())),
         "spearman_k_benefit_lowest_seed_and_domain": lowest(within),
         "top_benefit_budget_share": mean_of([n.top_benefit_budget_share for n in needs]),
@@ -177,14 +180,18 @@ def allocation_markdown(section: dict[str, Any]) -> str:
              "rises (seeds) | decode vs confidence at equal k |",
              "|---|" + "---:|" * (9 + len(domains))]
     for key, s in summary.items():
-        lines.append(f"| {key} | {_fmt(s['mean_k'], '.2f')} | {_fmt(s['perplexity'], '.2f')} | "
-                     f"{_fmt(s['confidence_perplexity_at_k'], '.2f')} | {s['seeds_no_worse_than_confidence']}/{s['seeds']} | "
+        versus = ["–"] * 3 if key == CONFIDENCE else [
+            _fmt(s["confidence_perplexity_at_k"], ".2f"), f"{s['seeds_no_worse_than_confidence']}/{s['seeds']}",
+            _fmt(None if s["decode_time_vs_confidence"] is None else s["decode_time_vs_confidence"] - 1, "+.1%")]
+        lines.append(f"| {key} | {_fmt(s['mean_k'], '.2f')} | {_fmt(s['perplexity'], '.2f')} | {versus[0]} | {versus[1]} | "
                      f"{_fmt(s['spearman_k_benefit'], '.3f')} | "
                      + " | ".join(_fmt(s["spearman_k_benefit_per_domain"][d], ".3f") for d in domains)
                      + f" | {_fmt(s['top_benefit_budget_share'], '.1%')} | "
                      + " ".join(f"{k:.2f}" for k in s["mean_k_per_level"])
-                     + f" | {'yes' if s['k_rises_with_level'] else 'no'} ({s['seeds_k_rising']}/{s['seeds']}) | "
-                     f"{_fmt(None if s['decode_time_vs_confidence'] is None else s['decode_time_vs_confidence'] - 1, '+.1%')} |")
+                     + f" | {'yes' if s['k_rises_with_level'] else 'no'} ({s['seeds_k_rising']}/{s['seeds']}) | {versus[2]} |")
+    lines += ["", "Spearman(k, the token's own loss) within each domain, for comparison: " + "; ".join(
+        f"{key} " + ", ".join(f"{d} {_fmt(v, '.3f')}" for d, v in s["spearman_k_loss_per_domain"].items())
+        for key, s in summary.items()) + "."]
     if answers:
         levels = [key for key in next(iter(answers.values())) if key != "total"]
         lines += ["", "Cost per useful output: greedy answers to held-out math problems (exact match), pooled over seeds; "

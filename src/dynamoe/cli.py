@@ -250,7 +250,7 @@ def experiment_headline(
     tokens: Annotated[int | None, "training tokens per model (default: 1000000; --quick: 262144)"] = None,
     seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0); each adds a full round"] = None,
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 dense dynamic-2 dynamic-3 dynamic-4 topp-3 "
-                                        "relu-3 (default: all)"] = None,
+                                        "relu-3 need-2 null-2 (default: all but null-2)"] = None,
     quick: Annotated[bool, "the under-20-minute profile: smaller corpus, model and budget"] = False,
     dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers up from dense routing: "
                                           "k_max for its first half, then falling to their target (default: 0.6; 0: none)"] = None,
@@ -266,7 +266,7 @@ def experiment_headline(
     """Dense, static top-k and adaptive routers on one budget, benched side by side: latency at quality parity."""
     import torch
 
-    from dynamoe.experiment import MODEL_KEYS, command_line, headline_profile, run_headline
+    from dynamoe.experiment import DEFAULT_KEYS, command_line, headline_profile, run_headline
     from dynamoe.runs import default_workers
     from dynamoe.train import resolve_device
 
@@ -277,7 +277,7 @@ def experiment_headline(
     threads = threads or auto_threads
     torch.set_num_threads(threads)
     profile = headline_profile(quick, preset, tokens, dense_warmup)
-    seeds, models = seeds or [0], models or list(MODEL_KEYS)
+    seeds, models = seeds or [0], models or list(DEFAULT_KEYS)
     run_headline(profile, seeds=seeds, models=models, out=out, data_root=data_root, corpus=corpus, device=device,
                  progress=progress, command=command_line(quick, preset, tokens, seeds, models, out, dense_warmup),
                  workers=jobs, threads=threads)

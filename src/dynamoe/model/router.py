@@ -291,11 +291,6 @@ class PricedRouter(Router):
             self.controller_kp, self.controller_ki, self.controller_limit = 0.0, cfg.price_gain, cfg.price_limit
         else:  # no controller: a fixed price of 0
             self.register_buffer("k_penalty", torch.zeros(()))
-        self.input_scale = cfg.dim ** -0.5
-
-    def scaled_head(self, head: nn.Linear, h_TD: torch.Tensor) -> torch.Tensor:
-        """bias + (h @ w) / sqrt(dim), in one kernel call (see DynamicRouter's temperature head for the scaling)."""
-        return at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.input_scale))
 
 
 NEED_MOMENTUM = 0.1  # weight of each training step in the running mean and variance of the need scores
@@ -322,7 +317,8 @@ class NeedRouter(PricedRouter):
         self.need_spread = cfg.need_spread
         self.register_buffer("need_weight_D1", torch.zeros(cfg.dim, 1))
         self.register_buffer("need_bias", torch.zeros(1))
-        # The regression's weighted sums over the measured tokens: features [h, 1] times themselves, and times the target.
+        # The regression's weighted sums over the measured tokens: features [h, 1] times themselves, and times
+        # the target.
         self.register_buffer("need_gram", torch.zeros(cfg.dim + 1, cfg.dim + 1, dtype=torch.float64))
         self.register_buffer("need_cross", torch.zeros(cfg.dim + 1, dtype=torch.float64))
         self.register_buffer("need_moments", torch.tensor([0.0, 1.0]))  # running mean and variance of the scores
@@ -330,11 +326,13 @@ class NeedRouter(PricedRouter):
         bars_K = torch.arange(cfg.k_max, dtype=torch.float32) + 0.5
         self.register_buffer("slot_bars_K", bars_K.masked_fill(bars_K < cfg.k_min, -math.inf), persistent=False)
         self.need_target_N: torch.Tensor | None = None  # the next training forward's targets, for its first tokens
-        self.batch_sums: torch.Tensor | None = None  # the last training forward's, folded in by update_controller
+        # The last training forward's sums (of a step's last micro-batch), folded in by update_controller.
+        self.batch_sums: torch.Tensor | None = None
 
     def need(self, h_TD: torch.Tensor) -> torch.Tensor:
         """The need score of each token, (T, 1)."""
-        return at_least_fp32(torch.addmm(self.need_bias.type_as(h_TD), h_TD.detach(), self.need_weight_D1.type_as(h_TD)))
+        bias, weight_D1 = self.need_bias.type_as(h_TD), self.need_weight_D1.type_as(h_TD)
+        return at_least_fp32(torch.addmm(bias, h_TD.detach(), weight_D1))
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         probs_TE = logits_TE.softmax(dim=-1)
@@ -358,7 +356,8 @@ class NeedRouter(PricedRouter):
         """Keep the batch's sums for the moments of the scores and, on a measured step, for the regression; return
         the head's loss on the measured tokens (its squared error before this step's refit)."""
         need_T = self.need(h_TD)[:, 0].double()
-        sums = [torch.stack([need_T.sum(), need_T.square().sum(), torch.tensor(float(need_T.numel()), dtype=torch.float64)])]
+        count = torch.tensor(float(need_T.numel()), dtype=torch.float64, device=need_T.device)
+        sums = [torch.stack([need_T.sum(), need_T.square().sum(), count])]
         target_N, self.need_target_N = self.need_target_N, None
         stats = {}
         if target_N is not None:  # a step whose benefit was measured, on its first tokens
@@ -366,7 +365,7 @@ class NeedRouter(PricedRouter):
             sums += [(features_NF.t() @ features_NF).flatten(), features_NF.t() @ target_N.double()]
             stats["need_loss"] = (need_T[:target_N.numel()] - target_N).square().mean().float()
         self.batch_sums = torch.cat(sums)
-        if self.reduce_expert_counts is not None:  # under data parallelism, the sums over every rank's part of the batch
+        if self.reduce_expert_counts is not None:  # data parallel: the sums over every rank's part of the batch
             self.batch_sums = self.reduce_expert_counts(self.batch_sums)
         return stats
 
@@ -378,8 +377,8 @@ class NeedRouter(PricedRouter):
         sums, self.batch_sums = self.batch_sums, None
         if sums is None:
             return
-        total, square, count = sums[:3]
-        self.need_moments.lerp_(torch.stack([total / count, square / count - (total / count) ** 2]).float(), NEED_MOMENTUM)
+        mean, mean_square = sums[0] / sums[2], sums[1] / sums[2]
+        self.need_moments.lerp_(torch.stack([mean, mean_square - mean ** 2]).float(), NEED_MOMENTUM)
         if sums.numel() > 3:
             features = self.need_gram.shape[0]
             self.need_gram.mul_(NEED_MEMORY).add_(sums[3:3 + features * features].view(features, features))
@@ -404,10 +403,12 @@ class NullRouter(PricedRouter):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.null_head = nn.Linear(cfg.dim, 1)
+        self.null_input_scale = cfg.dim ** -0.5  # as the dynamic router's temperature head, for the same reason
 
     def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor) -> Selection:
         sorted_TK, experts_TK = logits_TE.topk(self.k_max, dim=-1)
-        null_T1 = self.scaled_head(self.null_head, h_TD)
+        head = self.null_head
+        null_T1 = at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.null_input_scale))
         bar_T1 = null_T1.detach() + self.k_penalty * logits_TE.detach().std(dim=-1, correction=0, keepdim=True)
         chosen_TK = sorted_TK > bar_T1  # a prefix: the logits are sorted
         k_T = chosen_TK.sum(-1)
