@@ -1,5 +1,6 @@
 """Routing analysis of a checkpoint: how many experts tokens use (per layer, per domain), whether harder
-tokens get more of them, how experts specialise by domain, and a text sample coloured by experts/token.
+tokens get more of them, whether k follows the benefit of experts to a token and the difficulty of held-out
+math problems, how experts specialise by domain, and a text sample coloured by experts/token.
 
 A token's k at position t is paired with the loss of the prediction made there (of token t + 1): the
 experts at position t shape that prediction most directly (later positions see them only through attention). Shape legend: L MoE layers, N tokens, E experts,

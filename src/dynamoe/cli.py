@@ -221,10 +221,7 @@ def bench(
 
     from dynamoe.bench import kernels_line, markdown_table, run_bench
 
-    if threads is not None:
-        if threads < 1:
-            raise DynamoeError(f"--threads={threads} must be at least 1")
-        torch.set_num_threads(threads)
+    use_threads(threads)
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
@@ -317,14 +314,9 @@ def answers(
 ) -> None:
     """Cost per useful output: exact-match accuracy of greedy answers to held-out math problems per difficulty level,
     and the cost per correct answer (price per hour x the time to answer, batch 1)."""
-    import torch
-
     from dynamoe.answers import answers_table, run_answers
 
-    if threads is not None:
-        if threads < 1:
-            raise DynamoeError(f"--threads={threads} must be at least 1")
-        torch.set_num_threads(threads)
+    use_threads(threads)
     reports = run_answers(checkpoints, out, problems=problems, levels=levels or [1, 2, 3, 4, 5], seed=seed,
                           price_per_hour=price_per_hour, device=device, progress=progress)
     print(answers_table(reports))
@@ -424,6 +416,17 @@ def retrofit(
             report = evaluate_tokens(model, test, max_tokens=eval_tokens, progress=False)
             domains = ", ".join(f"{d.domain} {d.perplexity:.3f}" for d in report.domains)
             print(f"{name}: perplexity {report.total.perplexity:.3f} ({domains}); mean experts/token {report.total.mean_k:.2f}")
+
+
+def use_threads(threads: int | None) -> None:
+    """Run torch on this many CPU threads (None: torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise DynamoeError(f"--threads={threads} must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
