@@ -36,11 +36,11 @@ from dynamoe.model import Transformer
 EXAMPLES = int(os.environ.get("DYNAMOE_CLI_FUZZ_EXAMPLES", "100"))
 SECONDS_PER_INVOCATION = 120  # a hang is a failure too
 # The commands' own progress reports on stderr: `data: ...` lines, `[demo] ...` lines and tqdm bars.
-PROGRESS = re.compile(r"(data|\[\w+\]): |[\w ]*: *\d+%\|")
+PROGRESS = re.compile(r"(data|\[\w+\]): |[\w ,]*: *\d+%\|")
 # The first expensive step of each command: reaching it means every check before it passed.
 EXPENSIVE = ("dynamoe.train.train_step", "dynamoe.data.build._build_into", "dynamoe.bench.measure_round",
              "dynamoe.retrofit.calibrate_thresholds", "dynamoe.analyze.analyse", "dynamoe.runs.train_jobs",
-             "dynamoe.model.Transformer.compile_decode", "uvicorn.run")
+             "dynamoe.model.Transformer.compile_decode", "dynamoe.answers.answer_problems", "uvicorn.run")
 # Values to draw from: (good, bad) for each type, and for parameters whose good values are specific.
 INTS = (["1", "2", "8"], ["0", "-1", "64", "1000000000000", "2.5", "x", "", "1e3", "0x10", "99999999999999999999999"])
 FLOATS = (["0.5", "1", "2"], ["0", "-1", "nan", "inf", "-inf", "1e309", "1e-320", "x", ""])

@@ -17,7 +17,7 @@ from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.config import tiny
 from dynamoe.errors import DynamoeError
-from dynamoe.experiment import (DEFAULT, DOMAINS_PNG, EXPERTS_PNG, GPU, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK,
+from dynamoe.experiment import (DEFAULT, DEFAULT_KEYS, DOMAINS_PNG, EXPERTS_PNG, GPU, LATENCY_PNG, MODEL_KEYS, MODELS, QUICK,
                                 RESULTS_JSON, SUMMARY_MD, Claim, HeadlineProfile, Row, claim_lines, default_models, headline_profile,
                                 model_config, report_lines, run_headline, seed_claims, static_perplexity_at,
                                 training_compute, training_cost, verdict, verdict_lines)
@@ -134,7 +134,8 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
         headline_profile(tokens=100)
     with pytest.raises(DynamoeError, match="unknown profile 'fast'; choose one of: default, quick, gpu"):
         headline_profile("fast")
-    assert len(MODEL_KEYS) == len(set(MODEL_KEYS)) == 14 and MODEL_KEYS[0] == "top8"
+    assert len(MODEL_KEYS) == len(set(MODEL_KEYS)) == 16 and MODEL_KEYS[0] == "top8"
+    assert DEFAULT_KEYS == tuple(key for key in MODEL_KEYS if key != "null-2")
     configs = {m.key: model_config(m, QUICK, tiny_corpus) for m in MODELS}
     shapes = {(c.dim, c.n_layers, c.n_experts, c.expert_dim, c.vocab_size, c.max_seq_len) for c in configs.values()}
     assert shapes == {(128, 2, 16, 512, 512, 128)}  # one architecture; the corpus's vocabulary
@@ -144,7 +145,8 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     # Every adaptive router, and the -warm static ones, warm up from dense routing: k_max for 30% of the steps,
     # then falling to their own k over the next 30%; the other static models and dense do not.
     assert QUICK.dense_warmup_steps == int(0.3 * QUICK.steps) == 76
-    warm = ("top4-warm", "top2-warm", "top1-warm", "dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3", "dtopp-3")
+    warm = ("top4-warm", "top2-warm", "top1-warm", "dynamic-2", "dynamic-3", "dynamic-4", "topp-3", "relu-3", "dtopp-3",
+            "need-2", "null-2")
     assert {key: (c.target_k_hold_steps, c.target_k_decay_steps) for key, c in configs.items()
             if c.target_k_hold_steps or c.target_k_decay_steps} == {key: (76, 76) for key in warm}
     assert all(configs[f"top{k}-warm"] == dataclasses.replace(configs[f"top{k}"], target_k_hold_steps=76,
@@ -152,7 +154,7 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     cold = dataclasses.replace(QUICK, dense_warmup=0.0)
     unwarmed = model_config(MODELS[-1], cold, tiny_corpus)
     assert (unwarmed.target_k_hold_steps, unwarmed.target_k_decay_steps) == (0, 0)
-    assert default_models(QUICK) == list(MODEL_KEYS) and "top2-warm" not in default_models(cold)
+    assert default_models(QUICK) == list(DEFAULT_KEYS) and "top2-warm" not in default_models(cold)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -335,9 +337,9 @@ def test_gpu_profile_machinery_at_tiny_size(tmp_path: Path, tiny_corpus: Path) -
 
 
 @pytest.mark.parametrize("args, out, seeds, models", [
-    ([], "runs/headline", [0], 14), (["--quick"], "runs/headline-quick", [0, 1, 2], 14),
-    (["--profile", "gpu"], "runs/headline-gpu", [0], 14), (["--profile", "quick", "--dense-warmup", "0"],
-                                                           "runs/headline-quick", [0, 1, 2], 11)])
+    ([], "runs/headline", [0], 15), (["--quick"], "runs/headline-quick", [0, 1, 2], 15),
+    (["--profile", "gpu"], "runs/headline-gpu", [0], 15), (["--profile", "quick", "--dense-warmup", "0"],
+                                                           "runs/headline-quick", [0, 1, 2], 12)])
 def test_each_profile_has_its_own_report_folder_seeds_and_models(args: list[str], out: str, seeds: list[int], models: int,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     asked: dict = {}

@@ -1,5 +1,6 @@
 """Routing analysis of a checkpoint: how many experts tokens use (per layer, per domain), whether harder
-tokens get more of them, how experts specialise by domain, and a text sample coloured by experts/token.
+tokens get more of them, whether k follows the benefit of experts to a token and the difficulty of held-out
+math problems, how experts specialise by domain, and a text sample coloured by experts/token.
 
 A token's k at position t is paired with the loss of the prediction made there (of token t + 1): the
 experts at position t shape that prediction most directly (later positions see them only through attention). Shape legend: L MoE layers, N tokens, E experts,
@@ -12,6 +13,7 @@ import html
 import json
 import math
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,13 +23,20 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from dynamoe.checkpoint import check_same_tokenizer, load_model, load_tokenizer_for
+from dynamoe.data.mathgen import MAX_DIFFICULTY, MIN_DIFFICULTY, PROBLEMS_PER_DOC, format_problem, held_out_problems
+from dynamoe.data.tokenizer import encode_documents
 from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import split_tokens_by_domain, windows
 from dynamoe.model import Dial, Transformer
+from dynamoe.model.need import token_benefit
 from dynamoe.resources import REPORT_BYTES, check_writable, writing
 
 ANALYSIS_JSON, SAMPLE_HTML = "analysis.json", "sample.html"
 HISTOGRAM_PNG, K_LOSS_PNG, HEATMAP_PNG = "k_histograms.png", "k_vs_loss.png", "expert_domain_usage.png"
+NEED_PNG = "k_vs_need.png"
+LEVEL_PROBLEMS = 240  # held-out math problems per difficulty level (10 documents)
+BENEFIT_BINS = 10  # the plot's benefit deciles
+TOP_SHARE = 0.2  # the budget share reported is that of the fifth of tokens with the most benefit
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -94,6 +103,7 @@ class TokenRouting:
     loss_N: np.ndarray  # float: cross-entropy of the prediction made at this position
     k_LN: np.ndarray  # int: experts used per layer
     usage_LED: np.ndarray  # int: selected (token, expert) pairs per layer, expert and domain
+    benefit_N: np.ndarray | None = None  # float: loss at k=1 minus loss at k_max (dynamoe.model.need); None: not measured
 
 
 @torch.no_grad()
@@ -110,29 +120,34 @@ def route_window(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor, dia
     return k_LN, losses_N, chosen
 
 
-def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tokens: int, batch_size: int = 8,
-            dial: Dial = None) -> TokenRouting:
-    """Route up to max_tokens predictions of each domain and keep every token's k, loss and expert choices."""
+def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tokens: int | None, batch_size: int = 8,
+            dial: Dial = None, benefit: bool = False) -> TokenRouting:
+    """Route up to max_tokens predictions of each domain at the dial and keep every token's k, loss and expert choices,
+    and with `benefit` what its experts beyond the first buy it (two more forward passes, forced to 1 and k_max)."""
     routers = model.routers()
     if not routers:
         raise DynamoeError("analyze needs an MoE checkpoint, but this model has a dense feed-forward: it has no routing")
     device = next(model.parameters()).device
     n_experts, domains = model.config.n_experts, list(tokens_by_domain)
     usage_LED = np.zeros((len(routers), n_experts, len(domains)), dtype=np.int64)
-    domain_parts, loss_parts, k_parts = [], [], []
+    domain_parts, loss_parts, k_parts, benefit_parts = [], [], [], []
     was_training = model.training
     model.eval()
     for d, domain in enumerate(domains):
         for x_BT, y_BT in windows(tokens_by_domain[domain], model.config.max_seq_len, max_tokens, batch_size, domain):
-            k_LN, losses_N, chosen = route_window(model, x_BT.to(device), y_BT.to(device), dial)
+            x_BT, y_BT = x_BT.to(device), y_BT.to(device)
+            k_LN, losses_N, chosen = route_window(model, x_BT, y_BT, dial)
             k_parts.append(k_LN.cpu().numpy())
             loss_parts.append(losses_N.cpu().numpy())
             domain_parts.append(np.full(losses_N.numel(), d))
             for layer, experts in enumerate(chosen):
                 usage_LED[layer, :, d] += np.bincount(experts.cpu().numpy(), minlength=n_experts)
+            if benefit:
+                benefit_parts.append(token_benefit(model, x_BT, y_BT).cpu().numpy())
     model.train(was_training)
     return TokenRouting(np.concatenate(domain_parts), np.concatenate(loss_parts).astype(np.float64),
-                        np.concatenate(k_parts, axis=1), usage_LED)
+                        np.concatenate(k_parts, axis=1), usage_LED,
+                        np.concatenate(benefit_parts).astype(np.float64) if benefit else None)
 
 
 # ----------------------------------------------------------------------------- report
@@ -160,6 +175,7 @@ class RoutingAnalysis:
     expert_domain_usage: list[list[list[int]]]  # [layer][expert][domain]: selected (token, expert) pairs
     specialisation_nmi_per_layer: list[float | None]  # NMI(expert choice; domain) over the selected pairs
     specialisation_nmi: float | None  # mean over layers
+    need: NeedAnalysis | None = None  # k against the benefit of experts and the difficulty of math problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,7 +230,141 @@ def format_analysis(result: RoutingAnalysis) -> str:
     lines.append("mean loss by experts/token: " + "  ".join(f"k={k}: {v:.3f}" for k, v in result.mean_loss_by_k.items()))
     lines.append(f"specialisation NMI(expert; domain): {number(result.specialisation_nmi)}; per layer: "
                  + " ".join(number(v) for v in result.specialisation_nmi_per_layer))
+    if result.need is not None:
+        lines += format_need(result.need)
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- allocation by need
+
+@dataclass
+class NeedAnalysis:
+    """Does k follow need? A token's k (mean over layers) against the benefit of experts to it, and the mean k
+    of held-out math problems of each difficulty level."""
+
+    mean_benefit_per_domain: dict[str, float]  # nats: loss at k=1 minus loss at k_max
+    spearman_k_benefit: float | None  # all domains pooled
+    spearman_k_benefit_per_domain: dict[str, float | None]  # within each domain: need, not domain, drives it
+    spearman_k_benefit_per_layer: list[float | None]
+    spearman_benefit_loss: float | None  # how far the benefit is just the loss by another name
+    mean_k_by_benefit_decile: list[float | None]  # tokens in ten equal groups by benefit, least benefit first
+    mean_benefit_by_decile: list[float | None]
+    top_benefit_budget_share: float | None  # share of all experts run spent on the TOP_SHARE of tokens with most benefit
+    top_benefit_budget_share_per_domain: dict[str, float | None]
+    levels: list[int]  # math difficulty levels measured (empty: none)
+    tokens_per_level: list[int]
+    mean_k_per_level: list[float]
+    loss_per_level: list[float]
+    mean_benefit_per_level: list[float]
+    k_rises_with_level: bool | None  # mean k strictly increasing from each level to the next
+
+
+def mean_by_rank_bins(rank_by: np.ndarray, values: np.ndarray, bins: int) -> list[float | None]:
+    """Mean of values over `bins` equal groups of tokens ranked by rank_by, lowest first (None: an empty group)."""
+    groups = np.array_split(np.argsort(rank_by, kind="stable"), bins)
+    return [float(values[group].mean()) if group.size else None for group in groups]
+
+
+def top_budget_share(rank_by: np.ndarray, k_N: np.ndarray, fraction: float = TOP_SHARE) -> float | None:
+    """Share of the experts run (sum of k) that the `fraction` of tokens ranked highest by rank_by use."""
+    if not k_N.size or k_N.sum() <= 0:
+        return None
+    top = np.argsort(rank_by, kind="stable")[len(k_N) - max(1, round(fraction * len(k_N))):]
+    return float(k_N[top].sum() / k_N.sum())
+
+
+def level_tokens(tokenizer: Tokenizer, problems_per_level: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per difficulty level, the token stream of held-out math documents, encoded as a corpus build encodes them."""
+    streams = {}
+    for level in range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1):
+        lines = [format_problem(*problem) for problem in held_out_problems(level, problems_per_level, seed)]
+        documents = ["\n".join(lines[i:i + PROBLEMS_PER_DOC]) for i in range(0, len(lines), PROBLEMS_PER_DOC)]
+        streams[str(level)] = np.fromiter(chain.from_iterable(encode_documents(tokenizer, documents)), dtype=np.int64)
+    return streams
+
+
+def analyse_need(routing: TokenRouting, domains: list[str], by_level: TokenRouting | None) -> NeedAnalysis:
+    """The NeedAnalysis of per-token routing measured with its benefit, and of the held-out levels' routing."""
+    if routing.benefit_N is None:
+        raise ValueError("the routing was collected without the benefit: collect(..., benefit=True)")
+    k_N, benefit_N = routing.k_LN.mean(axis=0), routing.benefit_N
+    in_domain = {name: routing.domain_N == d for d, name in enumerate(domains)}
+    levels, level_counts, level_k, level_loss, level_benefit = [], [], [], [], []
+    if by_level is not None and by_level.benefit_N is not None:
+        for index in np.unique(by_level.domain_N):
+            mine = by_level.domain_N == index
+            levels.append(MIN_DIFFICULTY + int(index))
+            level_counts.append(int(mine.sum()))
+            level_k.append(float(by_level.k_LN[:, mine].mean()))
+            level_loss.append(float(by_level.loss_N[mine].mean()))
+            level_benefit.append(float(by_level.benefit_N[mine].mean()))
+    return NeedAnalysis(
+        mean_benefit_per_domain={name: float(benefit_N[mask].mean()) for name, mask in in_domain.items()},
+        spearman_k_benefit=spearman(k_N, benefit_N),
+        spearman_k_benefit_per_domain={name: spearman(k_N[mask], benefit_N[mask]) for name, mask in in_domain.items()},
+        spearman_k_benefit_per_layer=[spearman(k_layer_N, benefit_N) for k_layer_N in routing.k_LN],
+        spearman_benefit_loss=spearman(benefit_N, routing.loss_N),
+        mean_k_by_benefit_decile=mean_by_rank_bins(benefit_N, k_N, BENEFIT_BINS),
+        mean_benefit_by_decile=mean_by_rank_bins(benefit_N, benefit_N, BENEFIT_BINS),
+        top_benefit_budget_share=top_budget_share(benefit_N, k_N),
+        top_benefit_budget_share_per_domain={name: top_budget_share(benefit_N[mask], k_N[mask])
+                                             for name, mask in in_domain.items()},
+        levels=levels, tokens_per_level=level_counts, mean_k_per_level=level_k, loss_per_level=level_loss,
+        mean_benefit_per_level=level_benefit,
+        k_rises_with_level=all(b > a for a, b in zip(level_k, level_k[1:])) if len(level_k) > 1 else None,
+    )
+
+
+def format_need(need: NeedAnalysis) -> list[str]:
+    """The need analysis as a few readable lines."""
+    def number(value: float | None, spec: str = ".3f") -> str:
+        return "undefined" if value is None else format(value, spec)
+
+    per_domain = ", ".join(f"{d} {number(v)}" for d, v in need.spearman_k_benefit_per_domain.items())
+    lines = ["benefit of experts per token (loss at k=1 minus at k_max), mean: "
+             + ", ".join(f"{d} {v:.3f}" for d, v in need.mean_benefit_per_domain.items())
+             + f"; Spearman(benefit, own loss) {number(need.spearman_benefit_loss)}",
+             f"Spearman(experts/token, benefit), all tokens: {number(need.spearman_k_benefit)}; per domain: {per_domain}; "
+             "per layer: " + " ".join(number(v) for v in need.spearman_k_benefit_per_layer),
+             f"experts spent on the {TOP_SHARE:.0%} of tokens with most benefit: {number(need.top_benefit_budget_share, '.1%')} "
+             "of the budget; mean k by benefit decile: " + " ".join(number(v, ".2f") for v in need.mean_k_by_benefit_decile)]
+    if need.levels:
+        rises = {True: "rises with every level", False: "does not rise with every level", None: "–"}[need.k_rises_with_level]
+        lines.append(f"held-out math, difficulty {need.levels[0]}-{need.levels[-1]}: mean k "
+                     + " ".join(f"{k:.2f}" for k in need.mean_k_per_level) + f" ({rises}); loss "
+                     + " ".join(f"{v:.3f}" for v in need.loss_per_level) + "; benefit "
+                     + " ".join(f"{v:.3f}" for v in need.mean_benefit_per_level))
+    return lines
+
+
+def measure_need(model: Transformer, routing: TokenRouting, domains: list[str], tokenizer: Tokenizer,
+                 level_problems: int, seed: int = 0, dial: Dial = None) -> NeedAnalysis:
+    """The need analysis of routing collected with its benefit, with `level_problems` held-out problems per level
+    routed at the same dial."""
+    by_level = (collect(model, level_tokens(tokenizer, level_problems, seed), None, dial=dial, benefit=True)
+                if level_problems else None)
+    return analyse_need(routing, domains, by_level)
+
+
+def plot_need(analyses: dict[str, NeedAnalysis], path: Path) -> None:
+    """Mean experts/token against benefit decile and against math difficulty level, one line per model."""
+    figure = _figure(11, 4)
+    by_benefit, by_level = figure.subplots(1, 2, sharey=True)
+    for label, need in analyses.items():
+        deciles = [(i + 1, k) for i, k in enumerate(need.mean_k_by_benefit_decile) if k is not None]
+        by_benefit.plot(*zip(*deciles), marker="o", label=label)
+        if need.levels:
+            by_level.plot(need.levels, need.mean_k_per_level, marker="o", label=label)
+    by_benefit.set_xlabel("benefit of experts (decile, least first)")
+    by_benefit.set_ylabel("mean experts/token")
+    by_benefit.set_xticks(range(1, BENEFIT_BINS + 1))
+    by_level.set_xlabel("held-out math problems: difficulty level")
+    by_level.set_xticks(range(MIN_DIFFICULTY, MAX_DIFFICULTY + 1))
+    for axes in (by_benefit, by_level):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- the coloured sample
@@ -350,18 +500,24 @@ def plot_usage_heatmap(result: RoutingAnalysis, path: Path) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: int = 16_384, sample_tokens: int = 200,
-                       threshold: float | None = None, device: str | torch.device = "cpu") -> RoutingAnalysis:
-    """Analyse a checkpoint's routing on a corpus's test split; write analysis.json, the plots and sample.html."""
-    if max_tokens < 1 or sample_tokens < 1:
-        raise DynamoeError(f"--max-tokens ({max_tokens}) and --sample-tokens ({sample_tokens}) must be at least 1")
+                       threshold: float | None = None, device: str | torch.device = "cpu",
+                       level_problems: int = LEVEL_PROBLEMS) -> RoutingAnalysis:
+    """Analyse a checkpoint's routing on a corpus's test split, and on `level_problems` held-out math problems
+    per difficulty level; write analysis.json, the plots and sample.html."""
+    if max_tokens < 1 or sample_tokens < 1 or level_problems < 0:
+        raise DynamoeError(f"--max-tokens ({max_tokens}) and --sample-tokens ({sample_tokens}) must be at least 1, "
+                           f"--level-problems ({level_problems}) at least 0")
     check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
     check_writable(Path(out), REPORT_BYTES, "the analysis")
     model, _ = load_model(checkpoint, device=device)
     model.layer_thresholds(threshold)  # a model without a dial refuses one before any work
     tokens = split_tokens_by_domain(corpus, "test")
     domains = list(tokens)
-    result = analyse(collect(model, tokens, max_tokens, dial=threshold), domains, str(checkpoint), model, threshold)
-    samples = text_samples(model, load_tokenizer_for(checkpoint), tokens, sample_tokens, threshold)
+    routing = collect(model, tokens, max_tokens, dial=threshold, benefit=True)
+    tokenizer = load_tokenizer_for(checkpoint)
+    result = analyse(routing, domains, str(checkpoint), model, threshold)
+    result.need = measure_need(model, routing, domains, tokenizer, level_problems, dial=threshold)
+    samples = text_samples(model, tokenizer, tokens, sample_tokens, threshold)
     out = Path(out)
     with writing(out, "the analysis"):
         out.mkdir(parents=True, exist_ok=True)
@@ -369,6 +525,7 @@ def analyze_checkpoint(checkpoint: Path, corpus: Path, out: Path, max_tokens: in
         plot_histograms(result, out / HISTOGRAM_PNG)
         plot_k_vs_loss(result, out / K_LOSS_PNG)
         plot_usage_heatmap(result, out / HEATMAP_PNG)
+        plot_need({Path(checkpoint).name: result.need}, out / NEED_PNG)
         html_page = sample_html(samples, result.k_max, f"experts per token: {checkpoint}")
         (out / SAMPLE_HTML).write_text(html_page, encoding="utf-8")
     return result

@@ -64,7 +64,7 @@ def train(
     data: Annotated[Path, "built corpus folder"] = DEFAULT_DATA,
     out: Annotated[Path, "run folder for checkpoints and logs"] = Path("runs/model"),
     preset: Annotated[str, f"model size: {', '.join(PRESETS)}"] = "small",
-    router: Annotated[Literal["topk", "dynamic", "topp", "relu", "dtopp"], "routing rule"] = "dynamic",
+    router: Annotated[Literal["topk", "dynamic", "topp", "relu", "dtopp", "need", "null"], "routing rule"] = "dynamic",
     ffn: Annotated[Literal["moe", "dense"], "dense: the baseline with top-k's active size"] = "moe",
     target_k: Annotated[float | None, "mean experts/token the controller aims at (preset default: 3)"] = None,
     top_k: Annotated[int | None, "experts per token of the static router (preset default: 2)"] = None,
@@ -260,8 +260,8 @@ def experiment_headline(
     seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0; quick: 0 1 2); each adds a "
                                        "full round"] = None,
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 top4-warm top2-warm top1-warm dense dynamic-2 "
-                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 (default: all; with --dense-warmup 0, "
-                                        "all but the -warm ones)"] = None,
+                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 need-2 null-2 (default: all but null-2; with "
+                                        "--dense-warmup 0, also without the -warm ones)"] = None,
     dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers and the -warm static "
                                           "ones up from dense routing: k_max for its first half, then falling to "
                                           "their own k (default: 0.6; 0: none)"] = None,
@@ -305,17 +305,42 @@ def analyze(
     out: Annotated[Path, "folder for analysis.json, the plots and sample.html"] = Path("runs/analysis"),
     max_tokens: Annotated[int, "held-out tokens per domain to analyse"] = 16_384,
     sample_tokens: Annotated[int, "tokens per domain in the coloured HTML sample"] = 200,
+    level_problems: Annotated[int, "held-out math problems per difficulty level 1-5 (0: none)"] = 240,
     threshold: Threshold = None,
     device: Device = "auto",
 ) -> None:
-    """Routing analysis: experts/token per layer and domain, k against loss, expert specialisation, a coloured sample."""
+    """Routing analysis: experts/token per layer and domain, k against loss and against the benefit of experts,
+    k per math difficulty level, expert specialisation, a coloured sample."""
     from dynamoe.analyze import analyze_checkpoint, format_analysis
     from dynamoe.train import resolve_device
 
     result = analyze_checkpoint(checkpoint, corpus, out, max_tokens=max_tokens, sample_tokens=sample_tokens,
-                                threshold=threshold, device=resolve_device(device))
+                                threshold=threshold, device=resolve_device(device), level_problems=level_problems)
     print(format_analysis(result))
     print(f"analysis written to {out}")
+
+
+def answers(
+    checkpoints: Annotated[list[Path], "checkpoint or run folders to compare"],
+    problems: Annotated[int, "held-out math problems per difficulty level"] = 100,
+    levels: Annotated[list[int] | None, "difficulty levels to ask (default: 1 2 3 4 5)"] = None,
+    seed: Annotated[int, "seed of the held-out problems (apart from every corpus build's)"] = 0,
+    price_per_hour: Annotated[float, "machine price, USD/hour (for the cost per correct answer)"] = BENCH_DEFAULTS["price_per_hour"],
+    out: Annotated[Path, "folder for answers.json and answers.md"] = Path("runs/answers"),
+    threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
+    device: Device = "auto",
+    progress: Annotated[bool, "show a progress bar"] = True,
+) -> None:
+    """Cost per useful output: exact-match accuracy of greedy answers to held-out math problems per difficulty level,
+    and the cost per correct answer (price per hour x the time to answer, batch 1)."""
+    from dynamoe.answers import answers_table, run_answers
+
+    if threads is not None:
+        set_threads(threads)
+    reports = run_answers(checkpoints, out, problems=problems, levels=levels or [1, 2, 3, 4, 5], seed=seed,
+                          price_per_hour=price_per_hour, device=device, progress=progress)
+    print(answers_table(reports))
+    print(f"results written to {out}")
 
 
 def serve(
@@ -426,7 +451,7 @@ def retrofit(
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "data build": data_build, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "demo": demo,
-    "retrofit": retrofit, "serve": serve, "experiment headline": experiment_headline, "analyze": analyze,
+    "retrofit": retrofit, "serve": serve, "experiment headline": experiment_headline, "analyze": analyze, "answers": answers,
     "import": import_hf, "export": export,
 }
 

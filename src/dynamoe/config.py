@@ -106,8 +106,8 @@ def dataclass_from_dict(cls: type[ConfigT], data: dict[str, Any], what: str) -> 
     return cls(**data)
 
 
-RouterName = Literal["topk", "dynamic", "topp", "relu", "dtopp"]
-ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu", "dtopp")
+RouterName = Literal["topk", "dynamic", "topp", "relu", "dtopp", "need", "null"]
+ROUTERS: tuple[str, ...] = ("topk", "dynamic", "topp", "relu", "dtopp", "need", "null")
 
 
 @dataclass
@@ -156,6 +156,13 @@ class ModelConfig:
     # topp/dynamic routers: weight each chosen expert as a static top-k_max router with renormalize_topk would
     # (dropped experts simply removed) instead of renormalising over the chosen ones; retrofit sets it.
     static_weights: bool = False
+    # Allocation by need (the need and null routers): their controller sets a price per expert directly, a
+    # pure integral step of price_gain per expert of error (mean k answers at once, unlike a penalty under Adam).
+    price_gain: float = 0.1
+    price_limit: float = 16.0  # bound of the price
+    need_every: int = 1  # need router: measure the benefit of experts every this many optimizer steps ...
+    need_fraction: float = 0.125  # ... on this share of the batch's rows (at least one row)
+    need_spread: float = 1.0  # need router: experts added per standard deviation of need
 
     # Variants that imported checkpoints need (Qwen-MoE, OLMoE); the defaults are dynamoe's own architecture.
     attn_head_dim: int | None = None  # None: dim // n_heads; set when heads are wider or narrower (Qwen3-MoE)
@@ -215,6 +222,10 @@ class ModelConfig:
              f"layer_thresholds={self.layer_thresholds!r} must list one threshold in (0, 1] per MoE layer ({moe_layers})")
         need(0.0 < self.temperature_min < self.temperature_max, "need 0 < temperature_min < temperature_max")
         need(min(self.controller_kp, self.controller_ki, self.controller_limit) >= 0, "controller gains and limit must be >= 0")
+        need(self.price_gain >= 0 and self.price_limit > 0, "price_gain must be >= 0 and price_limit positive")
+        need(isinstance(self.need_every, int) and self.need_every >= 1 and 0 < self.need_fraction <= 1 and self.need_spread > 0,
+             f"need_every={self.need_every!r} must be an integer >= 1, need_fraction={self.need_fraction!r} in (0, 1] "
+             f"and need_spread={self.need_spread!r} positive")
         need(min(self.target_k_hold_steps, self.target_k_decay_steps) >= 0,
              f"target_k_hold_steps={self.target_k_hold_steps} and target_k_decay_steps={self.target_k_decay_steps} "
              "must be integers >= 0")

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dynamoe import runs
+from dynamoe.allocation import allocation_markdown, allocation_report
 from dynamoe.analyze import analyze_checkpoint
 from dynamoe.bench import BenchReport, BenchSettings, VariantResult, environment, run_bench
 from dynamoe.config import ModelConfig, dense_warmup_half, preset, with_dense_warmup
@@ -36,7 +37,7 @@ MOE_PAYS = 0.03  # the regime where a MoE pays: static top-8 at least 3% below t
 TARGET_LATENCY_REDUCTION = 0.40  # ... with at least 40% lower batch-1 decode latency
 REFERENCE = "top8"  # the model whose perplexity is the bar and whose latency the ratios divide by
 ANALYSED = "dynamic-3"  # the model whose routing the report analyses
-ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu", "dtopp")  # routers whose k varies per token
+ADAPTIVE_ROUTERS = ("dynamic", "topp", "relu", "dtopp", "need", "null")  # routers whose k varies per token
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,13 @@ MODELS = (  # the reference first: bench ratios are relative to the first checkp
     HeadlineModel("topp-3", "top-p, target k=3", {"router": "topp", "target_k": 3.0}, warm=True),
     HeadlineModel("relu-3", "ReLU (ReMoE), target k=3", {"router": "relu", "target_k": 3.0}, warm=True),
     HeadlineModel("dtopp-3", "DTop-p, target k=3", {"router": "dtopp", "target_k": 3.0}, warm=True),
+    HeadlineModel("need-2", "by need (benefit-supervised k head), target k=2", {"router": "need", "target_k": 2.0}, warm=True),
+    HeadlineModel("null-2", "null experts (AdaMoE), target k=2", {"router": "null", "target_k": 2.0}, warm=True),
 )
 MODEL_KEYS = tuple(model.key for model in MODELS)
+# Trained unless --models says otherwise: all but the null-expert router, the allocation design that measured
+# worst (docs/need.md).
+DEFAULT_KEYS = tuple(key for key in MODEL_KEYS if key != "null-2")
 
 
 def headline_profile(name: str = "default", preset_name: str | None = None, tokens: int | None = None,
@@ -518,8 +524,8 @@ WARM_STATIC = tuple(model.key for model in MODELS if model.warm and model.overri
 
 
 def default_models(profile: HeadlineProfile) -> list[str]:
-    """Every model, less the warmed-up static ones when the profile has no warm-up (they would be the cold ones)."""
-    return [key for key in MODEL_KEYS if profile.dense_warmup > 0 or key not in WARM_STATIC]
+    """DEFAULT_KEYS, less the warmed-up static ones when the profile has no warm-up (they would be the cold ones)."""
+    return [key for key in DEFAULT_KEYS if profile.dense_warmup > 0 or key not in WARM_STATIC]
 
 
 def check_choices(seeds: Sequence[int], models: Sequence[str], profile: HeadlineProfile) -> None:
@@ -630,6 +636,10 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] | None
         analysis = {key: analysis[key] for key in ("checkpoint", "mean_k_per_domain", "spearman_k_loss",
                                                    "spearman_k_loss_per_domain", "specialisation_nmi")}
     timings["analysis_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    allocation = allocation_report(out, seeds, list(configs), data_dir, reports, profile.eval_tokens, device)
+    timings["allocation_s"] = time.perf_counter() - mark
     wall = time.perf_counter() - started
 
     results = {
@@ -645,6 +655,7 @@ def run_headline(profile: HeadlineProfile = DEFAULT, seeds: Sequence[int] | None
         "rows": [asdict(row) for row in rows], "verdict": {**asdict(result), "target_met": result.target_met},
         "claims": [claim.to_dict() for claim in claims],
         "bench": {str(seed): report.to_dict() for seed, report in reports.items()}, "analysis": analysis,
+        "allocation": allocation,
     }
     write_report(results, rows, result, claims, Path(out))
     print("\n" + markdown_rows(rows) + "\n\n" + "\n".join(report_lines(results, rows, result)) + "\n\n" + claim_lines(claims))
@@ -738,6 +749,8 @@ def summary_markdown(results: dict[str, Any], rows: Sequence[Row], result: Verdi
                      f"{_fmt(a['spearman_k_loss'], '.3f')} over all tokens; within domains: {rho}. Specialisation, "
                      f"NMI(expert; domain): {_fmt(a['specialisation_nmi'], '.3f')}. Plots and a coloured text sample "
                      "in [analysis/](analysis/).\n")
+    if results["allocation"]:
+        parts.append(allocation_markdown(results["allocation"]))
     parts.append(f"## Conditions\n\ndynamoe {env['dynamoe']}, torch {env['torch']}, numpy {env['numpy']}, Python "
                  f"{env['python']}; {env['processor']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
                  f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}; {env['platform']}.\n")
@@ -817,6 +830,7 @@ def command_line(profile_name: str, preset_name: str | None, tokens: int | None,
     words = ["dynamoe", "experiment", "headline", *(["--profile", profile_name] if profile_name != DEFAULT.name else [])]
     words += [*(["--preset", preset_name] if preset_name else []), *(["--tokens", str(tokens)] if tokens else [])]
     words += ["--dense-warmup", str(dense_warmup)] if dense_warmup is not None else []
-    words += ["--seeds", *map(str, seeds), *(["--models", *models] if len(models) != len(MODEL_KEYS) else []), "--out", str(out)]
+    default = profile_name in PROFILES and tuple(models) == tuple(default_models(PROFILES[profile_name]))
+    words += ["--seeds", *map(str, seeds), *([] if default else ["--models", *models]), "--out", str(out)]
     return shlex.join(words)
 

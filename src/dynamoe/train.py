@@ -45,6 +45,7 @@ from dynamoe.data.shards import read_meta
 from dynamoe.data.tokenizer import TOKENIZER_FILE
 from dynamoe.errors import DynamoeError
 from dynamoe.model import Transformer
+from dynamoe.model.need import supervise_need
 from dynamoe.parallel import Parallelism, SingleProcess, distributed, world_size_from_env
 from dynamoe.resources import check_memory, check_writable, training_bytes, writing
 
@@ -356,8 +357,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, data: Token
     k_per_layer = torch.zeros(len(model.routers()), device=device)
     for micro in range(cfg.grad_accum):
         x, y = data.batch((step - 1) * cfg.grad_accum + micro, cfg.batch_size, seq_len, cfg.seed)
+        x, y = to_device(parallel.local_rows(x), device), to_device(parallel.local_rows(y), device)
         with autocast(device, cfg.precision):
-            out = model(to_device(parallel.local_rows(x), device), to_device(parallel.local_rows(y), device))
+            supervise_need(model, x, y, step)  # need routers only: the benefit of experts, measured on a few rows
+            out = model(x, y)
         (out.loss / cfg.grad_accum).backward()
         losses += torch.stack([out.loss, out.lm_loss, out.aux_loss]).detach()
         if out.routings:

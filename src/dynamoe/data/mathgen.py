@@ -13,6 +13,7 @@ from dynamoe.errors import DynamoeError
 MATH_DOMAIN = "math"
 MIN_DIFFICULTY = 1
 MAX_DIFFICULTY = 5
+PROBLEMS_PER_DOC = 24  # problems per generated document, one per line
 SHOWN_TERMS = 5  # terms shown of a sequence: enough that second differences repeat three times
 _QUESTION_PREFIX = "Q: "
 _ANSWER_SEPARATOR = " A: "
@@ -52,7 +53,7 @@ def generate_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
 
 
 def math_documents(
-    n_docs: int, seed: int, difficulty: int | tuple[int, int] = (1, 4), problems_per_doc: int = 24
+    n_docs: int, seed: int, difficulty: int | tuple[int, int] = (1, 4), problems_per_doc: int = PROBLEMS_PER_DOC
 ) -> list[Document]:
     """n_docs documents of `Q: ... A: ...` lines, each problem's difficulty drawn from the given range."""
     low, high = difficulty_range(difficulty)
@@ -62,9 +63,27 @@ def math_documents(
     return [_math_document(rng, low, high, problems_per_doc) for _ in range(n_docs)]
 
 
+def held_out_problems(difficulty: int, count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """count (question, answer) pairs of one difficulty, from a generator seeded apart from every corpus build.
+
+    A build seeds its generator with an integer; this one with a string, so no build draws the same stream.
+    Small levels still repeat training problems: level 1 has a few hundred distinct questions in all.
+    """
+    _level(difficulty)
+    if count < 0:
+        raise DynamoeError(f"need count >= 0 held-out problems, got {count}")
+    rng = random.Random(f"dynamoe held-out math, seed {seed}, difficulty {difficulty}")
+    return [generate_problem(rng, difficulty) for _ in range(count)]
+
+
 def format_problem(question: str, answer: str) -> str:
     """The one-line form problems take in documents: `Q: question A: answer`."""
     return f"{_QUESTION_PREFIX}{question}{_ANSWER_SEPARATOR}{answer}"
+
+
+def answer_prompt(question: str) -> str:
+    """The prompt that asks a model for the answer: the problem's line up to `A:`, without the answer."""
+    return f"{_QUESTION_PREFIX}{question}{_ANSWER_SEPARATOR.rstrip()}"
 
 
 def split_problem(line: str) -> tuple[str, str]:

@@ -381,8 +381,155 @@ class DTopPRouter(Router):
         self.routing_threshold.copy_(torch.where(applied, threshold, self.routing_threshold))
 
 
+class PricedRouter(Router):
+    """A router whose controller sets the price of an expert directly (k_penalty), k answering at once.
+
+    The penalty routers' controller acts through the optimizer on a differentiable cost; here the price
+    enters the choice of k itself, so a pure integral step (price_gain per expert of error) settles it
+    within a few steps and no proportional term is needed.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        if self.target_k is not None:
+            self.controller_kp, self.controller_ki, self.controller_limit = 0.0, cfg.price_gain, cfg.price_limit
+        else:  # no controller: a fixed price of 0
+            self.register_buffer("k_penalty", torch.zeros(()))
+
+
+NEED_MOMENTUM = 0.1  # weight of each training step in the running mean and variance of the need scores
+NEED_MEMORY = 0.98  # per step, the weight the need head's regression keeps on the tokens measured before
+NEED_RIDGE = 1e-3  # the regression's ridge, relative to the mean squared feature
+
+
+class NeedRouter(PricedRouter):
+    """Experts by need: the gate ranks the experts, a need head decides how many.
+
+    The head scores a token's benefit from experts (its loss at k=1 minus at k_max, measured by forced
+    routing during training: dynamoe.model.need). It is a linear regression on the layer's input of the
+    normal score of each benefit's rank among the tokens measured together, refit by least squares after
+    every training step on all the tokens measured so far, the older ones weighted down (NEED_MEMORY): the
+    benefit of one token is mostly noise (it depends on the token that comes next), which per-step
+    gradient steps follow far worse than a fit on thousands of tokens. Standardised by the running mean and
+    variance of the scores, a score z sets k = need_spread * z - price, rounded and clamped to
+    [k_min, k_max]: one standard deviation more need, need_spread more experts, and the controller's price
+    keeps the mean on target. The chosen experts' softmax weights are renormalised.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.need_spread = cfg.need_spread
+        self.register_buffer("need_weight_D1", torch.zeros(cfg.dim, 1))
+        self.register_buffer("need_bias", torch.zeros(1))
+        # The regression's weighted sums over the measured tokens: features [h, 1] times themselves, and times
+        # the target.
+        self.register_buffer("need_gram", torch.zeros(cfg.dim + 1, cfg.dim + 1, dtype=torch.float64))
+        self.register_buffer("need_cross", torch.zeros(cfg.dim + 1, dtype=torch.float64))
+        self.register_buffer("need_moments", torch.tensor([0.0, 1.0]))  # running mean and variance of the scores
+        # Slot j runs when the token's extra experts exceed j + 1/2 (k rounded), the first k_min always.
+        bars_K = torch.arange(cfg.k_max, dtype=torch.float32) + 0.5
+        self.register_buffer("slot_bars_K", bars_K.masked_fill(bars_K < cfg.k_min, -math.inf), persistent=False)
+        self.need_target_N: torch.Tensor | None = None  # the next training forward's targets, for its first tokens
+        # The last training forward's sums (of a step's last micro-batch), folded in by update_controller.
+        self.batch_sums: torch.Tensor | None = None
+
+    def need(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """The need score of each token, (T, 1)."""
+        bias, weight_D1 = self.need_bias.type_as(h_TD), self.need_weight_D1.type_as(h_TD)
+        return at_least_fp32(torch.addmm(bias, h_TD.detach(), weight_D1))
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
+        probs_TE = logits_TE.softmax(dim=-1)  # threshold_T is not read: the need head and the price decide k
+        sorted_TK, experts_TK = probs_TE.topk(self.k_max, dim=-1)
+        need_T1 = self.need(h_TD)
+        # k = need_spread * (need - mean) / std - price, as one multiply-add per token.
+        mean, variance = self.need_moments
+        scale = self.need_spread * variance.clamp(min=1e-12).rsqrt()
+        extra_T1 = torch.addcmul(torch.addcmul(self.k_penalty, mean, scale).neg(), need_T1, scale)
+        chosen_TK = extra_T1 > self.slot_bars_K
+        kept_TK = sorted_TK * chosen_TK
+        return experts_TK, kept_TK / kept_TK.sum(-1, keepdim=True), chosen_TK.sum(-1), probs_TE, None
+
+    def forward(self, h_TD: torch.Tensor, threshold_T: torch.Tensor | None = None) -> Routing:
+        routing = super().forward(h_TD, threshold_T)
+        if torch.is_grad_enabled():  # training: what update_controller folds in after the step
+            routing.stats.update(self.collect_sums(h_TD.detach()))
+        return routing
+
+    def collect_sums(self, h_TD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keep the batch's sums for the moments of the scores and, on a measured step, for the regression; return
+        the head's loss on the measured tokens (its squared error before this step's refit)."""
+        need_T = self.need(h_TD)[:, 0].double()
+        count = torch.tensor(float(need_T.numel()), dtype=torch.float64, device=need_T.device)
+        sums = [torch.stack([need_T.sum(), need_T.square().sum(), count])]
+        target_N, self.need_target_N = self.need_target_N, None
+        stats = {}
+        if target_N is not None:  # a step whose benefit was measured, on its first tokens
+            features_NF = F.pad(h_TD[:target_N.numel()].double(), (0, 1), value=1.0)
+            sums += [(features_NF.t() @ features_NF).flatten(), features_NF.t() @ target_N.double()]
+            stats["need_loss"] = (need_T[:target_N.numel()] - target_N).square().mean().float()
+        self.batch_sums = torch.cat(sums)
+        if self.reduce_expert_counts is not None:  # data parallel: the sums over every rank's part of the batch
+            self.batch_sums = self.reduce_expert_counts(self.batch_sums)
+        return stats
+
+    @torch.no_grad()
+    def update_controller(self, mean_k: torch.Tensor | float, applied: torch.Tensor | bool = True) -> None:
+        """The price step; then the last training step's scores folded into the running moments and, if it was
+        measured, its tokens into the regression, which is solved again. A skipped step (`applied` false) changes
+        nothing; tensors in, tensors out, so no host sync."""
+        super().update_controller(mean_k, applied)
+        sums, self.batch_sums = self.batch_sums, None
+        if sums is None:
+            return
+        applied = torch.as_tensor(applied, device=sums.device)
+        mean, mean_square = sums[0] / sums[2], sums[1] / sums[2]
+        moments = self.need_moments.lerp(torch.stack([mean, mean_square - mean ** 2]).float(), NEED_MOMENTUM)
+        self.need_moments.copy_(torch.where(applied, moments, self.need_moments))
+        if sums.numel() > 3:
+            features = self.need_gram.shape[0]
+            memory = torch.where(applied, torch.tensor(NEED_MEMORY, dtype=torch.float64, device=sums.device), 1.0)
+            self.need_gram.mul_(memory).add_(sums[3:3 + features * features].view(features, features) * applied)
+            self.need_cross.mul_(memory).add_(sums[3 + features * features:] * applied)
+            ridge = NEED_RIDGE * self.need_gram.diagonal().mean() * torch.eye(features, dtype=torch.float64,
+                                                                              device=sums.device)
+            solution = torch.linalg.solve(self.need_gram + ridge, self.need_cross)
+            self.need_weight_D1.copy_(solution[:-1, None])
+            self.need_bias.copy_(solution[-1:])
+
+
+class NullRouter(PricedRouter):
+    """Null (zero-computation) experts, as AdaMoE: k_max slots, each filled by a real expert or by "no expert".
+
+    The null experts share one learned logit per token, so a real expert runs when its logit beats the
+    null's plus the price (in units of the token's logit spread, which keeps the controller's gain
+    meaningful however sharp the gate is); k can fall to 0. The weights are a softmax over the slots, null
+    ones included: a null slot computes nothing and scales the output down, which is how the LM loss
+    tells the null logit whether a token wants more of the experts.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.null_head = nn.Linear(cfg.dim, 1)
+        self.null_input_scale = cfg.dim ** -0.5  # as the dynamic router's temperature head, for the same reason
+
+    def select(self, h_TD: torch.Tensor, logits_TE: torch.Tensor, threshold_T: torch.Tensor | None) -> Selection:
+        sorted_TK, experts_TK = logits_TE.topk(self.k_max, dim=-1)
+        head = self.null_head
+        null_T1 = at_least_fp32(torch.addmm(head.bias, h_TD, head.weight.t(), alpha=self.null_input_scale))
+        bar_T1 = null_T1.detach() + self.k_penalty * logits_TE.detach().std(dim=-1, correction=0, keepdim=True)
+        chosen_TK = sorted_TK > bar_T1  # a prefix: the logits are sorted
+        k_T = chosen_TK.sum(-1)
+        top_T1 = torch.maximum(sorted_TK[:, :1], null_T1)  # subtracted before exp, for stability
+        real_TK = (sorted_TK - top_T1).exp() * chosen_TK
+        null_mass_T1 = (self.k_max - k_T[:, None]) * (null_T1 - top_T1).exp()
+        weights_TK = real_TK / (real_TK.sum(-1, keepdim=True) + null_mass_T1)
+        return experts_TK, weights_TK, k_T, logits_TE.softmax(dim=-1), None
+
+
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "topk": TopKRouter, "topp": TopPRouter, "dynamic": DynamicRouter, "relu": ReLURouter, "dtopp": DTopPRouter,
+    "need": NeedRouter, "null": NullRouter,
 }
 
 
