@@ -1,0 +1,486 @@
+// Batch-1 decode kernels: matrix-vector products that stream their weights at memory speed, and a
+// transformer block's two halves (attention, routed experts) each in one call.
+//
+// Decoding one token reads every weight it needs once, so its speed is how fast the weights stream
+// from memory, plus a fixed cost per kernel call. Weights are stored in panels of 16 output columns,
+// [panels, rows, 16]: a panel is one contiguous stream of memory and its 16 sums stay in registers.
+// fp32 panels, or int8 panels with one fp32 scale per output column (weight-only quantization).
+//
+// The instruction set is chosen at run time (AVX-512, AVX2+FMA, or plain C++), so one build runs on any
+// x86-64 CPU; select_isa caps it (tests compare every level with torch). Threads split the panels
+// through ATen's thread pool, so torch.set_num_threads governs them. dynamoe/model/fused.py states the
+// Python each op stands for; the tests hold the two to the same outputs.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output columns per panel: one 64-byte cache line of fp32
+constexpr int64_t kMinWeightsPerThread = 1 << 15;  // below this a thread's share costs more to start than to run
+
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa supported_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();  // the checks below include the OS's support for the wider registers
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+Isa active_isa = supported_isa();
+
+// ---------------------------------------------------------------------------------------------------
+// One panel: out[0:16] += scale[0:16] * sum_r x[r] * panel[r][0:16] (a null scale is 1).
+
+template <typename W>
+void panel_scalar(const float* x, const W* panel, int64_t rows, const float* scale, float* out) {
+  float sum[kPanel] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < kPanel; ++j) sum[j] += x[r] * static_cast<float>(panel[r * kPanel + j]);
+  }
+  for (int64_t j = 0; j < kPanel; ++j) out[j] += scale ? scale[j] * sum[j] : sum[j];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) inline __m512 load_avx512(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load_avx512(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Four independent sums over rows r, r+1, r+2, r+3: the adds of one sum wait on each other.
+template <typename W>
+__attribute__((target("avx512f"))) void panel_avx512(const float* x, const W* panel, int64_t rows, const float* scale,
+                                                    float* out) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const W* p = panel + r * kPanel;
+    s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), load_avx512(p), s0);
+    s1 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 1]), load_avx512(p + kPanel), s1);
+    s2 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 2]), load_avx512(p + 2 * kPanel), s2);
+    s3 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 3]), load_avx512(p + 3 * kPanel), s3);
+  }
+  for (; r < rows; ++r) s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), load_avx512(panel + r * kPanel), s0);
+  __m512 sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+  if (scale) sum = _mm512_mul_ps(sum, _mm512_loadu_ps(scale));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), sum));
+}
+
+// AVX2: a panel is two 8-wide halves.
+__attribute__((target("avx2,fma"))) inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load_avx2(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void panel_avx2(const float* x, const W* panel, int64_t rows, const float* scale,
+                                                   float* out) {
+  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const W* p = panel + r * kPanel;
+    const __m256 x0 = _mm256_set1_ps(x[r]), x1 = _mm256_set1_ps(x[r + 1]);
+    lo0 = _mm256_fmadd_ps(x0, load_avx2(p), lo0);
+    hi0 = _mm256_fmadd_ps(x0, load_avx2(p + 8), hi0);
+    lo1 = _mm256_fmadd_ps(x1, load_avx2(p + kPanel), lo1);
+    hi1 = _mm256_fmadd_ps(x1, load_avx2(p + kPanel + 8), hi1);
+  }
+  for (; r < rows; ++r) {
+    const __m256 x0 = _mm256_set1_ps(x[r]);
+    lo0 = _mm256_fmadd_ps(x0, load_avx2(panel + r * kPanel), lo0);
+    hi0 = _mm256_fmadd_ps(x0, load_avx2(panel + r * kPanel + 8), hi0);
+  }
+  __m256 lo = _mm256_add_ps(lo0, lo1), hi = _mm256_add_ps(hi0, hi1);
+  if (scale) {
+    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(scale));
+    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(scale + 8));
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), lo));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), hi));
+}
+#endif
+
+template <typename W>
+void panel_dot(const float* x, const W* panel, int64_t rows, const float* scale, float* out) {
+#if defined(__x86_64__)
+  if (active_isa == kAvx512) return panel_avx512(x, panel, rows, scale, out);
+  if (active_isa == kAvx2) return panel_avx2(x, panel, rows, scale, out);
+#endif
+  panel_scalar(x, panel, rows, scale, out);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weights in panels, fp32 or int8 with per-column scales: everything a product with them needs.
+
+struct Panels {
+  const void* data = nullptr;
+  const float* scale = nullptr;  // null for fp32
+  bool int8 = false;
+  int64_t rows = 0;
+
+  // out[0:16] += x[0:rows] @ (panel number `panel`).
+  void dot(const float* x, int64_t panel, float* out) const {
+    const int64_t offset = panel * rows * kPanel;
+    const float* column_scale = scale ? scale + panel * kPanel : nullptr;
+    if (int8) {
+      panel_dot(x, static_cast<const int8_t*>(data) + offset, rows, column_scale, out);
+    } else {
+      panel_dot(x, static_cast<const float*>(data) + offset, rows, nullptr, out);
+    }
+  }
+};
+
+Panels panels_of(const at::Tensor& panels, const std::optional<at::Tensor>& scale, const char* name) {
+  TORCH_CHECK(panels.device().is_cpu() && panels.is_contiguous() && panels.dim() >= 3 && panels.size(-1) == kPanel, name,
+              ": expected contiguous CPU panels [..., rows, 16]");
+  const bool int8 = panels.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || panels.scalar_type() == at::kFloat, name, ": panels must be float32 or int8");
+  TORCH_CHECK(int8 == scale.has_value(), name, ": int8 panels need per-column scales, float32 panels none");
+  if (scale) {
+    TORCH_CHECK(scale->is_contiguous() && scale->scalar_type() == at::kFloat, name, ": scales must be contiguous float32");
+    TORCH_CHECK(scale->numel() * panels.size(-2) == panels.numel(), name, ": one scale per column");
+  }
+  return Panels{panels.data_ptr(), scale ? scale->data_ptr<float>() : nullptr, int8, panels.size(-2)};
+}
+
+int64_t grain(int64_t weights_per_item) { return std::max<int64_t>(1, kMinWeightsPerThread / weights_per_item); }
+
+// out[0:n_out] += x[0:rows] @ W, W's panels [first_panel, first_panel + ceil(n_out / 16)), split over threads.
+void matvec_add(const float* x, const Panels& w, int64_t n_out, float* out, int64_t first_panel = 0) {
+  const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
+  at::parallel_for(0, n_panels, grain(w.rows * kPanel), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t first = p * kPanel, width = std::min(kPanel, n_out - first);
+      float sum[kPanel] = {};
+      std::copy_n(out + first, width, sum);
+      w.dot(x, first_panel + p, sum);
+      std::copy_n(sum, width, out + first);
+    }
+  });
+}
+
+at::Tensor checked_rows(const at::Tensor& x, int64_t width, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == width &&
+                  x.is_contiguous(),
+              name, ": expected contiguous float32 [N, ", width, "]");
+  return x;
+}
+
+const float* optional_data(const std::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  if (!t) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel, name,
+              ": expected contiguous float32 of ", numel, " values");
+  return t->data_ptr<float>();
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * weight (RMSNorm, as F.rms_norm in fp32).
+std::vector<float> rms_norm(const float* x, const at::Tensor& weight, int64_t n, double eps) {
+  const float* w = optional_data(weight, n, "norm weight");
+  float squares = 0.0f;
+  for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+  const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inverse * w[i];
+  return out;
+}
+
+// In place over n values: exp(v - max) / sum.
+void softmax(float* v, int64_t n) {
+  const float top = *std::max_element(v, v + n);
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += (v[i] = std::exp(v[i] - top));
+  for (int64_t i = 0; i < n; ++i) v[i] /= total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Experts: the selected experts of one token in two passes over their weights, gate and up projections
+// with silu(gate) * up * routing weight, then the down projections summed into out.
+// gate_up panels [E, 2 * FP, D, 16] (FP gate panels, then FP up panels), down [E, DP, F, 16].
+
+struct ExpertWeights {
+  Panels gate_up, down;
+  int64_t n_experts, hidden_panels, out_panels;
+};
+
+ExpertWeights experts_of(const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+                         const std::optional<at::Tensor>& down_scale) {
+  TORCH_CHECK(gate_up.dim() == 4 && down.dim() == 4 && gate_up.size(0) == down.size(0) && gate_up.size(1) % 2 == 0,
+              "experts: expected [E, panels, rows, 16] weights");
+  ExpertWeights w{panels_of(gate_up, gate_up_scale, "experts gate_up"), panels_of(down, down_scale, "experts down"),
+                  gate_up.size(0), gate_up.size(1) / 2, down.size(1)};
+  TORCH_CHECK(w.hidden_panels * kPanel >= w.down.rows && w.out_panels * kPanel >= w.gate_up.rows,
+              "experts: weight shapes disagree");
+  return w;
+}
+
+void run_experts(const float* x, const ExpertWeights& w, const int64_t* ids, const float* weights, int64_t used, float* out) {
+  for (int64_t j = 0; j < used; ++j) TORCH_CHECK(0 <= ids[j] && ids[j] < w.n_experts, "experts: expert id out of range");
+  const int64_t dim = w.gate_up.rows, hidden = w.down.rows, stride = w.hidden_panels * kPanel;
+  std::vector<float> hidden_values(used * stride);
+  float* h_data = hidden_values.data();
+  at::parallel_for(0, used * w.hidden_panels, grain(2 * dim * kPanel), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / w.hidden_panels, p = item % w.hidden_panels, base = ids[j] * 2 * w.hidden_panels;
+      float gate[kPanel] = {}, up[kPanel] = {};
+      w.gate_up.dot(x, base + p, gate);
+      w.gate_up.dot(x, base + w.hidden_panels + p, up);
+      float* h = h_data + j * stride + p * kPanel;
+      for (int64_t c = 0; c < kPanel; ++c) h[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c] * weights[j];
+    }
+  });
+  at::parallel_for(0, w.out_panels, grain(used * hidden * kPanel), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t first = p * kPanel, width = std::min(kPanel, dim - first);
+      float sum[kPanel] = {};
+      std::copy_n(out + first, width, sum);
+      for (int64_t j = 0; j < used; ++j) w.down.dot(h_data + j * stride, ids[j] * w.out_panels + p, sum);
+      std::copy_n(sum, width, out + first);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Routing of one token, as dynamoe.model.router: top-k of a softmax (threshold <= 0), or the smallest top set
+// whose probability mass reaches the threshold (top-p, with the dynamic router's per-token temperature).
+
+struct Router {
+  int64_t slots;  // top_k, or k_max for a threshold router
+  int64_t k_min;
+  double threshold;  // <= 0: static top-k
+  bool renormalize, static_weights;
+  const float* temperature_weight;  // null: temperature 1 (top-k, top-p)
+  float temperature_bias;
+  double temperature_input_scale, temperature_min, temperature_max, temperature_scale;
+};
+
+// Fills ids[0:slots], weights[0:slots]; returns k.
+int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> logits, int64_t* ids, float* weights) {
+  const int64_t n_experts = static_cast<int64_t>(logits.size());
+  if (r.temperature_weight) {  // softplus(bias + scale * h.w) + min, clamped at max, times the dial's scale
+    float dot = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) dot += h[i] * r.temperature_weight[i];
+    const float raw = r.temperature_bias + static_cast<float>(r.temperature_input_scale) * dot;
+    const float softplus = raw > 20.0f ? raw : std::log1p(std::exp(raw));
+    float temperature = std::min(softplus + static_cast<float>(r.temperature_min), static_cast<float>(r.temperature_max));
+    if (r.temperature_scale != 1.0) temperature *= static_cast<float>(r.temperature_scale);
+    for (float& logit : logits) logit /= temperature;
+  }
+  softmax(logits.data(), n_experts);
+  std::vector<int64_t> order(n_experts);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + r.slots, order.end(),
+                    [&](int64_t a, int64_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  float total = 0.0f;
+  for (int64_t j = 0; j < r.slots; ++j) total += logits[order[j]];
+  int64_t k = r.slots;
+  if (r.threshold > 0) {  // an expert is kept while the mass before it is below the threshold; the first k_min always
+    double before = 0.0;  // torch's cumsum adds in double on CPU
+    for (k = 0; k < r.slots && (k < r.k_min || static_cast<float>(before) < static_cast<float>(r.threshold)); ++k) {
+      before += logits[order[k]];
+    }
+  }
+  float kept = 0.0f;
+  for (int64_t j = 0; j < k; ++j) kept += logits[order[j]];
+  const bool static_k = r.threshold <= 0;
+  const float divisor = static_k ? (r.renormalize ? total : 1.0f)
+                                 : (!r.static_weights ? kept : (r.renormalize ? total : 1.0f));
+  for (int64_t j = 0; j < r.slots; ++j) {
+    ids[j] = order[j];
+    weights[j] = j < k ? logits[order[j]] / divisor : 0.0f;
+  }
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops.
+
+// out[N, out_features] = x[N, D] @ W (+ bias) (+ residual), W in panels [ceil(out_features / 16), D, 16].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t out_features) {
+  TORCH_CHECK(panels.dim() == 3 && panels.size(0) * kPanel >= out_features, "linear: panels do not cover the outputs");
+  const Panels weight = panels_of(panels, scale, "linear");
+  checked_rows(x, weight.rows, "linear: x");
+  const int64_t n = x.size(0);
+  at::Tensor out = residual ? checked_rows(*residual, out_features, "linear: residual").clone()
+                            : at::zeros({n, out_features}, x.options());
+  if (bias) out.add_(*bias);
+  for (int64_t i = 0; i < n; ++i) {
+    matvec_add(x.data_ptr<float>() + i * weight.rows, weight, out_features, out.data_ptr<float>() + i * out_features);
+  }
+  return out;
+}
+
+// Sum over each token's first k experts of routing weight * expert(x) (+ residual).
+at::Tensor moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, const at::Tensor& k,
+               const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+               const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& residual) {
+  const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
+  const int64_t dim = w.gate_up.rows;
+  checked_rows(x, dim, "moe: x");
+  const int64_t n = x.size(0), slots = experts.size(1);
+  const at::Tensor ids = experts.to(at::kLong).contiguous(), counts = k.to(at::kLong).contiguous();
+  const at::Tensor routing_weights = weights.to(at::kFloat).contiguous();
+  TORCH_CHECK(experts.size(0) == n && routing_weights.sizes() == ids.sizes() && counts.numel() == n,
+              "moe: routing shapes disagree");
+  at::Tensor out = residual ? checked_rows(*residual, dim, "moe: residual").clone() : at::zeros({n, dim}, x.options());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t used = counts.data_ptr<int64_t>()[i];
+    TORCH_CHECK(0 <= used && used <= slots, "moe: k outside [0, slots]");
+    run_experts(x.data_ptr<float>() + i * dim, w, ids.data_ptr<int64_t>() + i * slots,
+                routing_weights.data_ptr<float>() + i * slots, used, out.data_ptr<float>() + i * dim);
+  }
+  return out;
+}
+
+// x [1, D] -> x + wo(attention(rms_norm(x))): one token at `position` of a batch of one, its key and value
+// written into the cache [1, Hkv, S, d]; RoPE from the tables' row at position (half-split layout, signed sin).
+at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& wqkv,
+                            const std::optional<at::Tensor>& wqkv_scale, const std::optional<at::Tensor>& qkv_bias,
+                            const at::Tensor& wo, const std::optional<at::Tensor>& wo_scale,
+                            const std::optional<at::Tensor>& wo_bias, at::Tensor k_cache, at::Tensor v_cache,
+                            const at::Tensor& position, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads,
+                            std::optional<double> clip) {
+  const Panels qkv_weights = panels_of(wqkv, wqkv_scale, "attention wqkv"), out_weights = panels_of(wo, wo_scale, "attention wo");
+  const int64_t dim = qkv_weights.rows;
+  checked_rows(x, dim, "attention: x");
+  TORCH_CHECK(x.size(0) == 1 && k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat,
+              "attention: expected one token and float32 caches [1, kv_heads, S, head_dim]");
+  const int64_t kv_heads = k_cache.size(1), length = k_cache.size(2), head_dim = k_cache.size(3);
+  const int64_t q_width = n_heads * head_dim, kv_width = kv_heads * head_dim, width = q_width + 2 * kv_width;
+  TORCH_CHECK(n_heads % kv_heads == 0 && out_weights.rows == q_width && head_dim % 2 == 0, "attention: head shapes disagree");
+  TORCH_CHECK(position.numel() == 1, "attention: one position");
+  const int64_t pos = position.to(at::kLong).item<int64_t>();
+  TORCH_CHECK(0 <= pos && pos < length && pos < cos.size(0) && cos.size(1) == head_dim && cos.sizes() == sin.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat,
+              "attention: position outside the cache or the RoPE tables");
+
+  std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
+  std::vector<float> qkv(width, 0.0f);
+  if (const float* b = optional_data(qkv_bias, width, "attention qkv bias")) std::copy_n(b, width, qkv.begin());
+  matvec_add(h.data(), qkv_weights, width, qkv.data());
+  if (clip) {
+    for (float& v : qkv) v = std::clamp(v, static_cast<float>(-*clip), static_cast<float>(*clip));
+  }
+  // RoPE on the query and key heads: v * cos + roll(v, half) * signed sin.
+  const float* c = cos.data_ptr<float>() + pos * head_dim;
+  const float* s = sin.data_ptr<float>() + pos * head_dim;
+  const int64_t half = head_dim / 2;
+  for (int64_t head = 0; head < n_heads + kv_heads; ++head) {
+    float* v = qkv.data() + head * head_dim;
+    std::vector<float> rotated(head_dim);
+    for (int64_t i = 0; i < head_dim; ++i) rotated[i] = v[i] * c[i] + v[(i + half) % head_dim] * s[i];
+    std::copy(rotated.begin(), rotated.end(), v);
+  }
+  float* keys = k_cache.data_ptr<float>();
+  float* values = v_cache.data_ptr<float>();
+  for (int64_t kv = 0; kv < kv_heads; ++kv) {
+    std::copy_n(qkv.data() + q_width + kv * head_dim, head_dim, keys + (kv * length + pos) * head_dim);
+    std::copy_n(qkv.data() + q_width + kv_width + kv * head_dim, head_dim, values + (kv * length + pos) * head_dim);
+  }
+  // Each query head over the cached positions 0..pos of its key-value head (grouped-query: heads share in order).
+  std::vector<float> attended(q_width, 0.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  at::parallel_for(0, n_heads, grain(2 * (pos + 1) * head_dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(pos + 1);
+    for (int64_t head = begin; head < end; ++head) {
+      const float* q = qkv.data() + head * head_dim;
+      const int64_t kv = head / (n_heads / kv_heads);
+      for (int64_t t = 0; t <= pos; ++t) {
+        const float* key = keys + (kv * length + t) * head_dim;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * key[i];
+        scores[t] = dot * scale;
+      }
+      softmax(scores.data(), pos + 1);
+      float* o = attended.data() + head * head_dim;
+      for (int64_t t = 0; t <= pos; ++t) {
+        const float* value = values + (kv * length + t) * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) o[i] += scores[t] * value[i];
+      }
+    }
+  });
+  at::Tensor out = x.clone();
+  float* out_data = out.data_ptr<float>();
+  if (const float* b = optional_data(wo_bias, dim, "attention wo bias")) {
+    for (int64_t i = 0; i < dim; ++i) out_data[i] += b[i];
+  }
+  matvec_add(attended.data(), out_weights, dim, out_data);
+  return out;
+}
+
+// x [1, D] -> (x + experts(rms_norm(x)), expert ids [1, slots], weights [1, slots], k [1]): router and experts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
+    const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& gate, int64_t n_experts,
+    int64_t slots, int64_t k_min, double threshold, bool renormalize, bool static_weights,
+    const std::optional<at::Tensor>& temperature_weight, const std::optional<at::Tensor>& temperature_bias,
+    double temperature_input_scale,
+    double temperature_min, double temperature_max, double temperature_scale, const at::Tensor& gate_up,
+    const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down, const std::optional<at::Tensor>& down_scale) {
+  const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
+  const Panels gate_weights = panels_of(gate, std::nullopt, "router gate");
+  const int64_t dim = w.gate_up.rows;
+  checked_rows(x, dim, "moe_decode: x");
+  TORCH_CHECK(x.size(0) == 1 && gate_weights.rows == dim && n_experts == w.n_experts && 1 <= slots && slots <= n_experts,
+              "moe_decode: expected one token, and a router that fits the experts");
+  const float* bias = optional_data(temperature_bias, 1, "temperature bias");
+  const Router router{slots, k_min, threshold, renormalize, static_weights,
+                      optional_data(temperature_weight, dim, "temperature weight"), bias ? *bias : 0.0f,
+                      temperature_input_scale, temperature_min, temperature_max, temperature_scale};
+  std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
+  std::vector<float> logits(n_experts, 0.0f);
+  matvec_add(h.data(), gate_weights, n_experts, logits.data());
+  at::Tensor ids = at::empty({1, slots}, x.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({1, slots}, x.options());
+  const int64_t k = route(router, h.data(), dim, std::move(logits), ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+  at::Tensor out = x.clone();
+  run_experts(h.data(), w, ids.data_ptr<int64_t>(), weights.data_ptr<float>(), k, out.data_ptr<float>());
+  return {out, ids, weights, at::full({1}, k, x.options().dtype(at::kLong))};
+}
+
+// Cap the instruction set (0 plain C++, 1 AVX2+FMA, 2 AVX-512; negative: the best this CPU has); returns the level in use.
+int64_t select_isa(int64_t cap) {
+  const Isa best = supported_isa();
+  active_isa = cap < 0 ? best : static_cast<Isa>(std::min<int64_t>(cap, best));
+  return active_isa;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dynamoe, m) {
+  m.def("select_isa(int cap) -> int", &select_isa);
+  m.def("linear(Tensor x, Tensor panels, Tensor? scale, Tensor? bias, Tensor? residual, int out_features) -> Tensor");
+  m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor k, Tensor gate_up, Tensor? gate_up_scale, Tensor down, "
+        "Tensor? down_scale, Tensor? residual) -> Tensor");
+  m.def("attention_decode(Tensor x, Tensor norm_weight, float eps, Tensor wqkv, Tensor? wqkv_scale, Tensor? qkv_bias, "
+        "Tensor wo, Tensor? wo_scale, Tensor? wo_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor position, Tensor cos, "
+        "Tensor sin, int n_heads, float? clip) -> Tensor");
+  m.def("moe_decode(Tensor x, Tensor norm_weight, float eps, Tensor gate, int n_experts, int slots, int k_min, "
+        "float threshold, bool renormalize, bool static_weights, Tensor? temperature_weight, Tensor? temperature_bias, "
+        "float temperature_input_scale, float temperature_min, float temperature_max, float temperature_scale, "
+        "Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dynamoe, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("moe", &moe);
+  m.impl("attention_decode", &attention_decode);
+  m.impl("moe_decode", &moe_decode);
+}

@@ -1,0 +1,120 @@
+"""The native decode kernel (csrc/decode.cpp): built once per machine, checked once per process, else not used.
+
+Batch-1 decoding is matrix-vector products whose speed is how fast the weights stream from memory, plus a
+fixed cost per kernel call. The kernel stores a weight in panels of 16 output columns ([panels, rows, 16],
+each panel one contiguous stream), in fp32 or in int8 with one fp32 scale per column, and runs the selected
+experts of a token in two calls' worth of work (gate and up, then down) inside one op.
+
+It is compiled with torch's extension builder on first use (a C++ compiler and ninja are needed; about a
+minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is chosen at run time
+(AVX-512, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be built or loaded,
+or computes a wrong answer on a small check, `native_available()` says False once per process (with one
+logged warning) and every caller keeps torch's kernels. DYNAMOE_NATIVE=0 turns it off; DYNAMOE_NATIVE_ISA
+(avx512, avx2 or scalar) caps its instruction set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+ENABLE_ENV, ISA_ENV, CACHE_ENV = "DYNAMOE_NATIVE", "DYNAMOE_NATIVE_ISA", "DYNAMOE_CACHE"
+ISA_LEVELS = ("scalar", "avx2", "avx512")  # the kernel's levels, in the order of its select_isa numbers
+PANEL = 16  # output columns per panel, as in decode.cpp
+NATIVE_MAX_ROWS = 4  # up to this many input rows the kernel beats a matmul; more rows (prefill) take torch's kernels
+
+NATIVE_STATE: dict[str, bool] = {}  # "available": native_available's answer, once per process
+
+
+def native_available() -> bool:
+    """Whether the native kernel is built, loaded and checked on this machine (decided once per process)."""
+    if "available" not in NATIVE_STATE:
+        NATIVE_STATE["available"] = _load_and_check()
+    return NATIVE_STATE["available"]
+
+
+def native_isa() -> str:
+    """The instruction set the native kernel runs on (call only where native_available())."""
+    return ISA_LEVELS[torch.ops.dynamoe.select_isa(ISA_LEVELS.index(isa_cap()))]
+
+
+def isa_cap() -> str:
+    """The most the kernel may use: DYNAMOE_NATIVE_ISA, or the best level."""
+    cap = os.environ.get(ISA_ENV, ISA_LEVELS[-1]).lower()
+    return cap if cap in ISA_LEVELS else ISA_LEVELS[-1]
+
+
+def set_isa_cap(level: str) -> str:
+    """Cap the kernel's instruction set (tests compare every level with the plain one); the level now in use."""
+    os.environ[ISA_ENV] = level
+    return native_isa()
+
+
+def _load_and_check() -> bool:
+    """Build (first use on this machine) and load the kernel, then check it on a small problem; False on any failure."""
+    if os.environ.get(ENABLE_ENV, "1") == "0":
+        return False
+    try:
+        _build_and_load()
+        native_isa()  # applies DYNAMOE_NATIVE_ISA
+        if not _computes_right():
+            logger.warning("the native decode kernel gave a wrong answer on this machine; decoding uses torch's kernels")
+            return False
+    except Exception as error:  # a missing compiler, a failed build or load: all mean "use torch's kernels"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.warning("the native decode kernel is unavailable (%s); decoding uses torch's kernels", first_line)
+        return False
+    return True
+
+
+def _build_and_load() -> None:
+    """Compile decode.cpp into a cache folder named by its source and torch version (reused afterwards), then load it."""
+    if hasattr(torch.ops.dynamoe, "moe"):  # loaded already, e.g. by a test that reset NATIVE_STATE
+        return
+    from torch.utils.cpp_extension import load
+
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    folder = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dynamoe")) / f"native-{digest}"
+    if not (folder / f"dynamoe_decode_{digest}.so").exists():
+        logger.warning("building dynamoe's native decode kernel for this machine (once, about a minute)")
+    folder.mkdir(parents=True, exist_ok=True)
+    load(name=f"dynamoe_decode_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=False)
+
+
+def _computes_right() -> bool:
+    """The kernel's products on a small random problem, fp32 and int8, against torch's (odd sizes: padding is used)."""
+    generator = torch.Generator().manual_seed(0)
+    x_1D, w_DO = torch.randn(1, 40, generator=generator), torch.randn(40, 37, generator=generator)
+    q_DO, scale_O = quantize_columns(w_DO)
+    fp32 = torch.ops.dynamoe.linear(x_1D, to_panels(w_DO), None, None, None, 37)
+    int8 = torch.ops.dynamoe.linear(x_1D, to_panels(q_DO), pad_columns(scale_O), None, None, 37)
+    return (torch.allclose(fp32, x_1D @ w_DO, rtol=1e-4, atol=1e-4)
+            and torch.allclose(int8, x_1D @ (q_DO * scale_O), rtol=1e-4, atol=1e-4))
+
+
+def pad_columns(t_O: torch.Tensor) -> torch.Tensor:
+    """The last dimension zero-padded to a whole number of panels."""
+    return torch.nn.functional.pad(t_O, (0, -t_O.shape[-1] % PANEL)).contiguous()
+
+
+def to_panels(w_DO: torch.Tensor) -> torch.Tensor:
+    """[..., D, O] input-major weights as [..., ceil(O / 16), D, 16] panels, the last one zero-padded."""
+    return pad_columns(w_DO).unflatten(-1, (-1, PANEL)).transpose(-3, -2).contiguous()
+
+
+def quantize_columns(w_DO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output column of [..., D, O] weights: q (int8) and scale [..., O] with w ~ q * scale."""
+    scale_O = w_DO.abs().amax(dim=-2) / 127
+    scale_O = torch.where(scale_O > 0, scale_O, torch.ones_like(scale_O))  # an all-zero column: any scale, q = 0
+    q_DO = torch.round(w_DO / scale_O.unsqueeze(-2)).clamp(-127, 127).to(torch.int8)
+    return q_DO, scale_O
