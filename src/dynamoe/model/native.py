@@ -63,7 +63,8 @@ def _load_and_check() -> bool:
     if os.environ.get(ENABLE_ENV, "1") == "0":
         return False
     try:
-        _build_and_load()
+        if not kernel_loaded():
+            build_and_load(SOURCE)
         native_isa()  # applies DYNAMOE_NATIVE_ISA
         if not _computes_right():
             logger.warning("the native decode kernel gave a wrong answer on this machine; decoding uses torch's kernels")
@@ -75,19 +76,21 @@ def _load_and_check() -> bool:
     return True
 
 
-def _build_and_load() -> None:
-    """Compile decode.cpp into a cache folder named by its source and torch version (reused afterwards), then load it."""
-    if hasattr(torch.ops.dynamoe, "moe"):  # loaded already, e.g. by a test that reset NATIVE_STATE
-        return
+def kernel_loaded() -> bool:
+    """Whether the kernel's ops are in this process already."""
+    return hasattr(torch.ops.dynamoe, "moe_decode")
+
+
+def build_and_load(source: Path) -> None:
+    """Compile the kernel into a cache folder named by its source and torch version (reused afterwards), then load it."""
     from torch.utils.cpp_extension import load
 
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     folder = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dynamoe")) / f"native-{digest}"
     if not (folder / f"dynamoe_decode_{digest}.so").exists():
         logger.warning("building dynamoe's native decode kernel for this machine (once, about a minute)")
     folder.mkdir(parents=True, exist_ok=True)
-    load(name=f"dynamoe_decode_{digest}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+    load(name=f"dynamoe_decode_{digest}", sources=[str(source)], extra_cflags=["-O3", "-fopenmp"],
          extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=False)
 
 
