@@ -20,8 +20,8 @@ from dynamoe.model import Transformer, native
 from dynamoe.model import packed as packed_module
 from dynamoe.model.native import ISA_LEVELS, native_available, pad_columns, quantize_columns, to_panels
 
-CAN_BUILD = shutil.which("c++") is not None and shutil.which("ninja") is not None
-pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="no C++ compiler or ninja: the kernel cannot be built here")
+CAN_BUILD = shutil.which(os.environ.get("CXX", "c++")) is not None
+pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="no C++ compiler: the kernel cannot be built here")
 
 MODELS = {
     "topk": dict(router="topk"),

@@ -344,16 +344,27 @@ def import_hf(
 
 def export(
     checkpoint: Checkpoint,
-    out: Annotated[Path, "new folder for the exported checkpoint"],
-    output_format: Annotated[Literal["hf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE layout)",
-                             "--format"] = "hf",
-    allow_dynamic: Annotated[bool, "write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
+    out: Annotated[Path, "new folder (hf) or file (gguf) for the exported model"],
+    output_format: Annotated[Literal["hf", "gguf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE "
+                             "layout); gguf: one llama.cpp file (Mixtral layout, tokenizer inside)", "--format"] = "hf",
+    gguf_type: Annotated[Literal["f32", "q8_0"], "gguf: weight type (q8_0: 8-bit blocks of 32, router gates f32)"] = "f32",
+    as_topk: Annotated[int | None, "export a topk/topp/dynamic model as static top-K (the K most probable experts)"] = None,
+    allow_dynamic: Annotated[bool, "hf: write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
     force: Annotated[bool, "write into OUT even if it is not empty"] = False,
 ) -> None:
-    """Export a static top-k checkpoint in a layout that transformers loads with identical logits."""
+    """Export a static top-k checkpoint in a layout that transformers (identical logits) or llama.cpp loads."""
+    if output_format == "gguf":
+        try:
+            from dynamoe.gguf_export import export_gguf
+        except ImportError:
+            raise DynamoeError("the GGUF export needs the gguf package: pip install gguf") from None
+        written = export_gguf(checkpoint, out, gguf_type=gguf_type, as_topk=as_topk, force=force)
+        print(f"exported GGUF ({written.gguf_type}, static top-{written.top_k}, pre-tokenizer {written.pre_tokenizer!r}) "
+              f"to {written.out}")
+        return
     from dynamoe.hf import export_hf
 
-    done = export_hf(checkpoint, out, allow_dynamic=allow_dynamic, force=force)
+    done = export_hf(checkpoint, out, allow_dynamic=allow_dynamic, force=force, as_topk=as_topk)
     note = " (dynamic routing: see README.md there; transformers runs it as static top-k)" if done.dynamic else ""
     print(f"exported {done.architecture} to {done.out}{note}")
 

@@ -5,8 +5,8 @@ fixed cost per kernel call. The kernel stores a weight in panels of 16 output co
 each panel one contiguous stream), in fp32 or in int8 with one fp32 scale per column, and runs the selected
 experts of a token in two calls' worth of work (gate and up, then down) inside one op.
 
-It is compiled with torch's extension builder on first use (a C++ compiler and ninja are needed; about a
-minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is chosen at run time
+It is compiled with torch's extension builder on first use (a C++ compiler is needed, and ninja, which
+is a dependency; about a minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is chosen at run time
 (AVX-512, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be built or loaded,
 or computes a wrong answer on a small check, `native_available()` says False once per process (with one
 logged warning) and every caller keeps torch's kernels. DYNAMOE_NATIVE=0 turns it off; DYNAMOE_NATIVE_ISA
@@ -19,6 +19,8 @@ import hashlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,8 +92,26 @@ def build_and_load(source: Path) -> None:
     if not (folder / f"dynamoe_decode_{digest}.so").exists():
         logger.warning("building dynamoe's native decode kernel for this machine (once, about a minute)")
     folder.mkdir(parents=True, exist_ok=True)
-    load(name=f"dynamoe_decode_{digest}", sources=[str(source)], extra_cflags=["-O3", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=False)
+    with ninja_on_path():
+        load(name=f"dynamoe_decode_{digest}", sources=[str(source)], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=False)
+
+
+@contextmanager
+def ninja_on_path() -> Iterator[None]:
+    """torch's builder runs `ninja` from PATH; the ninja package (a dependency) puts one in the environment's bin
+    folder, which is not on PATH when Python runs without activating the environment."""
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:  # a system ninja, if any, is what torch will find
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _computes_right() -> bool:
