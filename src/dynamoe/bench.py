@@ -96,7 +96,12 @@ class VariantResult:
     bytes_per_token: int  # weights one decoded token reads, at the decode mean k per layer
     ideal_latency_ratio: float = 1.0  # bytes_per_token / the first variant's
     measured_latency_ratio: float = 1.0  # decode_median_ms / the first variant's
-    kernels: str = ""  # Transformer.kernel_summary: dtype, device, packed or plain matmuls
+    kernels: str = ""  # Transformer.kernel_summary: dtype, device, native, packed or plain matmuls
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Batch-1 decode speed: tokens per second at the median latency."""
+        return 1000 / self.decode_median_ms
 
 
 @dataclass
@@ -393,7 +398,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequence[float] = (),
               settings: BenchSettings = BenchSettings(), device: str | torch.device = "auto",
               progress: bool = True, compile_decode: bool = False, pack: bool = True,
-              dtype: torch.dtype | None = None) -> BenchReport:
+              dtype: torch.dtype | None = None, int8: bool = False) -> BenchReport:
     """Measure every variant in interleaved rounds; write results.json, results.md and the plot to `out`."""
     if not checkpoints:
         raise DynamoeError("bench needs at least one checkpoint")
@@ -402,7 +407,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     torch_device = resolve_device(device) if isinstance(device, str) else device
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
-    models = [load_model(checkpoint, device=torch_device, pack=pack, dtype=dtype)[0] for checkpoint in checkpoints]
+    models = [load_model(checkpoint, device=torch_device, pack=pack, dtype=dtype, int8=int8)[0] for checkpoint in checkpoints]
     if compile_decode:  # compiled during the warm-up round, whose samples are dropped
         for model in models:
             model.compile_decode()
@@ -429,7 +434,8 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
                                    "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
-                                   "compile_decode": compile_decode, "pack": pack, "dtype": str(dtype or torch.float32)},
+                                   "compile_decode": compile_decode, "pack": pack, "dtype": str(dtype or torch.float32),
+                                   "int8_weights": int8},
                          environment(torch_device))
     write_outputs(report, Path(out))
     return report
@@ -460,6 +466,7 @@ def table_columns(results: list[VariantResult]) -> list[tuple[str, Callable[[Var
         ("k eval", lambda r: _fmt(r.eval_mean_k, ".2f")),
         ("k decode", lambda r: _fmt(r.decode_mean_k, ".2f")),
         ("ms/token p50", lambda r: _fmt(r.decode_median_ms, ".3f")),
+        ("tok/s b1", lambda r: _fmt(r.decode_tokens_per_s, ".0f")),
         ("p95", lambda r: _fmt(r.decode_p95_ms, ".3f")),
         ("measured ratio", lambda r: _fmt(r.measured_latency_ratio, ".3f")),
         ("ideal ratio", lambda r: _fmt(r.ideal_latency_ratio, ".3f")),

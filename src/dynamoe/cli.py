@@ -32,10 +32,17 @@ RETROFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrofitConfi
 
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
-WeightDType = Annotated[Literal["float32", "bfloat16"], "weight dtype for decoding: bfloat16 reads half the bytes "
-                        "(oneDNN-packed where the CPU supports it, plain matmuls elsewhere)"]
+WeightDType = Annotated[Literal["float32", "bfloat16", "int8"], "weights: bfloat16 reads half the bytes (oneDNN-packed where "
+                        "the CPU supports it); int8 a quarter (weight-only, one scale per output column, computed in float32)"]
 Threshold = Annotated[float | None, "compute dial of topp/dynamic routers: the probability mass the chosen experts must "
                                     "reach, in (0, 1]; lower runs fewer experts (default: the trained value)"]
+
+
+def weight_format(dtype: str) -> dict[str, Any]:
+    """load_model's dtype and int8 arguments for a --dtype choice."""
+    import torch
+
+    return {"dtype": None, "int8": True} if dtype == "int8" else {"dtype": getattr(torch, dtype), "int8": False}
 
 
 def data_build(
@@ -119,6 +126,7 @@ def evaluate(
     max_tokens: Annotated[int, "tokens per domain at most"] = 50_000,
     as_json: Annotated[bool, "machine-readable output", "--json"] = False,
     threshold: Threshold = None,
+    dtype: WeightDType = "float32",
     device: Device = "auto",
 ) -> None:
     """Perplexity per domain, experts/token per layer and domain, and the histogram of k."""
@@ -128,7 +136,7 @@ def evaluate(
 
     if max_tokens < 1:
         raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
-    model, _ = load_model(checkpoint, device=resolve_device(device))
+    model, _ = load_model(checkpoint, device=resolve_device(device), **weight_format(dtype))
     if threshold is not None:
         model.set_routing_threshold(threshold)
     if data is not None:
@@ -169,7 +177,7 @@ def generate(
     from dynamoe.train import resolve_device
 
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # before the slow load
-    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, dtype=getattr(torch, dtype))
+    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, **weight_format(dtype))
     if threshold is not None:
         model.set_routing_threshold(threshold)
     if compile:
@@ -228,7 +236,7 @@ def bench(
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
-                       compile_decode=compile, pack=pack, dtype=getattr(torch, dtype))
+                       compile_decode=compile, pack=pack, **weight_format(dtype))
     print(markdown_table(report.variants))
     print(kernels_line(report.variants))
     print(f"results written to {out}")

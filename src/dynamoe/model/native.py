@@ -48,6 +48,20 @@ def native_isa() -> str:
     return ISA_LEVELS[torch.ops.dynamoe.select_isa(ISA_LEVELS.index(isa_cap()))]
 
 
+@contextmanager
+def refused() -> Iterator[None]:
+    """Inside the block the kernel counts as unavailable: models packed there use torch's kernels (a reference)."""
+    previous = NATIVE_STATE.get("available")
+    NATIVE_STATE["available"] = False
+    try:
+        yield
+    finally:
+        if previous is None:
+            del NATIVE_STATE["available"]
+        else:
+            NATIVE_STATE["available"] = previous
+
+
 def isa_cap() -> str:
     """The most the kernel may use: DYNAMOE_NATIVE_ISA, or the best level."""
     cap = os.environ.get(ISA_ENV, ISA_LEVELS[-1]).lower()
