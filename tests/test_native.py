@@ -106,7 +106,7 @@ def decode_step_outputs(model: Transformer, prompt_1T: torch.Tensor) -> tuple[to
 @pytest.mark.parametrize("name", MODELS)
 def test_the_fused_decode_step_equals_the_modules_at_every_isa(name: str, int8: bool, isa: str) -> None:
     fast, plain = packed_and_plain(int8, **MODELS[name])
-    assert fast.fused and f"native kernel, {isa}" in fast.kernel_summary()
+    assert fast.fused is not None and f"native kernel, {isa}" in fast.kernel_summary()
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
     plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)
@@ -130,7 +130,7 @@ def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None
 def test_the_unfused_native_path_equals_the_modules_for_batches_and_dense_models() -> None:
     for overrides in (dict(router="topk"), dict(ffn="dense"), dict(router="dynamic", shared_expert_dim=32)):
         fast, plain = packed_and_plain(**overrides)
-        assert not fast.fused or overrides.get("router") == "topk"
+        assert (fast.fused is not None) == (overrides.get("router") == "topk")
         prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]  # a batch of two: the native matvecs, not the fused step
         assert generate(fast, prompts, 12, GREEDY) == generate(plain, prompts, 12, GREEDY)
         prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
@@ -140,7 +140,7 @@ def test_the_unfused_native_path_equals_the_modules_for_batches_and_dense_models
 
 def test_stale_weights_gradients_and_router_hooks_leave_the_fused_path() -> None:
     fast, plain = packed_and_plain(router="dynamic")
-    assert fast.fused
+    assert fast.fused is not None
     fast.setup_caches(1, 8)
     assert not fast.fused_step_ready()  # a gradient is wanted
     with torch.no_grad():
@@ -164,7 +164,7 @@ def native_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_where_the_kernel_is_refused_the_torch_kernels_decode_the_same(native_refused: None) -> None:
     fast, plain = packed_and_plain(router="dynamic")
-    assert not fast.fused and packed_module.count_packed(fast, packed_module.PanelWeight) == 0
+    assert fast.fused is None and packed_module.count_packed(fast, packed_module.PanelWeight) == 0
     assert "native kernel unavailable" in fast.kernel_summary()
     prompts = [[1, 2, 3, 4, 5]]
     assert generate(fast, prompts, 12, GREEDY) == generate(plain, prompts, 12, GREEDY)
@@ -198,7 +198,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 SUMMARY = ("import torch; from dynamoe.config import tiny; from dynamoe.model import Transformer; "
-           "m = Transformer(tiny(router='dynamic')).eval(); m.pack_weights(); print(m.fused, m.kernel_summary())")
+           "m = Transformer(tiny(router='dynamic')).eval(); m.pack_weights(); print(m.fused is not None, m.kernel_summary())")
 
 
 def test_a_cpu_without_avx512_runs_the_avx2_kernel_in_a_fresh_process() -> None:

@@ -12,17 +12,23 @@ computing what Block.forward computes for one token of a batch of one (tests hol
 A block is fused only where the kernel implements all of it: attention without QK-norm, an MoE whose
 router is top-k, top-p or dynamic, without a shared expert, on the local dispatcher, every weight in the
 native kernel's panels (Transformer.pack_weights). Anything else decodes through the modules.
+
+A `FusedBlock` keeps references to the block's tensors, taken when the model is packed: reading them
+through the modules costs more per step than the two calls themselves. It is used only while every one
+of them is unchanged (the same rule as the packed weights: no in-place write, no new storage), no
+gradient is wanted, and its router has no hooks (they need the router's own forward).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dynamoe.model.dispatch import LocalDispatcher
 from dynamoe.model.moe import MoE
-from dynamoe.model.packed import PanelWeight
+from dynamoe.model.packed import PanelWeight, stamp
 from dynamoe.model.router import DynamicRouter, Routing, TopKRouter, TopPRouter
 
 if TYPE_CHECKING:
@@ -39,34 +45,79 @@ def fusable(block: Block) -> bool:
             and all(isinstance(projection.packed, PanelWeight) for projection in (attn.wqkv, attn.wo, moe.router.gate)))
 
 
-def fresh_block(block: Block) -> bool:
-    """Whether every packed weight of a fusable block is still usable (see InferenceWeight.is_fresh)."""
-    attn, moe = block.attn, block.ffn
-    assert isinstance(moe, MoE)
-    return (moe.experts.fresh_panels() is not None
-            and all(p.packed is not None and p.packed.is_fresh(p.weight) for p in (attn.wqkv, attn.wo, moe.router.gate)))
+class FusedBlock:
+    """One block's decode step in two native calls, on references to its tensors taken at packing."""
 
+    def __init__(self, block: Block) -> None:
+        attn, moe = block.attn, block.ffn
+        assert isinstance(moe, MoE) and fusable(block)
+        router, experts = moe.router, moe.experts.panels
+        assert experts is not None
+        self.attention, self.router, self.experts = attn, router, experts
+        self.panels = [projection.packed for projection in (attn.wqkv, attn.wo, router.gate)]
+        wqkv, wo, gate = self.panels
+        assert isinstance(wqkv, PanelWeight) and isinstance(wo, PanelWeight) and isinstance(gate, PanelWeight)
+        self.attention_args = (block.attn_norm.weight, block.attn_norm.eps, wqkv.panels, wqkv.scale, attn.wqkv.bias,
+                               wo.panels, wo.scale, attn.wo.bias)
+        self.attention_settings = (attn.n_heads, attn.clip_qkv)
+        threshold = isinstance(router, TopPRouter)
+        head = router.temperature_head if isinstance(router, DynamicRouter) else None
+        self.moe_norm = (block.ffn_norm.weight, block.ffn_norm.eps, gate.panels, router.n_experts,
+                         router.k_max if threshold else router.top_k, router.k_min)
+        self.threshold_router = threshold
+        self.renormalize = (router.renormalize, threshold and router.static_weights)
+        self.temperature = (None if head is None else head.weight, None if head is None else head.bias,
+                            getattr(router, "temperature_input_scale", 1.0), getattr(router, "temperature_min", 0.0),
+                            getattr(router, "temperature_max", 0.0))
+        self.experts_args = (experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
+        self.tensors = [t for t in (block.attn_norm.weight, attn.wqkv.bias, attn.wo.bias, block.ffn_norm.weight, *self.temperature[:2])
+                        if t is not None]
+        self.stamps = [stamp(t) for t in self.tensors]
+        self.no_aux_loss = torch.zeros(())  # decoding computes no auxiliary loss
 
-def decode_block(block: Block, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor,
+    def ready(self) -> bool:
+        """Whether the step may run fused now: a KV cache, every tensor unchanged, no router hooks (see the module)."""
+        return (self.attention.kv_cache is not None and self.experts.unchanged()
+                and all(packed.unchanged() for packed in self.panels)
+                and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps))
+                and not self.router._forward_hooks and not self.router._forward_pre_hooks)
+
+    def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-    """Block.forward for one token of a batch of one, at `position` of its KV cache, in two native calls."""
-    attn, moe = block.attn, block.ffn
-    assert isinstance(moe, MoE) and attn.kv_cache is not None
-    wqkv, wo = cast(PanelWeight, attn.wqkv.packed), cast(PanelWeight, attn.wo.packed)  # fresh: see fresh_block
-    x_1D = torch.ops.dynamoe.attention_decode(
-        x_1D, block.attn_norm.weight, block.attn_norm.eps, wqkv.panels, wqkv.scale, attn.wqkv.bias, wo.panels, wo.scale,
-        attn.wo.bias, attn.kv_cache.k_BHSd, attn.kv_cache.v_BHSd, position, cos, sin, attn.n_heads, attn.clip_qkv)
-    router, experts = moe.router, moe.experts.panels
-    assert experts is not None
-    gate = cast(PanelWeight, router.gate.packed)
-    threshold = isinstance(router, TopPRouter)
-    head = router.temperature_head if isinstance(router, DynamicRouter) else None
-    x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(
-        x_1D, block.ffn_norm.weight, block.ffn_norm.eps, gate.panels, router.n_experts,
-        router.k_max if threshold else router.top_k, router.k_min, router.threshold if threshold else 0.0,
-        router.renormalize, threshold and router.static_weights,
-        None if head is None else head.weight, None if head is None else head.bias,
-        getattr(router, "temperature_input_scale", 1.0), getattr(router, "temperature_min", 0.0),
-        getattr(router, "temperature_max", 0.0), getattr(router, "temperature_scale", 1.0),
-        experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
-    return x_1D, Routing(experts_1K, weights_1K, k_1, x_1D.new_zeros(()))
+        """Block.forward for one token of a batch of one, at `position` of its KV cache."""
+        cache: Any = self.attention.kv_cache
+        x_1D = torch.ops.dynamoe.attention_decode(x_1D, *self.attention_args, cache.k_BHSd, cache.v_BHSd, position, cos,
+                                                  sin, *self.attention_settings)
+        router = self.router
+        x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(
+            x_1D, *self.moe_norm, router.threshold if self.threshold_router else 0.0, *self.renormalize, *self.temperature,
+            getattr(router, "temperature_scale", 1.0), *self.experts_args)
+        return x_1D, Routing(experts_1K, weights_1K, k_1, self.no_aux_loss)
+
+
+class FusedDecoder:
+    """Every block of a packed model as a FusedBlock: a decode step of one token in two native calls per block."""
+
+    def __init__(self, layers: Sequence[Block]) -> None:
+        self.blocks = [FusedBlock(block) for block in layers]
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # as the packed weights it reads: a copied model starts unpacked
+
+    def ready(self) -> bool:
+        """Whether every block may run fused now (see FusedBlock.ready)."""
+        return all(block.ready() for block in self.blocks)
+
+    def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
+        """The blocks in turn on one token at `position`; the residual stream after them and each block's routing."""
+        routings = []
+        for block in self.blocks:
+            x_1D, routing = block(x_1D, position, cos, sin)
+            routings.append(routing)
+        return x_1D, routings
+
+
+def fused_decoder(layers: Sequence[Block]) -> FusedDecoder | None:
+    """The fused decoder of a packed model's blocks, or None unless the kernel implements every one (see fusable)."""
+    return FusedDecoder(layers) if all(fusable(block) for block in layers) else None

@@ -92,7 +92,11 @@ class InferenceWeight:
 
     def is_fresh(self, source: torch.Tensor) -> bool:
         """True while `source` is the very tensor packed, unchanged since, and no gradient is wanted."""
-        return source is self.source and stamp(source) == self.stamp and not torch.is_grad_enabled()
+        return source is self.source and self.unchanged() and not torch.is_grad_enabled()
+
+    def unchanged(self) -> bool:
+        """True while the packed tensor has seen no in-place write and no new storage."""
+        return stamp(self.source) == self.stamp
 
     def serves(self, x: torch.Tensor) -> bool:
         """Whether this kernel is the one to multiply x (some are only fast for a few rows)."""
@@ -234,7 +238,11 @@ class PanelExperts:
     def is_fresh(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
         """True while both stacks are the very tensors packed, unchanged since, and no gradient is wanted."""
         return (w_gate_up is self.sources[0] and w_down is self.sources[1] and not torch.is_grad_enabled()
-                and (stamp(w_gate_up), stamp(w_down)) == self.stamps)
+                and self.unchanged())
+
+    def unchanged(self) -> bool:
+        """True while neither stack has seen an in-place write or new storage."""
+        return (stamp(self.sources[0]), stamp(self.sources[1])) == self.stamps
 
     def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:
         """Sum over each token's first k_T experts of weight * expert(x), in one call."""

@@ -14,7 +14,7 @@ from torch import nn
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
 from dynamoe.model.layers import Attention, DenseFFN, KVCache, Projection, RMSNorm, cache_mask, rope_tables
-from dynamoe.model.fused import decode_block, fresh_block, fusable
+from dynamoe.model.fused import FusedDecoder, fused_decoder
 from dynamoe.model.moe import MoE
 from dynamoe.model.native import NATIVE_STATE, native_isa
 from dynamoe.model.packed import (InferenceWeight, PackedWeight, PanelWeight, count_packed, count_panel_experts, fresh,
@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         self.compiled_decode: Callable[..., ModelOutput] | None = None  # see compile_decode
         self.tied_head_packed: InferenceWeight | None = None  # see pack_weights
         self.int8_weights = False  # see pack_weights
-        self.fused = False  # whether every block can decode in native calls (dynamoe.model.fused); see pack_weights
+        self.fused: FusedDecoder | None = None  # every block's decode step in native calls; see pack_weights
         if cfg.layer_thresholds is not None:
             self.set_routing_threshold(None)
         self.reset_parameters()
@@ -143,7 +143,7 @@ class Transformer(nn.Module):
             if hasattr(module, "packed"):
                 module.packed = None
         self.tied_head_packed = None
-        self.fused = False
+        self.fused = None
         self.compiled_decode = torch.compile(self.forward, dynamic=False)
 
     def pack_weights(self, int8: bool = False) -> None:
@@ -170,7 +170,7 @@ class Transformer(nn.Module):
                 module.pack_weights(int8=int8 and id(module) not in gates)
         if self.output is None:
             self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False, int8=int8)
-        self.fused = all(fusable(block) for block in self.layers)
+        self.fused = fused_decoder(self.layers)
 
     def kernel_summary(self) -> str:
         """Which kernels decoding runs on: weight dtype, device, native, packed or plain matmuls, compiled or not."""
@@ -231,19 +231,14 @@ class Transformer(nn.Module):
         return ModelOutput(logits_BTV, lm_loss + aux_loss, lm_loss, aux_loss, routings)
 
     def fused_step_ready(self) -> bool:
-        """Whether a decode step of one token can run fused: every block fusable with fresh weights and a cache,
-        no gradient wanted, and no hook on a router (hooks need the module's own forward, as bench's probe does)."""
-        return (self.fused and not torch.is_grad_enabled()
-                and all(block.attn.kv_cache is not None and fresh_block(block) for block in self.layers)
-                and not any(router._forward_hooks or router._forward_pre_hooks for router in self.routers()))
+        """Whether a decode step of one token can run fused (dynamoe.model.fused): every block packed for it and ready,
+        and no gradient wanted."""
+        return self.fused is not None and not torch.is_grad_enabled() and self.fused.ready()
 
     def fused_step(self, idx_11: torch.Tensor, input_pos_11: torch.Tensor) -> ModelOutput:
         """forward for one token of a batch of one, two native calls per block (dynamoe.model.fused)."""
-        x_1D = self.tok_embeddings(idx_11[0])
-        routings = []
-        for block in self.layers:
-            x_1D, routing = decode_block(block, x_1D, input_pos_11, self.rope_cos, self.rope_sin)
-            routings.append(routing)
+        assert self.fused is not None
+        x_1D, routings = self.fused(self.tok_embeddings(idx_11[0]), input_pos_11, self.rope_cos, self.rope_sin)
         return ModelOutput(self.head(self.norm(x_1D))[None], routings=routings)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
