@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peer_transformers import (PROMPT_TOKENS, WARMUP_STEPS, Decoder, Run, Variant, dynamoe_decoder, mixtral_config, run_of,
-                               stamp, transformers_decoder, with_dynamic_routing)
+from peer_transformers import (PROMPT_TOKENS, WARMUP_STEPS, Decoder, Run, Variant, dynamoe_decoder, measure, mixtral_config,
+                               run_of, stamp, transformers_decoder, with_dynamic_routing)
 from transformers import MixtralForCausalLM
 
 from dynamoe.checkpoint import load_model
@@ -115,20 +115,6 @@ def variants_for(threads: int, files: dict[str, Path], hf: Path, models: dict[st
     return variants
 
 
-def measure(variants: list[Variant], repeats: int, steps: int, vocab_size: int) -> None:
-    """Interleaved rounds over fresh random prompts; round -1 warms every variant up and is dropped."""
-    for round_index in range(-1, repeats):
-        generator = torch.Generator().manual_seed(max(round_index, 0))
-        prompt_1T = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=generator)
-        for variant in variants:
-            run = variant.decode(prompt_1T, WARMUP_STEPS + steps)
-            if round_index >= 0:
-                variant.wall += run.wall[WARMUP_STEPS:]
-                variant.cpu += run.cpu[WARMUP_STEPS:]
-                variant.experts += run.experts[WARMUP_STEPS:]
-                variant.tokens.append(run.tokens)
-
-
 def same_tokens(variants: list[Variant], name: str, reference: str) -> str:
     """'a/b': rounds in which two variants decoded identical greedy tokens."""
     by_name = {v.name: v for v in variants}
@@ -199,7 +185,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             results[threads] = variants_for(threads, files, hf, models, context)
-            measure(results[threads], args.repeats, args.tokens, mixtral_config().vocab_size)
+            measure(results[threads], args.repeats, args.tokens)
     import llama_cpp
     import transformers
 

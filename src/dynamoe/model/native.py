@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"  # with panel.h beside it
 ENABLE_ENV, ISA_ENV, CACHE_ENV = "DYNAMOE_NATIVE", "DYNAMOE_NATIVE_ISA", "DYNAMOE_CACHE"
 ISA_LEVELS = ("scalar", "avx2", "avx512")  # the kernel's levels, in the order of its select_isa numbers
 PANEL = 16  # output columns per panel, as in decode.cpp
@@ -98,10 +98,11 @@ def kernel_loaded() -> bool:
 
 
 def build_and_load(source: Path) -> None:
-    """Compile the kernel into a cache folder named by its source and torch version (reused afterwards), then load it."""
+    """Compile the kernel into a cache folder named by its sources and torch version (reused afterwards), then load it."""
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    sources = b"".join(file.read_bytes() for file in sorted(source.parent.iterdir()) if file.is_file())
+    digest = hashlib.sha256(sources + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     folder = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dynamoe")) / f"native-{digest}"
     if not (folder / f"dynamoe_decode_{digest}.so").exists():
         logger.warning("building dynamoe's native decode kernel for this machine (once, about a minute)")

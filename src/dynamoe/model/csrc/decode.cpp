@@ -46,83 +46,87 @@ Isa supported_isa() {
 Isa active_isa = supported_isa();
 
 // ---------------------------------------------------------------------------------------------------
-// One panel: out[0:16] += scale[0:16] * sum_r x[r] * panel[r][0:16] (a null scale is 1).
+// One panel: out[0:16] += scale[0:16] * sum_r x[r] * panel[r][0:16] (a null scale is 1), written once in
+// panel.h over 16 lanes of fp32 and compiled for each instruction set here, each in its own namespace.
 
+namespace plain {
+struct Lanes {
+  float v[kPanel];
+};
+inline Lanes zero() { return Lanes{}; }
 template <typename W>
-void panel_scalar(const float* x, const W* panel, int64_t rows, const float* scale, float* out) {
-  float sum[kPanel] = {};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < kPanel; ++j) sum[j] += x[r] * static_cast<float>(panel[r * kPanel + j]);
-  }
-  for (int64_t j = 0; j < kPanel; ++j) out[j] += scale ? scale[j] * sum[j] : sum[j];
+inline Lanes load(const W* p) {
+  Lanes lanes;
+  for (int64_t j = 0; j < kPanel; ++j) lanes.v[j] = static_cast<float>(p[j]);
+  return lanes;
 }
+inline Lanes fmadd(float x, Lanes w, Lanes sum) {
+  for (int64_t j = 0; j < kPanel; ++j) sum.v[j] += x * w.v[j];
+  return sum;
+}
+inline Lanes add(Lanes a, Lanes b) { return fmadd(1.0f, a, b); }
+inline Lanes mul(Lanes a, Lanes b) {
+  for (int64_t j = 0; j < kPanel; ++j) a.v[j] *= b.v[j];
+  return a;
+}
+inline void store(float* p, Lanes lanes) { std::copy_n(lanes.v, kPanel, p); }
+#include "panel.h"
+}  // namespace plain
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f"))) inline __m512 load_avx512(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f"))) inline __m512 load_avx512(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+struct Lanes {
+  __m512 v;
+};
+inline Lanes zero() { return {_mm512_setzero_ps()}; }
+inline Lanes load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Lanes load(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+inline Lanes fmadd(float x, Lanes w, Lanes sum) { return {_mm512_fmadd_ps(_mm512_set1_ps(x), w.v, sum.v)}; }
+inline Lanes add(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Lanes mul(Lanes a, Lanes b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline void store(float* p, Lanes lanes) { _mm512_storeu_ps(p, lanes.v); }
+#include "panel.h"
+#pragma GCC pop_options
+}  // namespace avx512
 
-// Four independent sums over rows r, r+1, r+2, r+3: the adds of one sum wait on each other.
-template <typename W>
-__attribute__((target("avx512f"))) void panel_avx512(const float* x, const W* panel, int64_t rows, const float* scale,
-                                                    float* out) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const W* p = panel + r * kPanel;
-    s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), load_avx512(p), s0);
-    s1 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 1]), load_avx512(p + kPanel), s1);
-    s2 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 2]), load_avx512(p + 2 * kPanel), s2);
-    s3 = _mm512_fmadd_ps(_mm512_set1_ps(x[r + 3]), load_avx512(p + 3 * kPanel), s3);
-  }
-  for (; r < rows; ++r) s0 = _mm512_fmadd_ps(_mm512_set1_ps(x[r]), load_avx512(panel + r * kPanel), s0);
-  __m512 sum = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-  if (scale) sum = _mm512_mul_ps(sum, _mm512_loadu_ps(scale));
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), sum));
-}
-
-// AVX2: a panel is two 8-wide halves.
-__attribute__((target("avx2,fma"))) inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"))) inline __m256 load_avx2(const int8_t* p) {
+namespace avx2 {  // a panel's 16 lanes as two 8-wide registers
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+struct Lanes {
+  __m256 lo, hi;
+};
+inline Lanes zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Lanes load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 widen(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-
-template <typename W>
-__attribute__((target("avx2,fma"))) void panel_avx2(const float* x, const W* panel, int64_t rows, const float* scale,
-                                                   float* out) {
-  __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-  int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    const W* p = panel + r * kPanel;
-    const __m256 x0 = _mm256_set1_ps(x[r]), x1 = _mm256_set1_ps(x[r + 1]);
-    lo0 = _mm256_fmadd_ps(x0, load_avx2(p), lo0);
-    hi0 = _mm256_fmadd_ps(x0, load_avx2(p + 8), hi0);
-    lo1 = _mm256_fmadd_ps(x1, load_avx2(p + kPanel), lo1);
-    hi1 = _mm256_fmadd_ps(x1, load_avx2(p + kPanel + 8), hi1);
-  }
-  for (; r < rows; ++r) {
-    const __m256 x0 = _mm256_set1_ps(x[r]);
-    lo0 = _mm256_fmadd_ps(x0, load_avx2(panel + r * kPanel), lo0);
-    hi0 = _mm256_fmadd_ps(x0, load_avx2(panel + r * kPanel + 8), hi0);
-  }
-  __m256 lo = _mm256_add_ps(lo0, lo1), hi = _mm256_add_ps(hi0, hi1);
-  if (scale) {
-    lo = _mm256_mul_ps(lo, _mm256_loadu_ps(scale));
-    hi = _mm256_mul_ps(hi, _mm256_loadu_ps(scale + 8));
-  }
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), lo));
-  _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), hi));
+inline Lanes load(const int8_t* p) { return {widen(p), widen(p + 8)}; }
+inline Lanes fmadd(float x, Lanes w, Lanes sum) {
+  const __m256 broadcast = _mm256_set1_ps(x);
+  return {_mm256_fmadd_ps(broadcast, w.lo, sum.lo), _mm256_fmadd_ps(broadcast, w.hi, sum.hi)};
 }
+inline Lanes add(Lanes a, Lanes b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline Lanes mul(Lanes a, Lanes b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline void store(float* p, Lanes lanes) {
+  _mm256_storeu_ps(p, lanes.lo);
+  _mm256_storeu_ps(p + 8, lanes.hi);
+}
+#include "panel.h"
+#pragma GCC pop_options
+}  // namespace avx2
 #endif
 
 template <typename W>
 void panel_dot(const float* x, const W* panel, int64_t rows, const float* scale, float* out) {
 #if defined(__x86_64__)
-  if (active_isa == kAvx512) return panel_avx512(x, panel, rows, scale, out);
-  if (active_isa == kAvx2) return panel_avx2(x, panel, rows, scale, out);
+  if (active_isa == kAvx512) return avx512::panel(x, panel, rows, scale, out);
+  if (active_isa == kAvx2) return avx2::panel(x, panel, rows, scale, out);
 #endif
-  panel_scalar(x, panel, rows, scale, out);
+  plain::panel(x, panel, rows, scale, out);
 }
 
 // ---------------------------------------------------------------------------------------------------
