@@ -304,7 +304,8 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
     samples.prefill_tokens_per_s.append(P / run.prefill_seconds)
     # The router share and k come from a second, identical run under the probe: its hooks cost time on
     # every layer, which would inflate every variant's latency alike and pull the ratios towards 1. It
-    # runs eagerly, because module hooks do not fire inside a compiled graph.
+    # runs eagerly and unfused: module hooks fire neither inside a compiled graph nor in the native
+    # kernel's fused step (which Transformer skips while a router has hooks).
     compiled, model.compiled_decode = model.compiled_decode, None
     try:
         with RouterProbe(model) as probe:
@@ -503,6 +504,8 @@ def markdown_report(report: BenchReport) -> str:
             f"tokens after a {settings['prompt_tokens']}-token prompt; ratios are relative to the first row. "
             "The ideal ratio is that of the bytes of weights a decoded token reads (embedding row, attention, norms, "
             "router gates, the measured mean k experts per layer, output head). "
+            "The router share is timed in a second run through the modules (forward hooks): the native kernel's "
+            "fused step routes inside one call with the experts, so for it this is the share of the unfused step. "
             f"Cost at ${settings['price_per_hour']:g}/hour. RSS peak is process-wide (it holds every model).\n\n"
             f"torch {env['torch']}, {env['torch_threads']} threads, {env['device']}"
             f"{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {env['processor']}, {env['platform']}\n\n"
