@@ -167,7 +167,7 @@ def generate(
     """Continue a prompt with a checkpoint, printing the text as it is decoded.
 
     The last line (on stderr) gives the speed and the kernels behind it: weight dtype, device, and whether
-    the matmuls ran on oneDNN-packed weights (CPU, where the instruction set supports the dtype) or plain.
+    the matmuls ran on the native kernel, on oneDNN-packed weights or on torch's plain matmuls.
     """
     import torch
 
@@ -219,7 +219,7 @@ def bench(
     batch_sizes: Annotated[list[int] | None, f"batch sizes of the decode throughput runs (default: {' '.join(map(str, BENCH_DEFAULTS['batch_sizes']))})"] = None,
     threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
     compile: Annotated[bool, "decode through torch.compile (compiles once per model, batch size and dial)"] = False,
-    pack: Annotated[bool, "decode on oneDNN-packed weights, CPU only (--no-pack: torch's plain matmuls)"] = True,
+    pack: Annotated[bool, "decode on packed weights (the native kernel, else oneDNN), CPU only (--no-pack: torch's plain matmuls)"] = True,
     dtype: WeightDType = "float32",
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
