@@ -35,9 +35,9 @@ class Experts(nn.Module):
             return
         self.packed = [pack_pair(self.w_gate_up[e], self.w_down[e], self.w_gate_up, self.w_down) for e in range(self.n_experts)]
 
-    def packed_expert(self, expert: int, x_ND: torch.Tensor) -> PackedPair | None:
-        """The expert's packed weights if they are usable now for x."""
-        return None if self.packed is None else fresh_pair(self.packed[expert], self.w_gate_up, self.w_down, x_ND)
+    def packed_expert(self, expert: int) -> PackedPair | None:
+        """The expert's oneDNN-packed weights if they are usable now."""
+        return None if self.packed is None else fresh_pair(self.packed[expert], self.w_gate_up, self.w_down)
 
     def fresh_panels(self) -> PanelExperts | None:
         """The native kernel's copy of the experts if it is usable now."""
@@ -45,9 +45,12 @@ class Experts(nn.Module):
 
     def forward_expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Run one expert on the rows routed to it."""
-        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert, x_ND))
+        panels = self.fresh_panels()
+        if panels is not None:
+            return panels.expert(expert, x_ND)
+        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert))
 
     def add_weighted_expert(self, expert: int, x_ND: torch.Tensor, weight_N1: torch.Tensor,
                             out_ND: torch.Tensor | None) -> torch.Tensor:
         """out + weight * expert(x), with the weight folded into the down projection's input (fewer kernel calls)."""
-        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert, x_ND), weight_N1, out_ND)
+        return swiglu(x_ND, self.w_gate_up[expert], self.w_down[expert], self.packed_expert(expert), weight_N1, out_ND)

@@ -84,7 +84,7 @@ class Projection(nn.Module):
         self.packed = pack(self.weight, int8=int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = fresh(self.packed, self.weight, x)
+        packed = fresh(self.packed, self.weight)
         if packed is not None:
             return packed.matmul(x, self.bias)
         if self.bias is None:
@@ -177,10 +177,9 @@ def pack_pair(w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor, source_gate_
     return (gate_up, down) if gate_up is not None and down is not None else None
 
 
-def fresh_pair(packed: PackedPair | None, source_gate_up: torch.Tensor, source_down: torch.Tensor,
-               x: torch.Tensor) -> PackedPair | None:
-    """The packed pair if both copies are usable now for x, else None."""
-    if packed is None or fresh(packed[0], source_gate_up, x) is None or fresh(packed[1], source_down, x) is None:
+def fresh_pair(packed: PackedPair | None, source_gate_up: torch.Tensor, source_down: torch.Tensor) -> PackedPair | None:
+    """The packed pair if both copies are usable now, else None."""
+    if packed is None or fresh(packed[0], source_gate_up) is None or fresh(packed[1], source_down) is None:
         return None
     return packed
 
@@ -205,4 +204,4 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w_down, std=std)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return swiglu(x_BTD, self.w_gate_up, self.w_down, fresh_pair(self.packed, self.w_gate_up, self.w_down, x_BTD))
+        return swiglu(x_BTD, self.w_gate_up, self.w_down, fresh_pair(self.packed, self.w_gate_up, self.w_down))

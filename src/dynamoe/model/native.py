@@ -31,7 +31,6 @@ SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"  # with panel.h beside 
 ENABLE_ENV, ISA_ENV, CACHE_ENV = "DYNAMOE_NATIVE", "DYNAMOE_NATIVE_ISA", "DYNAMOE_CACHE"
 ISA_LEVELS = ("scalar", "avx2", "avx512")  # the kernel's levels, in the order of its select_isa numbers
 PANEL = 16  # output columns per panel, as in decode.cpp
-NATIVE_MAX_ROWS = 4  # up to this many input rows the kernel beats a matmul; more rows (prefill) take torch's kernels
 
 NATIVE_STATE: dict[str, bool] = {}  # "available": native_available's answer, once per process
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dynamoe.model import native
 
@@ -98,10 +99,6 @@ class InferenceWeight:
         """True while the packed tensor has seen no in-place write and no new storage."""
         return stamp(self.source) == self.stamp
 
-    def serves(self, x: torch.Tensor) -> bool:
-        """Whether this kernel is the one to multiply x (some are only fast for a few rows)."""
-        return True
-
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W (+ bias) over the last dimension of x."""
         raise NotImplementedError
@@ -127,10 +124,7 @@ class PackedWeight(InferenceWeight):
 
 
 class PanelWeight(InferenceWeight):
-    """The native kernel's panels of 16 output columns (dynamoe.model.native), fp32 or int8 with per-column scales.
-
-    It serves batch-1 decoding (a few rows); more rows are the plain matmul's, on the same values.
-    """
+    """The native kernel's panels of 16 output columns (dynamoe.model.native), fp32 or int8 with per-column scales."""
 
     def __init__(self, weight: torch.Tensor, input_major: bool, source: torch.Tensor | None = None,
                  quantized: Quantized | None = None) -> None:
@@ -139,9 +133,6 @@ class PanelWeight(InferenceWeight):
         self.out_features = w_DO.shape[1]
         self.panels = native.to_panels(w_DO if quantized is None else quantized[0])
         self.scale = None if quantized is None else native.pad_columns(quantized[1])
-
-    def serves(self, x: torch.Tensor) -> bool:
-        return x.numel() <= native.NATIVE_MAX_ROWS * x.shape[-1]
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.linear(x, bias, None)
@@ -175,9 +166,9 @@ def native_serves(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and native.native_available()
 
 
-def fresh(packed: InferenceWeight | None, source: torch.Tensor, x: torch.Tensor) -> InferenceWeight | None:
-    """The packed copy if it is usable now for `source` (see InferenceWeight.is_fresh) and serves x, else None."""
-    return packed if packed is not None and packed.is_fresh(source) and packed.serves(x) else None
+def fresh(packed: InferenceWeight | None, source: torch.Tensor) -> InferenceWeight | None:
+    """The packed copy if it is usable now for `source` (see InferenceWeight.is_fresh), else None."""
+    return packed if packed is not None and packed.is_fresh(source) else None
 
 
 def pack(weight: torch.Tensor, input_major: bool = True, source: torch.Tensor | None = None,
@@ -243,6 +234,17 @@ class PanelExperts:
     def unchanged(self) -> bool:
         """True while neither stack has seen an in-place write or new storage."""
         return (stamp(self.sources[0]), stamp(self.sources[1])) == self.stamps
+
+    def expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on the rows routed to it (prefill, batches): its gate-up product, then its down one."""
+        hidden_panels = self.gate_up.shape[1] // 2 * native.PANEL
+        hidden = self.down.shape[2]  # F: the down projection's rows
+        scale = None if self.gate_up_scale is None else self.gate_up_scale[expert]
+        gate_up_N2H = torch.ops.dynamoe.linear(x_ND.contiguous(), self.gate_up[expert], scale, None, None,
+                                               2 * hidden_panels).view(-1, 2, hidden_panels)[..., :hidden]
+        hidden_NF = (F.silu(gate_up_N2H[:, 0]) * gate_up_N2H[:, 1]).contiguous()
+        scale = None if self.down_scale is None else self.down_scale[expert]
+        return torch.ops.dynamoe.linear(hidden_NF, self.down[expert], scale, None, None, x_ND.shape[-1])
 
     def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:
         """Sum over each token's first k_T experts of weight * expert(x), in one call."""

@@ -245,7 +245,7 @@ class Transformer(nn.Module):
         """Logits from final hidden states."""
         if self.output is not None:
             return self.output(x_BTD)
-        packed = fresh(self.tied_head_packed, self.tok_embeddings.weight, x_BTD)
+        packed = fresh(self.tied_head_packed, self.tok_embeddings.weight)
         return F.linear(x_BTD, self.tok_embeddings.weight) if packed is None else packed.matmul(x_BTD)
 
     def update_controllers(self, mean_k_per_layer: list[float]) -> None:

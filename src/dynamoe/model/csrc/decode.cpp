@@ -120,13 +120,27 @@ inline void store(float* p, Lanes lanes) {
 }  // namespace avx2
 #endif
 
-template <typename W>
-void panel_dot(const float* x, const W* panel, int64_t rows, const float* scale, float* out) {
+template <int kRows, typename W>
+void panel_dot(const float* x, int64_t x_stride, const W* panel, int64_t rows, const float* scale, float* out,
+               int64_t out_stride) {
 #if defined(__x86_64__)
-  if (active_isa == kAvx512) return avx512::panel(x, panel, rows, scale, out);
-  if (active_isa == kAvx2) return avx2::panel(x, panel, rows, scale, out);
+  if (active_isa == kAvx512) return avx512::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
+  if (active_isa == kAvx2) return avx2::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
 #endif
-  plain::panel(x, panel, rows, scale, out);
+  plain::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
+}
+
+constexpr int64_t kRowBlock = 4;  // rows of x that share each weight load (sums in registers: 4 of 16 lanes)
+
+// out[n][0:16] += x[n] @ panel for n < count <= kRowBlock (rows of x `rows` apart, of out 16 apart).
+template <typename W>
+void panel_rows(const float* x, int64_t count, const W* panel, int64_t rows, const float* scale, float* out) {
+  switch (count) {
+    case 1: return panel_dot<1>(x, rows, panel, rows, scale, out, kPanel);
+    case 2: return panel_dot<2>(x, rows, panel, rows, scale, out, kPanel);
+    case 3: return panel_dot<3>(x, rows, panel, rows, scale, out, kPanel);
+    default: return panel_dot<4>(x, rows, panel, rows, scale, out, kPanel);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -138,14 +152,14 @@ struct Panels {
   bool int8 = false;
   int64_t rows = 0;
 
-  // out[0:16] += x[0:rows] @ (panel number `panel`).
-  void dot(const float* x, int64_t panel, float* out) const {
+  // out[n][0:16] += x[n][0:rows] @ (panel number `panel`) for n < count <= kRowBlock (out rows 16 apart).
+  void dot(const float* x, int64_t panel, float* out, int64_t count = 1) const {
     const int64_t offset = panel * rows * kPanel;
     const float* column_scale = scale ? scale + panel * kPanel : nullptr;
     if (int8) {
-      panel_dot(x, static_cast<const int8_t*>(data) + offset, rows, column_scale, out);
+      panel_rows(x, count, static_cast<const int8_t*>(data) + offset, rows, column_scale, out);
     } else {
-      panel_dot(x, static_cast<const float*>(data) + offset, rows, nullptr, out);
+      panel_rows(x, count, static_cast<const float*>(data) + offset, rows, nullptr, out);
     }
   }
 };
@@ -165,19 +179,25 @@ Panels panels_of(const at::Tensor& panels, const std::optional<at::Tensor>& scal
 
 int64_t grain(int64_t weights_per_item) { return std::max<int64_t>(1, kMinWeightsPerThread / weights_per_item); }
 
-// out[0:n_out] += x[0:rows] @ W, W's panels [first_panel, first_panel + ceil(n_out / 16)), split over threads.
-void matvec_add(const float* x, const Panels& w, int64_t n_out, float* out, int64_t first_panel = 0) {
+// out[n][0:n_out] += x[n][0:rows] @ W for n < count, W's panels split over threads; rows of out n_out apart.
+void matmul_add(const float* x, int64_t count, const Panels& w, int64_t n_out, float* out) {
   const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
-  at::parallel_for(0, n_panels, grain(w.rows * kPanel), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_panels, grain(count * w.rows * kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t first = p * kPanel, width = std::min(kPanel, n_out - first);
-      float sum[kPanel] = {};
-      std::copy_n(out + first, width, sum);
-      w.dot(x, first_panel + p, sum);
-      std::copy_n(sum, width, out + first);
+      for (int64_t i = 0; i < count; i += kRowBlock) {  // the panel stays in cache for the later blocks
+        const int64_t block = std::min(kRowBlock, count - i);
+        float sums[kRowBlock][kPanel] = {};
+        for (int64_t n = 0; n < block; ++n) std::copy_n(out + (i + n) * n_out + first, width, sums[n]);
+        w.dot(x + i * w.rows, p, sums[0], block);
+        for (int64_t n = 0; n < block; ++n) std::copy_n(sums[n], width, out + (i + n) * n_out + first);
+      }
     }
   });
 }
+
+// out[0:n_out] += x[0:rows] @ W for one row x.
+void matvec_add(const float* x, const Panels& w, int64_t n_out, float* out) { matmul_add(x, 1, w, n_out, out); }
 
 at::Tensor checked_rows(const at::Tensor& x, int64_t width, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == width &&
@@ -324,9 +344,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
   at::Tensor out = residual ? checked_rows(*residual, out_features, "linear: residual").clone()
                             : at::zeros({n, out_features}, x.options());
   if (bias) out.add_(*bias);
-  for (int64_t i = 0; i < n; ++i) {
-    matvec_add(x.data_ptr<float>() + i * weight.rows, weight, out_features, out.data_ptr<float>() + i * out_features);
-  }
+  matmul_add(x.data_ptr<float>(), n, weight, out_features, out.data_ptr<float>());
   return out;
 }
 
