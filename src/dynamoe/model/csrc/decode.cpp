@@ -21,6 +21,7 @@
 #include <numeric>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -45,9 +46,17 @@ Isa supported_isa() {
 
 Isa active_isa = supported_isa();
 
+// In place over n values: exp(v - max) / sum.
+void softmax(float* v, int64_t n) {
+  const float top = *std::max_element(v, v + n);
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += (v[i] = std::exp(v[i] - top));
+  for (int64_t i = 0; i < n; ++i) v[i] /= total;
+}
+
 // ---------------------------------------------------------------------------------------------------
-// One panel: out[0:16] += scale[0:16] * sum_r x[r] * panel[r][0:16] (a null scale is 1), written once in
-// panel.h over 16 lanes of fp32 and compiled for each instruction set here, each in its own namespace.
+// The inner loops (kernels.h), written once over 16 lanes of fp32 and compiled here for each instruction set,
+// each in its own namespace.
 
 namespace plain {
 struct Lanes {
@@ -64,13 +73,18 @@ inline Lanes fmadd(float x, Lanes w, Lanes sum) {
   for (int64_t j = 0; j < kPanel; ++j) sum.v[j] += x * w.v[j];
   return sum;
 }
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes sum) {
+  for (int64_t j = 0; j < kPanel; ++j) sum.v[j] += a.v[j] * b.v[j];
+  return sum;
+}
 inline Lanes add(Lanes a, Lanes b) { return fmadd(1.0f, a, b); }
 inline Lanes mul(Lanes a, Lanes b) {
   for (int64_t j = 0; j < kPanel; ++j) a.v[j] *= b.v[j];
   return a;
 }
+inline float sum(Lanes lanes) { return std::accumulate(lanes.v, lanes.v + kPanel, 0.0f); }
 inline void store(float* p, Lanes lanes) { std::copy_n(lanes.v, kPanel, p); }
-#include "panel.h"
+#include "kernels.h"
 }  // namespace plain
 
 #if defined(__x86_64__)
@@ -86,10 +100,12 @@ inline Lanes load(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
 inline Lanes fmadd(float x, Lanes w, Lanes sum) { return {_mm512_fmadd_ps(_mm512_set1_ps(x), w.v, sum.v)}; }
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes sum) { return {_mm512_fmadd_ps(a.v, b.v, sum.v)}; }
 inline Lanes add(Lanes a, Lanes b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Lanes mul(Lanes a, Lanes b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline float sum(Lanes lanes) { return _mm512_reduce_add_ps(lanes.v); }
 inline void store(float* p, Lanes lanes) { _mm512_storeu_ps(p, lanes.v); }
-#include "panel.h"
+#include "kernels.h"
 #pragma GCC pop_options
 }  // namespace avx512
 
@@ -109,42 +125,61 @@ inline Lanes fmadd(float x, Lanes w, Lanes sum) {
   const __m256 broadcast = _mm256_set1_ps(x);
   return {_mm256_fmadd_ps(broadcast, w.lo, sum.lo), _mm256_fmadd_ps(broadcast, w.hi, sum.hi)};
 }
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes sum) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, sum.lo), _mm256_fmadd_ps(a.hi, b.hi, sum.hi)};
+}
 inline Lanes add(Lanes a, Lanes b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline Lanes mul(Lanes a, Lanes b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline float sum(Lanes lanes) {
+  const __m256 eight = _mm256_add_ps(lanes.lo, lanes.hi);
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
 inline void store(float* p, Lanes lanes) {
   _mm256_storeu_ps(p, lanes.lo);
   _mm256_storeu_ps(p + 8, lanes.hi);
 }
-#include "panel.h"
+#include "kernels.h"
 #pragma GCC pop_options
 }  // namespace avx2
 #endif
 
-template <int kRows, typename W>
-void panel_dot(const float* x, int64_t x_stride, const W* panel, int64_t rows, const float* scale, float* out,
-               int64_t out_stride) {
+constexpr int64_t kStreams = 4;  // panels one pass reads for one row x, or rows of x one pass takes through a panel
+
+template <bool kRowsOfOnePanel, int kCount, int kSplit, typename W>
+void pass_on_isa(const float* x, int64_t x_stride, const W* const* panels, int64_t rows, const float* const* scales,
+                 float* const* outs) {
 #if defined(__x86_64__)
-  if (active_isa == kAvx512) return avx512::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
-  if (active_isa == kAvx2) return avx2::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
+  if (active_isa == kAvx512) return avx512::pass<kRowsOfOnePanel, kCount, kSplit>(x, x_stride, panels, rows, scales, outs);
+  if (active_isa == kAvx2) return avx2::pass<kRowsOfOnePanel, kCount, kSplit>(x, x_stride, panels, rows, scales, outs);
 #endif
-  plain::panel<kRows>(x, x_stride, panel, rows, scale, out, out_stride);
+  plain::pass<kRowsOfOnePanel, kCount, kSplit>(x, x_stride, panels, rows, scales, outs);
 }
 
-constexpr int64_t kRowBlock = 4;  // rows of x that share each weight load (sums in registers: 4 of 16 lanes)
+void attend_on_isa(const float* q, const float* keys, const float* values, int64_t positions, int64_t head_dim,
+                   float scale, float* scores, float* out) {
+#if defined(__x86_64__)
+  if (active_isa == kAvx512) return avx512::attend(q, keys, values, positions, head_dim, scale, scores, out);
+  if (active_isa == kAvx2) return avx2::attend(q, keys, values, positions, head_dim, scale, scores, out);
+#endif
+  plain::attend(q, keys, values, positions, head_dim, scale, scores, out);
+}
 
-// out[n][0:16] += x[n] @ panel for n < count <= kRowBlock (rows of x `rows` apart, of out 16 apart).
-template <typename W>
-void panel_rows(const float* x, int64_t count, const W* panel, int64_t rows, const float* scale, float* out) {
+// f(std::integral_constant<int, count>) for count in [1, kStreams]: the passes take their count as a template argument.
+template <typename F>
+void with_count(int64_t count, F&& f) {
   switch (count) {
-    case 1: return panel_dot<1>(x, rows, panel, rows, scale, out, kPanel);
-    case 2: return panel_dot<2>(x, rows, panel, rows, scale, out, kPanel);
-    case 3: return panel_dot<3>(x, rows, panel, rows, scale, out, kPanel);
-    default: return panel_dot<4>(x, rows, panel, rows, scale, out, kPanel);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Weights in panels, fp32 or int8 with per-column scales: everything a product with them needs.
+// Weights in panels, fp32 or int8 with per-column scales: everything a product with them needs. Outputs are
+// whole panels of 16 values (callers pad them).
 
 struct Panels {
   const void* data = nullptr;
@@ -152,15 +187,34 @@ struct Panels {
   bool int8 = false;
   int64_t rows = 0;
 
-  // out[n][0:16] += x[n][0:rows] @ (panel number `panel`) for n < count <= kRowBlock (out rows 16 apart).
-  void dot(const float* x, int64_t panel, float* out, int64_t count = 1) const {
-    const int64_t offset = panel * rows * kPanel;
-    const float* column_scale = scale ? scale + panel * kPanel : nullptr;
-    if (int8) {
-      panel_rows(x, count, static_cast<const int8_t*>(data) + offset, rows, column_scale, out);
-    } else {
-      panel_rows(x, count, static_cast<const float*>(data) + offset, rows, nullptr, out);
+  // outs[k][0:16] += x[0:rows] @ (panel ids[k]) for k < count <= kStreams: one row, several panels, one pass.
+  void dot(const float* x, const int64_t* ids, int64_t count, float* const* outs) const {
+    run<false>(x, ids, count, outs);
+  }
+
+  // outs[n][0:16] += x[n][0:rows] @ (panel id) for n < count <= kStreams: rows of x `rows` apart, one panel.
+  void dot_rows(const float* x, int64_t id, int64_t count, float* const* outs) const { run<true>(x, &id, count, outs); }
+
+ private:
+  template <bool kRowsOfOnePanel>
+  void run(const float* x, const int64_t* ids, int64_t count, float* const* outs) const {
+    if (int8) return typed<kRowsOfOnePanel>(static_cast<const int8_t*>(data), x, ids, count, outs);
+    typed<kRowsOfOnePanel>(static_cast<const float*>(data), x, ids, count, outs);
+  }
+
+  template <bool kRowsOfOnePanel, typename W>
+  void typed(const W* base, const float* x, const int64_t* ids, int64_t count, float* const* outs) const {
+    const W* panels[kStreams];
+    const float* scales[kStreams];
+    for (int64_t k = 0; k < (kRowsOfOnePanel ? 1 : count); ++k) {
+      panels[k] = base + ids[k] * rows * kPanel;
+      scales[k] = scale ? scale + ids[k] * kPanel : nullptr;
     }
+    if (!kRowsOfOnePanel && std::is_same_v<W, int8_t>) {  // one panel at a time, in four sums (see kernels.h)
+      for (int64_t k = 0; k < count; ++k) pass_on_isa<false, 1, kStreams>(x, rows, panels + k, rows, scales + k, outs + k);
+      return;
+    }
+    with_count(count, [&](auto n) { pass_on_isa<kRowsOfOnePanel, n.value, 1>(x, rows, panels, rows, scales, outs); });
   }
 };
 
@@ -179,25 +233,48 @@ Panels panels_of(const at::Tensor& panels, const std::optional<at::Tensor>& scal
 
 int64_t grain(int64_t weights_per_item) { return std::max<int64_t>(1, kMinWeightsPerThread / weights_per_item); }
 
-// out[n][0:n_out] += x[n][0:rows] @ W for n < count, W's panels split over threads; rows of out n_out apart.
-void matmul_add(const float* x, int64_t count, const Panels& w, int64_t n_out, float* out) {
-  const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
-  at::parallel_for(0, n_panels, grain(count * w.rows * kPanel), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t first = p * kPanel, width = std::min(kPanel, n_out - first);
-      for (int64_t i = 0; i < count; i += kRowBlock) {  // the panel stays in cache for the later blocks
-        const int64_t block = std::min(kRowBlock, count - i);
-        float sums[kRowBlock][kPanel] = {};
-        for (int64_t n = 0; n < block; ++n) std::copy_n(out + (i + n) * n_out + first, width, sums[n]);
-        w.dot(x + i * w.rows, p, sums[0], block);
-        for (int64_t n = 0; n < block; ++n) std::copy_n(sums[n], width, out + (i + n) * n_out + first);
+int64_t panels_for(int64_t columns) { return (columns + kPanel - 1) / kPanel; }
+
+// out[n][0:16 n_panels] += x[n][0:rows] @ W for n < count (out rows out_stride apart, whole panels), W's panels
+// split over threads: one row reads kStreams panels in each pass; several rows share each panel's pass.
+void matmul_add(const float* x, int64_t count, const Panels& w, int64_t n_panels, float* out, int64_t out_stride) {
+  const int64_t per_item = count == 1 ? kStreams : 1;  // panels per work item
+  at::parallel_for(0, (n_panels + per_item - 1) / per_item, grain(per_item * count * w.rows * kPanel),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t first = item * per_item, panels = std::min(per_item, n_panels - first);
+      int64_t ids[kStreams];
+      float* outs[kStreams];
+      if (count == 1) {
+        for (int64_t k = 0; k < panels; ++k) ids[k] = first + k, outs[k] = out + (first + k) * kPanel;
+        w.dot(x, ids, panels, outs);
+        continue;
+      }
+      for (int64_t i = 0; i < count; i += kStreams) {  // the panel stays in cache for the later rows
+        const int64_t block = std::min(kStreams, count - i);
+        for (int64_t n = 0; n < block; ++n) outs[n] = out + (i + n) * out_stride + first * kPanel;
+        w.dot_rows(x + i * w.rows, first, block, outs);
       }
     }
   });
 }
 
-// out[0:n_out] += x[0:rows] @ W for one row x.
-void matvec_add(const float* x, const Panels& w, int64_t n_out, float* out) { matmul_add(x, 1, w, n_out, out); }
+// out[0:16 n_panels] += x[0:rows] @ W for one row x.
+void matvec_add(const float* x, const Panels& w, int64_t n_panels, float* out) { matmul_add(x, 1, w, n_panels, out, 0); }
+
+// A [1, D] tensor like x holding the first D values of a padded row.
+at::Tensor row_of(const std::vector<float>& values, const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);
+  std::copy_n(values.begin(), out.numel(), out.data_ptr<float>());
+  return out;
+}
+
+// n values (or zeros) followed by zeros up to whole panels: the kernels write whole panels.
+std::vector<float> padded(const float* values, int64_t n) {
+  std::vector<float> out(panels_for(n) * kPanel, 0.0f);
+  if (values) std::copy_n(values, n, out.begin());
+  return out;
+}
 
 at::Tensor checked_rows(const at::Tensor& x, int64_t width, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == width &&
@@ -224,14 +301,6 @@ std::vector<float> rms_norm(const float* x, const at::Tensor& weight, int64_t n,
   return out;
 }
 
-// In place over n values: exp(v - max) / sum.
-void softmax(float* v, int64_t n) {
-  const float top = *std::max_element(v, v + n);
-  float total = 0.0f;
-  for (int64_t i = 0; i < n; ++i) total += (v[i] = std::exp(v[i] - top));
-  for (int64_t i = 0; i < n; ++i) v[i] /= total;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Experts: the selected experts of one token in two passes over their weights, gate and up projections
 // with silu(gate) * up * routing weight, then the down projections summed into out.
@@ -253,28 +322,43 @@ ExpertWeights experts_of(const at::Tensor& gate_up, const std::optional<at::Tens
   return w;
 }
 
+// out (whole panels) += sum over the token's experts j < used of weights[j] * expert ids[j](x): gate and up panels
+// pass together (kStreams / 2 of each per work item), then each group of kStreams output panels through every expert.
 void run_experts(const float* x, const ExpertWeights& w, const int64_t* ids, const float* weights, int64_t used, float* out) {
   for (int64_t j = 0; j < used; ++j) TORCH_CHECK(0 <= ids[j] && ids[j] < w.n_experts, "experts: expert id out of range");
+  constexpr int64_t kPairs = kStreams / 2;
   const int64_t dim = w.gate_up.rows, hidden = w.down.rows, stride = w.hidden_panels * kPanel;
+  const int64_t pair_groups = (w.hidden_panels + kPairs - 1) / kPairs, out_groups = (w.out_panels + kStreams - 1) / kStreams;
   std::vector<float> hidden_values(used * stride);
   float* h_data = hidden_values.data();
-  at::parallel_for(0, used * w.hidden_panels, grain(2 * dim * kPanel), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, used * pair_groups, grain(kStreams * dim * kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / w.hidden_panels, p = item % w.hidden_panels, base = ids[j] * 2 * w.hidden_panels;
-      float gate[kPanel] = {}, up[kPanel] = {};
-      w.gate_up.dot(x, base + p, gate);
-      w.gate_up.dot(x, base + w.hidden_panels + p, up);
-      float* h = h_data + j * stride + p * kPanel;
-      for (int64_t c = 0; c < kPanel; ++c) h[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c] * weights[j];
+      const int64_t j = item / pair_groups, first = item % pair_groups * kPairs;
+      const int64_t pairs = std::min(kPairs, w.hidden_panels - first), base = ids[j] * 2 * w.hidden_panels + first;
+      float gate[kPairs][kPanel] = {}, up[kPairs][kPanel] = {};
+      int64_t panel_ids[kStreams];
+      float* outs[kStreams];
+      for (int64_t q = 0; q < pairs; ++q) {
+        panel_ids[q] = base + q, outs[q] = gate[q];
+        panel_ids[pairs + q] = base + w.hidden_panels + q, outs[pairs + q] = up[q];
+      }
+      w.gate_up.dot(x, panel_ids, 2 * pairs, outs);
+      for (int64_t q = 0; q < pairs; ++q) {
+        float* h = h_data + j * stride + (first + q) * kPanel;
+        for (int64_t c = 0; c < kPanel; ++c) h[c] = gate[q][c] / (1.0f + std::exp(-gate[q][c])) * up[q][c] * weights[j];
+      }
     }
   });
-  at::parallel_for(0, w.out_panels, grain(used * hidden * kPanel), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t first = p * kPanel, width = std::min(kPanel, dim - first);
-      float sum[kPanel] = {};
-      std::copy_n(out + first, width, sum);
-      for (int64_t j = 0; j < used; ++j) w.down.dot(h_data + j * stride, ids[j] * w.out_panels + p, sum);
-      std::copy_n(sum, width, out + first);
+  at::parallel_for(0, out_groups, grain(used * kStreams * hidden * kPanel), [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * kStreams, panels = std::min(kStreams, w.out_panels - first);
+      int64_t panel_ids[kStreams];
+      float* outs[kStreams];
+      for (int64_t k = 0; k < panels; ++k) outs[k] = out + (first + k) * kPanel;
+      for (int64_t j = 0; j < used; ++j) {
+        for (int64_t k = 0; k < panels; ++k) panel_ids[k] = ids[j] * w.out_panels + first + k;
+        w.down.dot(h_data + j * stride, panel_ids, panels, outs);
+      }
     }
   });
 }
@@ -340,12 +424,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
   TORCH_CHECK(panels.dim() == 3 && panels.size(0) * kPanel >= out_features, "linear: panels do not cover the outputs");
   const Panels weight = panels_of(panels, scale, "linear");
   checked_rows(x, weight.rows, "linear: x");
-  const int64_t n = x.size(0);
-  at::Tensor out = residual ? checked_rows(*residual, out_features, "linear: residual").clone()
-                            : at::zeros({n, out_features}, x.options());
-  if (bias) out.add_(*bias);
-  matmul_add(x.data_ptr<float>(), n, weight, out_features, out.data_ptr<float>());
-  return out;
+  const int64_t n = x.size(0), n_panels = panels_for(out_features), width = n_panels * kPanel;
+  at::Tensor out = at::zeros({n, width}, x.options());  // whole panels; the padding is cut off below
+  at::Tensor columns = out.narrow(1, 0, out_features);
+  if (residual) columns.copy_(checked_rows(*residual, out_features, "linear: residual"));
+  if (bias) columns.add_(*bias);
+  matmul_add(x.data_ptr<float>(), n, weight, n_panels, out.data_ptr<float>(), width);
+  return width == out_features ? out : columns.contiguous();
 }
 
 // Sum over each token's first k experts of routing weight * expert(x) (+ residual).
@@ -364,8 +449,11 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor&
   for (int64_t i = 0; i < n; ++i) {
     const int64_t used = counts.data_ptr<int64_t>()[i];
     TORCH_CHECK(0 <= used && used <= slots, "moe: k outside [0, slots]");
+    float* row = out.data_ptr<float>() + i * dim;
+    std::vector<float> sum = padded(row, dim);
     run_experts(x.data_ptr<float>() + i * dim, w, ids.data_ptr<int64_t>() + i * slots,
-                routing_weights.data_ptr<float>() + i * slots, used, out.data_ptr<float>() + i * dim);
+                routing_weights.data_ptr<float>() + i * slots, used, sum.data());
+    std::copy_n(sum.begin(), dim, row);
   }
   return out;
 }
@@ -395,9 +483,8 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
               "attention: position outside the cache or the RoPE tables");
 
   std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
-  std::vector<float> qkv(width, 0.0f);
-  if (const float* b = optional_data(qkv_bias, width, "attention qkv bias")) std::copy_n(b, width, qkv.begin());
-  matvec_add(h.data(), qkv_weights, width, qkv.data());
+  std::vector<float> qkv = padded(optional_data(qkv_bias, width, "attention qkv bias"), width);
+  matvec_add(h.data(), qkv_weights, panels_for(width), qkv.data());
   if (clip) {
     for (float& v : qkv) v = std::clamp(v, static_cast<float>(-*clip), static_cast<float>(*clip));
   }
@@ -423,29 +510,17 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
   at::parallel_for(0, n_heads, grain(2 * (pos + 1) * head_dim), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(pos + 1);
     for (int64_t head = begin; head < end; ++head) {
-      const float* q = qkv.data() + head * head_dim;
-      const int64_t kv = head / (n_heads / kv_heads);
-      for (int64_t t = 0; t <= pos; ++t) {
-        const float* key = keys + (kv * length + t) * head_dim;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < head_dim; ++i) dot += q[i] * key[i];
-        scores[t] = dot * scale;
-      }
-      softmax(scores.data(), pos + 1);
-      float* o = attended.data() + head * head_dim;
-      for (int64_t t = 0; t <= pos; ++t) {
-        const float* value = values + (kv * length + t) * head_dim;
-        for (int64_t i = 0; i < head_dim; ++i) o[i] += scores[t] * value[i];
-      }
+      const int64_t kv = head / (n_heads / kv_heads), cached = kv * length * head_dim;
+      attend_on_isa(qkv.data() + head * head_dim, keys + cached, values + cached, pos + 1, head_dim, scale, scores.data(),
+                    attended.data() + head * head_dim);
     }
   });
-  at::Tensor out = x.clone();
-  float* out_data = out.data_ptr<float>();
+  std::vector<float> sum = padded(x.data_ptr<float>(), dim);
   if (const float* b = optional_data(wo_bias, dim, "attention wo bias")) {
-    for (int64_t i = 0; i < dim; ++i) out_data[i] += b[i];
+    for (int64_t i = 0; i < dim; ++i) sum[i] += b[i];
   }
-  matvec_add(attended.data(), out_weights, dim, out_data);
-  return out;
+  matvec_add(attended.data(), out_weights, panels_for(dim), sum.data());
+  return row_of(sum, x);
 }
 
 // x [1, D] -> (x + experts(rms_norm(x)), expert ids [1, slots], weights [1, slots], k [1]): router and experts.
@@ -467,14 +542,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
                       optional_data(temperature_weight, dim, "temperature weight"), bias ? *bias : 0.0f,
                       temperature_input_scale, temperature_min, temperature_max, temperature_scale};
   std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
-  std::vector<float> logits(n_experts, 0.0f);
-  matvec_add(h.data(), gate_weights, n_experts, logits.data());
+  std::vector<float> logits = padded(nullptr, n_experts);
+  matvec_add(h.data(), gate_weights, panels_for(n_experts), logits.data());
+  logits.resize(n_experts);
   at::Tensor ids = at::empty({1, slots}, x.options().dtype(at::kLong));
   at::Tensor weights = at::empty({1, slots}, x.options());
   const int64_t k = route(router, h.data(), dim, std::move(logits), ids.data_ptr<int64_t>(), weights.data_ptr<float>());
-  at::Tensor out = x.clone();
-  run_experts(h.data(), w, ids.data_ptr<int64_t>(), weights.data_ptr<float>(), k, out.data_ptr<float>());
-  return {out, ids, weights, at::full({1}, k, x.options().dtype(at::kLong))};
+  std::vector<float> sum = padded(x.data_ptr<float>(), dim);
+  run_experts(h.data(), w, ids.data_ptr<int64_t>(), weights.data_ptr<float>(), k, sum.data());
+  return {row_of(sum, x), ids, weights, at::full({1}, k, x.options().dtype(at::kLong))};
 }
 
 // Cap the instruction set (0 plain C++, 1 AVX2+FMA, 2 AVX-512; negative: the best this CPU has); returns the level in use.
