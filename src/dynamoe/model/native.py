@@ -31,6 +31,7 @@ SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"  # with panel.h beside 
 ENABLE_ENV, ISA_ENV, CACHE_ENV = "DYNAMOE_NATIVE", "DYNAMOE_NATIVE_ISA", "DYNAMOE_CACHE"
 ISA_LEVELS = ("scalar", "avx2", "avx512")  # the kernel's levels, in the order of its select_isa numbers
 PANEL = 16  # output columns per panel, as in decode.cpp
+HUGE_PAGE = 2 << 20  # bytes; smaller panels stay on torch's allocator
 
 NATIVE_STATE: dict[str, bool] = {}  # "available": native_available's answer, once per process
 
@@ -145,8 +146,12 @@ def pad_columns(t_O: torch.Tensor) -> torch.Tensor:
 
 
 def to_panels(w_DO: torch.Tensor) -> torch.Tensor:
-    """[..., D, O] input-major weights as [..., ceil(O / 16), D, 16] panels, the last one zero-padded."""
-    return pad_columns(w_DO).unflatten(-1, (-1, PANEL)).transpose(-3, -2).contiguous()
+    """[..., D, O] input-major weights as [..., ceil(O / 16), D, 16] panels, the last one zero-padded; from 2 MiB up
+    on huge pages (see empty_on_huge_pages in decode.cpp)."""
+    panels = pad_columns(w_DO).unflatten(-1, (-1, PANEL)).transpose(-3, -2)
+    if panels.numel() * panels.element_size() < HUGE_PAGE:
+        return panels.contiguous()
+    return torch.ops.dynamoe.empty_on_huge_pages(list(panels.shape), panels.dtype).copy_(panels)
 
 
 def quantize_columns(w_DO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
