@@ -7,6 +7,7 @@ as one op on the block's packed weights:
 
     x = x + wo(attention(rms_norm(x)))          # attention_decode: RoPE, cache write, grouped-query heads
     x = x + experts(rms_norm(x), router(...))   # moe_decode: gate, top-k or threshold selection, experts
+    logits = head(rms_norm(x))                  # linear with a norm weight, after the last block
 
 computing what Block.forward computes for one token of a batch of one (tests hold the two within 1e-4).
 A block is fused only where the kernel implements all of it: attention without QK-norm, an MoE whose
@@ -27,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynamoe.model.dispatch import LocalDispatcher
+from dynamoe.model.layers import RMSNorm
 from dynamoe.model.moe import MoE
-from dynamoe.model.packed import PanelWeight, stamp
+from dynamoe.model.packed import InferenceWeight, PanelWeight, stamp
 from dynamoe.model.router import DynamicRouter, Routing, TopKRouter, TopPRouter
 
 if TYPE_CHECKING:
@@ -96,28 +98,36 @@ class FusedBlock:
 
 
 class FusedDecoder:
-    """Every block of a packed model as a FusedBlock: a decode step of one token in two native calls per block."""
+    """Every block of a packed model as a FusedBlock, then the final norm and the output head in one call: a decode
+    step of one token in two native calls per block and one more."""
 
-    def __init__(self, layers: Sequence[Block]) -> None:
+    def __init__(self, layers: Sequence[Block], norm: RMSNorm, head: PanelWeight) -> None:
         self.blocks = [FusedBlock(block) for block in layers]
+        self.norm, self.head = (norm.weight, norm.eps), head
+        self.norm_stamp = stamp(norm.weight)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # as the packed weights it reads: a copied model starts unpacked
 
     def ready(self) -> bool:
-        """Whether every block may run fused now (see FusedBlock.ready)."""
-        return all(block.ready() for block in self.blocks)
+        """Whether every block may run fused now (see FusedBlock.ready), the head and final norm unchanged."""
+        return (all(block.ready() for block in self.blocks) and self.head.unchanged()
+                and stamp(self.norm[0]) == self.norm_stamp)
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, list[Routing]]:
-        """The blocks in turn on one token at `position`; the residual stream after them and each block's routing."""
+        """The blocks in turn on one token (embedded) at `position`; its logits (1, V) and each block's routing."""
         routings = []
         for block in self.blocks:
             x_1D, routing = block(x_1D, position, cos, sin)
             routings.append(routing)
-        return x_1D, routings
+        head = self.head
+        return torch.ops.dynamoe.linear(x_1D, head.panels, head.scale, None, None, head.out_features, *self.norm), routings
 
 
-def fused_decoder(layers: Sequence[Block]) -> FusedDecoder | None:
-    """The fused decoder of a packed model's blocks, or None unless the kernel implements every one (see fusable)."""
-    return FusedDecoder(layers) if all(fusable(block) for block in layers) else None
+def fused_decoder(layers: Sequence[Block], norm: RMSNorm, head: InferenceWeight | None) -> FusedDecoder | None:
+    """The fused decoder of a packed model, or None unless the kernel implements every block (see fusable) and holds
+    the output head."""
+    if not isinstance(head, PanelWeight) or not all(fusable(block) for block in layers):
+        return None
+    return FusedDecoder(layers, norm, head)

@@ -170,7 +170,8 @@ class Transformer(nn.Module):
                 module.pack_weights(int8=int8 and id(module) not in gates)
         if self.output is None:
             self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False, int8=int8)
-        self.fused = fused_decoder(self.layers)
+        head = self.tied_head_packed if self.output is None else self.output.packed
+        self.fused = fused_decoder(self.layers, self.norm, head)
 
     def kernel_summary(self) -> str:
         """Which kernels decoding runs on: weight dtype, device, native, packed or plain matmuls, compiled or not."""
@@ -238,8 +239,8 @@ class Transformer(nn.Module):
     def fused_step(self, idx_11: torch.Tensor, input_pos_11: torch.Tensor) -> ModelOutput:
         """forward for one token of a batch of one, two native calls per block (dynamoe.model.fused)."""
         assert self.fused is not None
-        x_1D, routings = self.fused(self.tok_embeddings(idx_11[0]), input_pos_11, self.rope_cos, self.rope_sin)
-        return ModelOutput(self.head(self.norm(x_1D))[None], routings=routings)
+        logits_1V, routings = self.fused(self.tok_embeddings(idx_11[0]), input_pos_11, self.rope_cos, self.rope_sin)
+        return ModelOutput(logits_1V[None], routings=routings)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states."""

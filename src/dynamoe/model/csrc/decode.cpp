@@ -421,18 +421,28 @@ int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> l
 // ---------------------------------------------------------------------------------------------------
 // The ops.
 
-// out[N, out_features] = x[N, D] @ W (+ bias) (+ residual), W in panels [ceil(out_features / 16), D, 16].
+// out[N, out_features] = x[N, D] @ W (+ bias) (+ residual), W in panels [ceil(out_features / 16), D, 16]; with a
+// norm weight, each row of x goes through RMSNorm first (the final norm and the output head in one call).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& scale,
-                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t out_features) {
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t out_features,
+                  const std::optional<at::Tensor>& norm_weight, double eps) {
   TORCH_CHECK(panels.dim() == 3 && panels.size(0) * kPanel >= out_features, "linear: panels do not cover the outputs");
   const Panels weight = panels_of(panels, scale, "linear");
   checked_rows(x, weight.rows, "linear: x");
   const int64_t n = x.size(0), n_panels = panels_for(out_features), width = n_panels * kPanel;
+  std::vector<float> normed;
+  if (norm_weight) {
+    for (int64_t i = 0; i < n; ++i) {
+      const std::vector<float> row = rms_norm(x.data_ptr<float>() + i * weight.rows, *norm_weight, weight.rows, eps);
+      normed.insert(normed.end(), row.begin(), row.end());
+    }
+  }
+  const float* rows = norm_weight ? normed.data() : x.data_ptr<float>();
   at::Tensor out = at::zeros({n, width}, x.options());  // whole panels; the padding is cut off below
   at::Tensor columns = out.narrow(1, 0, out_features);
   if (residual) columns.copy_(checked_rows(*residual, out_features, "linear: residual"));
   if (bias) columns.add_(*bias);
-  matmul_add(x.data_ptr<float>(), n, weight, n_panels, out.data_ptr<float>(), width);
+  matmul_add(rows, n, weight, n_panels, out.data_ptr<float>(), width);
   return width == out_features ? out : columns.contiguous();
 }
 
@@ -582,7 +592,8 @@ int64_t select_isa(int64_t cap) {
 TORCH_LIBRARY(dynamoe, m) {
   m.def("select_isa(int cap) -> int", &select_isa);
   m.def("empty_on_huge_pages(int[] size, ScalarType dtype) -> Tensor", &empty_on_huge_pages);
-  m.def("linear(Tensor x, Tensor panels, Tensor? scale, Tensor? bias, Tensor? residual, int out_features) -> Tensor");
+  m.def("linear(Tensor x, Tensor panels, Tensor? scale, Tensor? bias, Tensor? residual, int out_features, "
+        "Tensor? norm_weight=None, float eps=0.0) -> Tensor");
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor k, Tensor gate_up, Tensor? gate_up_scale, Tensor down, "
         "Tensor? down_scale, Tensor? residual) -> Tensor");
   m.def("attention_decode(Tensor x, Tensor norm_weight, float eps, Tensor wqkv, Tensor? wqkv_scale, Tensor? qkv_bias, "
