@@ -13,6 +13,9 @@ interleaved rounds decode the same random prompts greedily with every variant in
   - dynamoe dynamic: the same gate and experts behind a top-p router at each --thresholds value (no retraining:
     on random weights this shows what skipping experts buys, not quality).
 
+After each thread count's rounds, one more run of dynamoe static top-2 under torch's profiler splits its decode
+step by op class (attention, router+experts, final norm+head, and the rest: Python and torch's small ops).
+
 Each decode step is timestamped as it finishes, prefill excluded: llama.cpp's step is `Llama.eval([token])` plus the
 argmax of its logits, dynamoe's `decode_one_token`. tokens/s = 1 / median step time. "vs llama.cpp" is llama.cpp f32
 top-2's median time over the variant's (above 1: faster). Identical greedy tokens are checked where the arithmetic
@@ -25,6 +28,7 @@ their greedy tokens may part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +42,7 @@ from transformers import MixtralForCausalLM
 from dynamoe.checkpoint import load_model
 from dynamoe.data.documents import code_documents
 from dynamoe.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+from dynamoe.generate import GREEDY, decode_one_token, prefill
 from dynamoe.gguf_export import export_gguf
 from dynamoe.hf import import_hf
 from dynamoe.model import Transformer, native
@@ -153,6 +158,41 @@ def table(results: dict[int, list[Variant]]) -> str:
     return "\n".join(lines)
 
 
+OP_CLASSES = {"attention_decode": "attention", "moe_decode": "router+experts", "linear": "final norm+head"}
+
+
+def step_profile(model: Transformer, steps: int, vocab_size: int, profiled: bool) -> dict[str, float]:
+    """Milliseconds per decode step (prefill excluded) in each native op class under torch's profiler, or in all."""
+    prompt_1T = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    model.setup_caches(1, PROMPT_TOKENS + steps + 1)
+    try:
+        token_1 = prefill(model, prompt_1T, torch.tensor([PROMPT_TOKENS]))[0].argmax(-1)
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
+        with profiler or contextlib.nullcontext():
+            started = stamp()[0]
+            for i in range(steps):
+                token_1, _ = decode_one_token(model, token_1[:, None], torch.tensor([[PROMPT_TOKENS + i]]), GREEDY)
+            total = (stamp()[0] - started) / steps * 1e3
+    finally:
+        model.clear_caches()
+    if profiler is None:
+        return {"total": total}
+    return {OP_CLASSES[event.key.removeprefix("dynamoe::")]: event.cpu_time_total / 1e3 / steps
+            for event in profiler.key_averages() if event.key.removeprefix("dynamoe::") in OP_CLASSES}
+
+
+def profile_line(threads: int, model: Transformer, steps: int, variants: list[Variant], repeats: int = 3) -> str:
+    """One decode step of dynamoe static top-2 by op class, from profiled runs alternating with unprofiled ones
+    (the rest: their median step minus the ops), beside llama.cpp f32 top-2's median step."""
+    runs = [step_profile(model, steps, mixtral_config().vocab_size, profiled) for _ in range(repeats) for profiled in (True, False)]
+    ops = {name: float(np.median([run[name] for run in runs[::2]])) for name in runs[0]}
+    total = float(np.median([run["total"] for run in runs[1::2]]))
+    llama = float(np.median(next(v for v in variants if v.name == REFERENCE).wall)) * 1e3
+    classes = ", ".join(f"{name} {ms:.3f}" for name, ms in ops.items())
+    return (f"{threads} thread(s), one decode step of dynamoe static top-2 in ms: {classes}, the rest (Python, torch's "
+            f"small ops) {total - sum(ops.values()):.3f}, total {total:.3f}; llama.cpp f32 top-2 {llama:.3f} (median)")
+
+
 def acceptance(results: dict[int, list[Variant]], thresholds: list[float]) -> list[str]:
     """The issue's targets, each with its measured ratio per thread count."""
     lines = []
@@ -184,6 +224,7 @@ def main() -> None:
         parser.error("--threads, --repeats and --tokens must be positive")
     context = PROMPT_TOKENS + WARMUP_STEPS + args.tokens + 8
     results: dict[int, list[Variant]] = {}
+    profiles: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         hf, checkpoint = build_peer(Path(tmp))
         files = export_files(checkpoint, Path(tmp))
@@ -192,6 +233,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             results[threads] = variants_for(threads, files, hf, models, context)
             measure(results[threads], args.repeats, args.tokens)
+            profiles.append(profile_line(threads, models["dynamoe static top-2"], args.tokens, results[threads]))
     import llama_cpp
     import transformers
 
@@ -200,6 +242,7 @@ def main() -> None:
           f"transformers {transformers.__version__}, llama-cpp-python {llama_cpp.__version__}; "
           f"{models['dynamoe static top-2'].kernel_summary()}; load average {os.getloadavg()[0]:.1f}")
     print(table(results))
+    print("\n".join(profiles))
     print("\n".join(acceptance(results, args.thresholds)))
 
 
