@@ -435,7 +435,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
                                    "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
-                                   "compile_decode": compile_decode, "pack": pack, "dtype": str(dtype or torch.float32),
+                                   "compile_decode": compile_decode, "pack": pack or int8, "dtype": str(dtype or torch.float32),
                                    "int8_weights": int8},
                          environment(torch_device))
     write_outputs(report, Path(out))

@@ -33,7 +33,8 @@ RETROFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrofitConfi
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
 WeightDType = Annotated[Literal["float32", "bfloat16", "int8"], "weights: bfloat16 reads half the bytes (oneDNN-packed where "
-                        "the CPU supports it); int8 a quarter (weight-only, one scale per output column, computed in float32)"]
+                        "the CPU supports it); int8 a quarter (weight-only, one scale per output column, computed in float32; the "
+                        "weights are packed)"]
 Threshold = Annotated[float | None, "compute dial of topp/dynamic routers: the probability mass the chosen experts must "
                                     "reach, in (0, 1]; lower runs fewer experts (default: the trained value)"]
 
