@@ -116,6 +116,22 @@ def test_the_fused_decode_step_equals_the_modules_at_every_isa(name: str, int8: 
     assert generate(fast, prompts, 16, GREEDY) == generate(plain, prompts, 16, GREEDY)
 
 
+def test_the_compute_dial_set_after_packing_reaches_the_fused_step() -> None:
+    fast, plain = packed_and_plain(router="dynamic")
+    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    experts = []
+    for threshold, temperature_scale in ((0.2, 1.0), (0.9, 1.0), (0.5, 3.0)):
+        for model in (fast, plain):
+            model.set_routing_threshold(threshold)
+            for router in model.routers():
+                router.temperature_scale = temperature_scale
+        (fast_logits, fast_experts), (plain_logits, plain_experts) = (decode_step_outputs(m, prompt_1T) for m in (fast, plain))
+        torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+        assert fast_experts == plain_experts
+        experts.append(sum(len(chosen) for chosen in fast_experts))
+    assert experts[0] < experts[1] and experts[0] < experts[2]  # the dial changed how many experts ran
+
+
 def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None:
     fast, _ = packed_and_plain(int8=True, router="topk")
     torch.manual_seed(0)

@@ -23,9 +23,10 @@ gradient is wanted, and its router has no hooks (they need the router's own forw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import torch
+from torch import nn
 
 from dynamoe.model.dispatch import LocalDispatcher
 from dynamoe.model.layers import RMSNorm
@@ -52,48 +53,47 @@ class FusedBlock:
 
     def __init__(self, block: Block) -> None:
         attn, moe = block.attn, block.ffn
-        assert isinstance(moe, MoE) and fusable(block)
+        assert isinstance(moe, MoE) and fusable(block) and moe.experts.panels is not None
         router, experts = moe.router, moe.experts.panels
-        assert experts is not None
+        wqkv, wo, gate = self.packed = [cast(PanelWeight, p.packed) for p in (attn.wqkv, attn.wo, router.gate)]
         self.attention, self.router, self.experts = attn, router, experts
-        self.panels = [projection.packed for projection in (attn.wqkv, attn.wo, router.gate)]
-        wqkv, wo, gate = self.panels
-        assert isinstance(wqkv, PanelWeight) and isinstance(wo, PanelWeight) and isinstance(gate, PanelWeight)
         self.attention_args = (block.attn_norm.weight, block.attn_norm.eps, wqkv.panels, wqkv.scale, attn.wqkv.bias,
                                wo.panels, wo.scale, attn.wo.bias)
         self.attention_settings = (attn.n_heads, attn.clip_qkv)
         threshold = isinstance(router, TopPRouter)
-        head = router.temperature_head if isinstance(router, DynamicRouter) else None
-        self.moe_norm = (block.ffn_norm.weight, block.ffn_norm.eps, gate.panels, router.n_experts,
-                         router.k_max if threshold else router.top_k, router.k_min)
-        self.threshold_router = threshold
-        self.renormalize = (router.renormalize, threshold and router.static_weights)
-        self.temperature = (None if head is None else head.weight, None if head is None else head.bias,
-                            getattr(router, "temperature_input_scale", 1.0), getattr(router, "temperature_min", 0.0),
-                            getattr(router, "temperature_max", 0.0))
-        self.experts_args = (experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
-        self.tensors = [t for t in (block.attn_norm.weight, attn.wqkv.bias, attn.wo.bias, block.ffn_norm.weight, *self.temperature[:2])
-                        if t is not None]
+        dynamic = router if isinstance(router, DynamicRouter) else None
+        # Everything moe_decode reads but the compute dial (see dial), in its order.
+        self.moe_args = (
+            block.ffn_norm.weight, block.ffn_norm.eps, gate.panels, router.n_experts,
+            router.k_max if threshold else router.top_k, router.k_min, router.renormalize, threshold and router.static_weights,
+            None if dynamic is None else dynamic.temperature_head.weight, None if dynamic is None else dynamic.temperature_head.bias,
+            1.0 if dynamic is None else dynamic.temperature_input_scale, 0.0 if dynamic is None else dynamic.temperature_min,
+            0.0 if dynamic is None else dynamic.temperature_max,
+            experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
+        self.tensors = [t for t in (*self.attention_args, *self.moe_args) if isinstance(t, nn.Parameter)]
         self.stamps = [stamp(t) for t in self.tensors]
         self.no_aux_loss = torch.zeros(())  # decoding computes no auxiliary loss
 
     def ready(self) -> bool:
         """Whether the step may run fused now: a KV cache, every tensor unchanged, no router hooks (see the module)."""
         return (self.attention.kv_cache is not None and self.experts.unchanged()
-                and all(packed.unchanged() for packed in self.panels)
+                and all(packed.unchanged() for packed in self.packed)
                 and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps))
                 and not self.router._forward_hooks and not self.router._forward_pre_hooks)
+
+    def dial(self) -> tuple[float, float]:
+        """The router's compute dial as it is now: its threshold (0: top-k) and its temperature scale."""
+        router = self.router
+        return (router.threshold if isinstance(router, TopPRouter) else 0.0, getattr(router, "temperature_scale", 1.0))
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Block.forward for one token of a batch of one, at `position` of its KV cache."""
-        cache: Any = self.attention.kv_cache
+        cache = self.attention.kv_cache
+        assert cache is not None  # see ready
         x_1D = torch.ops.dynamoe.attention_decode(x_1D, *self.attention_args, cache.k_BHSd, cache.v_BHSd, position, cos,
                                                   sin, *self.attention_settings)
-        router = self.router
-        x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(
-            x_1D, *self.moe_norm, router.threshold if self.threshold_router else 0.0, *self.renormalize, *self.temperature,
-            getattr(router, "temperature_scale", 1.0), *self.experts_args)
+        x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(x_1D, *self.moe_args, *self.dial())
         return x_1D, Routing(experts_1K, weights_1K, k_1, self.no_aux_loss)
 
 

@@ -1,16 +1,17 @@
-"""The native decode kernel (csrc/decode.cpp): built once per machine, checked once per process, else not used.
+"""The native decode kernel (csrc/): built once per machine, checked once per process, used only where it is right.
 
 Batch-1 decoding is matrix-vector products whose speed is how fast the weights stream from memory, plus a
 fixed cost per kernel call. The kernel stores a weight in panels of 16 output columns ([panels, rows, 16],
-each panel one contiguous stream), in fp32 or in int8 with one fp32 scale per column, and runs the selected
-experts of a token in two calls' worth of work (gate and up, then down) inside one op.
+each panel one contiguous stream; from 2 MiB up on huge pages), in fp32 or in int8 with one fp32 scale per
+column. Its ops: a product with such weights (any number of rows), the selected experts of each token in
+one call, and a transformer block's decode step in two (dynamoe.model.fused).
 
-It is compiled with torch's extension builder on first use (a C++ compiler is needed, and ninja, which
-is a dependency; about a minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is chosen at run time
-(AVX-512, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be built or loaded,
-or computes a wrong answer on a small check, `native_available()` says False once per process (with one
-logged warning) and every caller keeps torch's kernels. DYNAMOE_NATIVE=0 turns it off; DYNAMOE_NATIVE_ISA
-(avx512, avx2 or scalar) caps its instruction set.
+It is compiled with torch's extension builder on first use (a C++ compiler is needed, and ninja, which is a
+dependency; about a minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is
+chosen at run time (AVX-512, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be
+built or loaded, or computes a wrong answer on a small check, `native_available()` says False once per
+process (with one logged warning) and every caller keeps torch's kernels. DYNAMOE_NATIVE=0 turns it off;
+DYNAMOE_NATIVE_ISA (avx512, avx2 or scalar) caps its instruction set.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"  # with panel.h beside it
+SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"  # with kernels.h beside it
 ENABLE_ENV, ISA_ENV, CACHE_ENV = "DYNAMOE_NATIVE", "DYNAMOE_NATIVE_ISA", "DYNAMOE_CACHE"
 ISA_LEVELS = ("scalar", "avx2", "avx512")  # the kernel's levels, in the order of its select_isa numbers
 PANEL = 16  # output columns per panel, as in decode.cpp
@@ -66,12 +67,6 @@ def isa_cap() -> str:
     """The most the kernel may use: DYNAMOE_NATIVE_ISA, or the best level."""
     cap = os.environ.get(ISA_ENV, ISA_LEVELS[-1]).lower()
     return cap if cap in ISA_LEVELS else ISA_LEVELS[-1]
-
-
-def set_isa_cap(level: str) -> str:
-    """Cap the kernel's instruction set (tests compare every level with the plain one); the level now in use."""
-    os.environ[ISA_ENV] = level
-    return native_isa()
 
 
 def _load_and_check() -> bool:

@@ -537,13 +537,13 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
 }
 
 // x [1, D] -> (x + experts(rms_norm(x)), expert ids [1, slots], weights [1, slots], k [1]): router and experts.
+// threshold and temperature_scale come last: they are the compute dial, which may change between calls.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
     const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& gate, int64_t n_experts,
-    int64_t slots, int64_t k_min, double threshold, bool renormalize, bool static_weights,
-    const std::optional<at::Tensor>& temperature_weight, const std::optional<at::Tensor>& temperature_bias,
-    double temperature_input_scale,
-    double temperature_min, double temperature_max, double temperature_scale, const at::Tensor& gate_up,
-    const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down, const std::optional<at::Tensor>& down_scale) {
+    int64_t slots, int64_t k_min, bool renormalize, bool static_weights, const std::optional<at::Tensor>& temperature_weight,
+    const std::optional<at::Tensor>& temperature_bias, double temperature_input_scale, double temperature_min,
+    double temperature_max, const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+    const std::optional<at::Tensor>& down_scale, double threshold, double temperature_scale) {
   const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
   const Panels gate_weights = panels_of(gate, std::nullopt, "router gate");
   const int64_t dim = w.gate_up.rows;
@@ -600,9 +600,9 @@ TORCH_LIBRARY(dynamoe, m) {
         "Tensor wo, Tensor? wo_scale, Tensor? wo_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor position, Tensor cos, "
         "Tensor sin, int n_heads, float? clip) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor norm_weight, float eps, Tensor gate, int n_experts, int slots, int k_min, "
-        "float threshold, bool renormalize, bool static_weights, Tensor? temperature_weight, Tensor? temperature_bias, "
-        "float temperature_input_scale, float temperature_min, float temperature_max, float temperature_scale, "
-        "Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool renormalize, bool static_weights, Tensor? temperature_weight, Tensor? temperature_bias, "
+        "float temperature_input_scale, float temperature_min, float temperature_max, Tensor gate_up, Tensor? gate_up_scale, "
+        "Tensor down, Tensor? down_scale, float threshold, float temperature_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynamoe, CPU, m) {
