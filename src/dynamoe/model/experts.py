@@ -30,10 +30,9 @@ class Experts(nn.Module):
         """Keep packed copies of the experts for inference (dynamoe.model.packed): the native kernel's panels of
         every expert, else oneDNN's layout per expert. int8 rounds the weights to int8 per output column first."""
         quantized = (round_to_int8_(self.w_gate_up), round_to_int8_(self.w_down)) if int8 else None
-        if native_serves(self.w_gate_up):
-            self.panels = PanelExperts(self.w_gate_up, self.w_down, quantized)
-            return
-        self.packed = [pack_pair(self.w_gate_up[e], self.w_down[e], self.w_gate_up, self.w_down) for e in range(self.n_experts)]
+        self.panels = PanelExperts(self.w_gate_up, self.w_down, quantized) if native_serves(self.w_gate_up) else None
+        self.packed = None if self.panels is not None else [
+            pack_pair(self.w_gate_up[e], self.w_down[e], self.w_gate_up, self.w_down) for e in range(self.n_experts)]
 
     def packed_expert(self, expert: int) -> PackedPair | None:
         """The expert's oneDNN-packed weights if they are usable now."""

@@ -1,15 +1,17 @@
-"""Weights prepacked for oneDNN's matmul: faster batch-1 decoding on CPU.
+"""Inference copies of the weights in a kernel's own layout: faster batch-1 decoding on CPU.
 
 Decoding one token is a chain of matrix-vector products whose speed is how fast the weights stream from
 memory. torch's default CPU kernel (MKL) reads a large fp32 matrix at about 22 GB/s on this project's
-machines whatever the thread count; oneDNN's matmul on a weight reordered once into its blocked layout
-takes 0.6-0.8x the time on one thread and 0.55-0.7x on two, for matrices of 2 MiB and more (smaller
-ones gain nothing, see PACK_MIN_ELEMENTS).
+machines whatever the thread count. Two layouts do better:
 
-A `PackedWeight` is an inference-only copy: it has no autograd, and it belongs to one version of its
-source tensor. Any in-place change of the source (an optimizer step, `load_state_dict`), new storage
-under it (`model.to(...)`) or a new source tensor makes it stale, and callers then fall back to the
-plain matmul.
+- `PanelWeight` / `PanelExperts`: the native kernel's panels of 16 output columns (dynamoe.model.native),
+  fp32 or int8, for every fp32 matrix where the kernel is available;
+- `PackedWeight`: oneDNN's blocked layout, 0.6-0.8x torch's time on one thread and 0.55-0.7x on two for
+  matrices of 2 MiB and more (smaller ones gain nothing, see PACK_MIN_ELEMENTS), where it is not.
+
+An inference copy has no autograd, and it belongs to one version of its source tensor. Any in-place change
+of the source (an optimizer step, `load_state_dict`), new storage under it (`model.to(...)`) or a new
+source tensor makes it stale, and callers then fall back to the plain matmul.
 
 Which dtypes oneDNN can pack depends on the CPU: bf16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and a
 build without oneDNN (or a CPU it does not support) packs nothing. `onednn_supports` answers by running
@@ -88,7 +90,8 @@ class InferenceWeight:
         self.stamp = stamp(self.source)
 
     def __deepcopy__(self, memo: dict) -> None:
-        # oneDNN's opaque tensors cannot be copied; a copied model starts unpacked (pack it again).
+        # oneDNN's opaque tensors cannot be copied, nor should copies share the originals' stamps: a copied model
+        # starts unpacked (pack it again).
         return None
 
     def is_fresh(self, source: torch.Tensor) -> bool:
@@ -237,11 +240,11 @@ class PanelExperts:
 
     def expert(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU on the rows routed to it (prefill, batches): its gate-up product, then its down one."""
-        hidden_panels = self.gate_up.shape[1] // 2 * native.PANEL
+        padded = self.gate_up.shape[1] // 2 * native.PANEL  # F rounded up to whole panels
         hidden = self.down.shape[2]  # F: the down projection's rows
         scale = None if self.gate_up_scale is None else self.gate_up_scale[expert]
         gate_up_N2H = torch.ops.dynamoe.linear(x_ND.contiguous(), self.gate_up[expert], scale, None, None,
-                                               2 * hidden_panels).view(-1, 2, hidden_panels)[..., :hidden]
+                                               2 * padded).view(-1, 2, padded)[..., :hidden]
         hidden_NF = (F.silu(gate_up_N2H[:, 0]) * gate_up_N2H[:, 1]).contiguous()
         scale = None if self.down_scale is None else self.down_scale[expert]
         return torch.ops.dynamoe.linear(hidden_NF, self.down[expert], scale, None, None, x_ND.shape[-1])
