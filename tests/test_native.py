@@ -144,7 +144,8 @@ def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None
 
 
 def test_the_unfused_native_path_equals_the_modules_for_batches_and_dense_models() -> None:
-    for overrides in (dict(router="topk"), dict(ffn="dense"), dict(router="dynamic", shared_expert_dim=32)):
+    for overrides in (dict(router="topk"), dict(ffn="dense"), dict(router="dynamic", shared_expert_dim=32),
+                      dict(router="relu")):  # relu: k can be 0
         fast, plain = packed_and_plain(**overrides)
         assert (fast.fused is not None) == (overrides.get("router") == "topk")
         prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]  # a batch of two: the native matvecs, not the fused step

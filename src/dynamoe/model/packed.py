@@ -252,4 +252,4 @@ class PanelExperts:
     def run(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor, k_T: torch.Tensor) -> torch.Tensor:
         """Sum over each token's first k_T experts of weight * expert(x), in one call."""
         return torch.ops.dynamoe.moe(x_TD.contiguous(), experts_TK, weights_TK, k_T, self.gate_up, self.gate_up_scale,
-                                     self.down, self.down_scale, None)
+                                     self.down, self.down_scale)

@@ -1,5 +1,5 @@
-// Batch-1 decode kernels: matrix-vector products that stream their weights at memory speed, and a
-// transformer block's two halves (attention, routed experts) each in one call.
+// Decode kernels: products that stream their weights at memory speed, the selected experts of a token in one
+// call, and a transformer block's two halves (attention, router and experts) each in one call.
 //
 // Decoding one token reads every weight it needs once, so its speed is how fast the weights stream
 // from memory, plus a fixed cost per kernel call. Weights are stored in panels of 16 output columns,
@@ -9,7 +9,7 @@
 // The instruction set is chosen at run time (AVX-512, AVX2+FMA, or plain C++), so one build runs on any
 // x86-64 CPU; select_isa caps it (tests compare every level with torch). Threads split the panels
 // through ATen's thread pool, so torch.set_num_threads governs them. dynamoe/model/fused.py states the
-// Python each op stands for; the tests hold the two to the same outputs.
+// Python each fused op stands for; the tests hold the two to the same outputs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -446,10 +446,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, const std::opti
   return width == out_features ? out : columns.contiguous();
 }
 
-// Sum over each token's first k experts of routing weight * expert(x) (+ residual).
+// Sum over each token's first k experts of routing weight * expert(x).
 at::Tensor moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights, const at::Tensor& k,
                const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
-               const std::optional<at::Tensor>& down_scale, const std::optional<at::Tensor>& residual) {
+               const std::optional<at::Tensor>& down_scale) {
   const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
   const int64_t dim = w.gate_up.rows;
   checked_rows(x, dim, "moe: x");
@@ -458,15 +458,14 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& experts, const at::Tensor&
   const at::Tensor routing_weights = weights.to(at::kFloat).contiguous();
   TORCH_CHECK(experts.size(0) == n && routing_weights.sizes() == ids.sizes() && counts.numel() == n,
               "moe: routing shapes disagree");
-  at::Tensor out = residual ? checked_rows(*residual, dim, "moe: residual").clone() : at::zeros({n, dim}, x.options());
+  at::Tensor out = at::empty({n, dim}, x.options());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t used = counts.data_ptr<int64_t>()[i];
     TORCH_CHECK(0 <= used && used <= slots, "moe: k outside [0, slots]");
-    float* row = out.data_ptr<float>() + i * dim;
-    std::vector<float> sum = padded(row, dim);
+    std::vector<float> sum = padded(nullptr, dim);
     run_experts(x.data_ptr<float>() + i * dim, w, ids.data_ptr<int64_t>() + i * slots,
                 routing_weights.data_ptr<float>() + i * slots, used, sum.data());
-    std::copy_n(sum.begin(), dim, row);
+    std::copy_n(sum.begin(), dim, out.data_ptr<float>() + i * dim);
   }
   return out;
 }
@@ -595,7 +594,7 @@ TORCH_LIBRARY(dynamoe, m) {
   m.def("linear(Tensor x, Tensor panels, Tensor? scale, Tensor? bias, Tensor? residual, int out_features, "
         "Tensor? norm_weight=None, float eps=0.0) -> Tensor");
   m.def("moe(Tensor x, Tensor experts, Tensor weights, Tensor k, Tensor gate_up, Tensor? gate_up_scale, Tensor down, "
-        "Tensor? down_scale, Tensor? residual) -> Tensor");
+        "Tensor? down_scale) -> Tensor");
   m.def("attention_decode(Tensor x, Tensor norm_weight, float eps, Tensor wqkv, Tensor? wqkv_scale, Tensor? qkv_bias, "
         "Tensor wo, Tensor? wo_scale, Tensor? wo_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor position, Tensor cos, "
         "Tensor sin, int n_heads, float? clip) -> Tensor");
