@@ -519,7 +519,9 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
   // Each query head over the cached positions 0..pos of its key-value head (grouped-query: heads share in order).
   std::vector<float> attended(q_width, 0.0f);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  at::parallel_for(0, n_heads, grain(2 * (pos + 1) * head_dim), [&](int64_t begin, int64_t end) {
+  // Heads split over threads only for long contexts: a short cache is in cache, and a head's work costs less than
+  // waking a thread (counted in 16-lane steps against kMinWeightsPerThread's weights streamed from memory).
+  at::parallel_for(0, n_heads, grain(2 * (pos + 1) * head_dim / kPanel + 1), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(pos + 1);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t kv = head / (n_heads / kv_heads), cached = kv * length * head_dim;
