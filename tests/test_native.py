@@ -4,6 +4,7 @@ fallbacks where the kernel is refused, cannot be built, or must not run (stale w
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -230,3 +231,25 @@ def test_dynamoe_native_0_keeps_the_torch_kernels() -> None:
     done = run_python(SUMMARY, DYNAMOE_NATIVE="0")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("False float32 on cpu: ") and "native kernel unavailable" in done.stdout, done.stdout
+
+
+def test_generate_and_eval_take_int8_weights_from_the_command_line(tiny_corpus: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamoe.checkpoint import save_model
+    from dynamoe.cli import main
+    from dynamoe.data import load_tokenizer
+
+    vocab_size = load_tokenizer(tiny_corpus / "tokenizer.json").get_vocab_size()
+    torch.manual_seed(0)
+    save_model(tmp_path / "ckpt", Transformer(tiny(router="dynamic", vocab_size=vocab_size)), tiny_corpus / "tokenizer.json")
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "To be", "--dtype", "int8", "--max-new-tokens", "6",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "6 tokens" in summary and "float32 with int8 weights on cpu: native kernel" in summary
+    perplexity = {}
+    for dtype in ("float32", "int8"):
+        assert main(["eval", str(tmp_path / "ckpt"), "--corpus", str(tiny_corpus), "--dtype", dtype, "--max-tokens", "512",
+                     "--json", "--device", "cpu"]) == 0
+        perplexity[dtype] = json.loads(capsys.readouterr().out)["total"]["perplexity"]
+    assert perplexity["int8"] != perplexity["float32"]  # the rounded weights are evaluated ...
+    assert abs(perplexity["int8"] / perplexity["float32"] - 1) < 0.01  # ... and cost little
