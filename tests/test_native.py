@@ -133,6 +133,30 @@ def test_the_compute_dial_set_after_packing_reaches_the_fused_step() -> None:
     assert experts[0] < experts[1] and experts[0] < experts[2]  # the dial changed how many experts ran
 
 
+@pytest.fixture
+def two_threads() -> None:
+    """The kernel splits its work over torch's threads (the suite runs on one, see conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_work_split_over_two_threads_gives_the_same_outputs(int8: bool, two_threads: None) -> None:
+    # Wide enough that every op splits (the kernel keeps small work on one thread), with a long context for the heads.
+    fast, plain = packed_and_plain(int8, router="dynamic", dim=256, n_heads=2, expert_dim=512, vocab_size=4096,
+                                   max_seq_len=2048)
+    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 1500), generator=torch.Generator().manual_seed(3))
+    fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
+    plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert fast_experts == plain_experts
+    x_ND = torch.randn(5, 256)
+    for projection in (fast.output, fast.layers[0].attn.wqkv):  # several rows, several blocks of rows
+        torch.testing.assert_close(projection(x_ND), x_ND @ projection.weight, rtol=1e-4, atol=1e-4)
+
+
 def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None:
     fast, _ = packed_and_plain(int8=True, router="topk")
     torch.manual_seed(0)
