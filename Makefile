@@ -31,9 +31,10 @@ experiment-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The peer benchmark's extras (gguf, llama-cpp-python: built from source, about 10 minutes on 2 cores, niced).
+# The peer benchmark's extras (gguf, llama-cpp-python: built from source, about 10 minutes on 2 cores, niced;
+# without its multimodal library, which the benchmark does not use).
 peers: $(STAMP)
-	nice -n 19 $(PY) -m pip install -q -e '.[dev,peers]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" nice -n 19 $(PY) -m pip install -q -e '.[dev,peers]'
 
 bench-peers: peers
 	$(PY) benchmarks/peer_llamacpp.py
