@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo demo-quick experiment experiment-quick test clean
+.PHONY: setup demo demo-quick experiment experiment-quick test peers bench-peers clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ experiment-quick: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The peer benchmark's extras (gguf, llama-cpp-python: built from source, about 10 minutes on 2 cores, niced;
+# without its multimodal library, which the benchmark does not use).
+peers: $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" nice -n 19 $(PY) -m pip install -q -e '.[dev,peers]'
+
+bench-peers: peers
+	$(PY) benchmarks/peer_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs data

@@ -102,6 +102,19 @@ def test_dynamic_routing_is_refused_unless_allowed(tmp_path: Path, capsys: pytes
     assert max_diff(model, reimported, tokens_BT) <= 1e-6
 
 
+def test_as_topk_exports_a_dynamic_model_as_the_static_top_k_of_its_gate(tmp_path: Path) -> None:
+    from dynamoe.hf.exporter import static_topk
+
+    model = save_dynamoe(tiny(router="dynamic", target_k=2.0), tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--as-topk", "3"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 3 and "dynamoe_routing" not in config
+    assert not (tmp_path / "hf" / "README.md").exists()  # a static model: nothing to explain
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    tokens_BT = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert max_diff(static_topk(model, 3)[0], theirs, tokens_BT) <= TOLERANCE
+
+
 def test_models_transformers_cannot_express_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save_dynamoe(tiny(router="topk", ffn="dense"), tmp_path / "dense")
     save_dynamoe(tiny(router="topk", dense_layers=[1]), tmp_path / "plain_dense_layer")  # no family without QK-norm has it

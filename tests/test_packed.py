@@ -1,4 +1,7 @@
-"""oneDNN-packed inference weights: same outputs as the plain path, and never used when stale or under autograd."""
+"""oneDNN-packed inference weights: same outputs as the plain path, and never used when stale or under autograd.
+
+These run with the native kernel refused, as on a machine without a compiler (tests/test_native.py covers the kernel).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,16 @@ import torch
 from dynamoe.config import tiny
 from dynamoe.generate import GREEDY, generate
 from dynamoe.model import Transformer
+from dynamoe.model import native
 from dynamoe.model import packed as packed_module
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def without_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN is what packs where the native kernel is unavailable."""
+    monkeypatch.setitem(native.NATIVE_STATE, "available", False)
 
 VARIANTS = {
     "topk": dict(router="topk"),

@@ -97,7 +97,12 @@ class VariantResult:
     bytes_per_token: int  # weights one decoded token reads, at the decode mean k per layer
     ideal_latency_ratio: float = 1.0  # bytes_per_token / the first variant's
     measured_latency_ratio: float = 1.0  # decode_median_ms / the first variant's
-    kernels: str = ""  # Transformer.kernel_summary: dtype, device, packed or plain matmuls
+    kernels: str = ""  # Transformer.kernel_summary: dtype, device, native, packed or plain matmuls
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Batch-1 decode speed: tokens per second at the median latency."""
+        return 1000 / self.decode_median_ms
 
 
 @dataclass
@@ -298,7 +303,8 @@ def measure_round(variant: Variant, workload: Workload, round_index: int, sample
     samples.prefill_tokens_per_s.append(P / run.prefill_seconds)
     # The router share and k come from a second, identical run under the probe: its hooks cost time on
     # every layer, which would inflate every variant's latency alike and pull the ratios towards 1. It
-    # runs eagerly, because module hooks do not fire inside a compiled graph.
+    # runs eagerly and unfused: module hooks fire neither inside a compiled graph nor in the native
+    # kernel's fused step (which Transformer skips while a router has hooks).
     compiled, model.compiled_decode = model.compiled_decode, None
     try:
         with RouterProbe(model) as probe:
@@ -392,7 +398,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequence[float] = (),
               settings: BenchSettings = BenchSettings(), device: str | torch.device = "auto",
               progress: bool = True, compile_decode: bool = False, pack: bool = True,
-              dtype: torch.dtype | None = None) -> BenchReport:
+              dtype: torch.dtype | None = None, int8: bool = False) -> BenchReport:
     """Measure every variant in interleaved rounds; write results.json, results.md and the plot to `out`."""
     if not checkpoints:
         raise DynamoeError("bench needs at least one checkpoint")
@@ -402,7 +408,7 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     torch_device = resolve_device(device) if isinstance(device, str) else device
     for checkpoint in checkpoints:
         check_same_tokenizer(checkpoint, corpus, "pass the corpus it was trained on with --corpus")
-    models = [load_model(checkpoint, device=torch_device, pack=pack, dtype=dtype)[0] for checkpoint in checkpoints]
+    models = [load_model(checkpoint, device=torch_device, pack=pack, dtype=dtype, int8=int8)[0] for checkpoint in checkpoints]
     if compile_decode:  # compiled during the warm-up round, whose samples are dropped
         for model in models:
             model.compile_decode()
@@ -429,7 +435,8 @@ def run_bench(checkpoints: Sequence[Path], corpus: Path, out: Path, dial: Sequen
     results = with_ratios([summarize(v, s, r, settings) for v, s, r in zip(variants, samples, reports)])
     report = BenchReport(results, {**asdict(settings), "dial": list(dial), "corpus": str(corpus),
                                    "prompt_tokens": workload.prompt_tokens, "warmup_steps": WARMUP_STEPS,
-                                   "compile_decode": compile_decode, "pack": pack, "dtype": str(dtype or torch.float32)},
+                                   "compile_decode": compile_decode, "pack": pack or int8, "dtype": str(dtype or torch.float32),
+                                   "int8_weights": int8},
                          environment(torch_device))
     write_outputs(report, Path(out))
     return report
@@ -461,6 +468,7 @@ def table_columns(results: list[VariantResult]) -> list[tuple[str, Callable[[Var
         ("k eval", lambda r: _fmt(r.eval_mean_k, ".2f")),
         ("k decode", lambda r: _fmt(r.decode_mean_k, ".2f")),
         ("ms/token p50", lambda r: _fmt(r.decode_median_ms, ".3f")),
+        ("tok/s b1", lambda r: _fmt(r.decode_tokens_per_s, ".0f")),
         ("p95", lambda r: _fmt(r.decode_p95_ms, ".3f")),
         ("measured ratio", lambda r: _fmt(r.measured_latency_ratio, ".3f")),
         ("ideal ratio", lambda r: _fmt(r.ideal_latency_ratio, ".3f")),
@@ -497,6 +505,8 @@ def markdown_report(report: BenchReport) -> str:
             f"tokens after a {settings['prompt_tokens']}-token prompt; ratios are relative to the first row. "
             "The ideal ratio is that of the bytes of weights a decoded token reads (embedding row, attention, norms, "
             "router gates, the measured mean k experts per layer, output head). "
+            "The router share is timed in a second run through the modules (forward hooks): the native kernel's "
+            "fused step routes inside one call with the experts, so for it this is the share of the unfused step. "
             f"Cost at ${settings['price_per_hour']:g}/hour. RSS peak is process-wide (it holds every model).\n\n"
             f"torch {env['torch']}, {env['torch_threads']} threads, {env['device']}"
             f"{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {env['processor']}, {env['platform']}\n\n"

@@ -217,12 +217,14 @@ def load_config(path: Path) -> ModelConfig:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = False,
-               dtype: torch.dtype | None = None) -> tuple[Transformer, ModelConfig]:
+               dtype: torch.dtype | None = None, int8: bool = False) -> tuple[Transformer, ModelConfig]:
     """Build the model a checkpoint describes and load its weights; returned in eval mode.
 
-    pack: for inference, keep oneDNN-packed copies of the large weights (Transformer.pack_weights),
-    which decode faster on CPU at the cost of their memory twice over; matrices of a dtype this CPU
-    cannot pack stay plain. dtype: cast the model to it (default: float32, whatever the file holds).
+    pack: for inference, keep packed copies of the weights (Transformer.pack_weights: the native kernel's
+    panels, else oneDNN's layout), which decode faster on CPU at the cost of their memory twice over;
+    matrices no kernel here can pack stay plain. dtype: cast the model to it (default: float32, whatever
+    the file holds). int8: weight-only int8, the weights rounded to 127 levels per output column (and
+    packed as int8, see Transformer.pack_weights).
     """
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt)
@@ -235,8 +237,8 @@ def load_model(path: Path, device: str | torch.device = "cpu", pack: bool = Fals
     # Tied aliases are absent from the file by design; every other key was checked above.
     model.load_state_dict(weights, strict=False)
     model = model.to(device=device, dtype=dtype).eval()
-    if pack:
-        model.pack_weights()
+    if pack or int8:
+        model.pack_weights(int8=int8)
     return model, cfg
 
 

@@ -32,10 +32,18 @@ RETROFIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrofitConfi
 
 Checkpoint = Annotated[Path, "checkpoint folder, or run folder (its latest checkpoint)"]
 Device = Annotated[str, "auto (cuda when present), cpu, cuda or cuda:N"]
-WeightDType = Annotated[Literal["float32", "bfloat16"], "weight dtype for decoding: bfloat16 reads half the bytes "
-                        "(oneDNN-packed where the CPU supports it, plain matmuls elsewhere)"]
+WeightDType = Annotated[Literal["float32", "bfloat16", "int8"], "weights: bfloat16 reads half the bytes (oneDNN-packed where "
+                        "the CPU supports it); int8 a quarter (weight-only, one scale per output column, computed in float32; the "
+                        "weights are packed)"]
 Threshold = Annotated[float | None, "compute dial of topp/dynamic routers: the probability mass the chosen experts must "
                                     "reach, in (0, 1]; lower runs fewer experts (default: the trained value)"]
+
+
+def weight_format(dtype: str) -> dict[str, Any]:
+    """load_model's dtype and int8 arguments for a --dtype choice."""
+    import torch
+
+    return {"dtype": None, "int8": True} if dtype == "int8" else {"dtype": getattr(torch, dtype), "int8": False}
 
 
 def data_build(
@@ -125,6 +133,7 @@ def evaluate(
     max_tokens: Annotated[int, "tokens per domain at most"] = 50_000,
     as_json: Annotated[bool, "machine-readable output", "--json"] = False,
     threshold: Threshold = None,
+    dtype: WeightDType = "float32",
     device: Device = "auto",
 ) -> None:
     """Perplexity per domain, experts/token per layer and domain, and the histogram of k."""
@@ -134,7 +143,7 @@ def evaluate(
 
     if max_tokens < 1:
         raise DynamoeError(f"--max-tokens={max_tokens} must be at least 1")
-    model, _ = load_model(checkpoint, device=resolve_device(device))
+    model, _ = load_model(checkpoint, device=resolve_device(device), **weight_format(dtype))
     model.layer_thresholds(threshold)  # a model without a dial refuses one before the data is read
     if data is not None:
         tokens = user_tokens_by_domain(data, load_tokenizer_for(checkpoint))
@@ -164,7 +173,7 @@ def generate(
     """Continue a prompt with a checkpoint, printing the text as it is decoded.
 
     The last line (on stderr) gives the speed and the kernels behind it: weight dtype, device, and whether
-    the matmuls ran on oneDNN-packed weights (CPU, where the instruction set supports the dtype) or plain.
+    the matmuls ran on the native kernel, on oneDNN-packed weights or on torch's plain matmuls.
     """
     import torch
 
@@ -179,7 +188,7 @@ def generate(
     except UnicodeEncodeError:
         raise DynamoeError("--prompt holds bytes that are not UTF-8 text; set the terminal to UTF-8 "
                            "or fix the text") from None
-    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, dtype=getattr(torch, dtype))
+    model, cfg = load_model(checkpoint, device=resolve_device(device), pack=True, **weight_format(dtype))
     if compile:
         model.compile_decode()
     tokenizer = load_tokenizer_for(checkpoint)
@@ -219,7 +228,7 @@ def bench(
     batch_sizes: Annotated[list[int] | None, f"batch sizes of the decode throughput runs (default: {' '.join(map(str, BENCH_DEFAULTS['batch_sizes']))})"] = None,
     threads: Annotated[int | None, "torch CPU threads (default: torch's choice); 1 is steadiest on a busy machine"] = None,
     compile: Annotated[bool, "decode through torch.compile (compiles once per model, batch size and dial)"] = False,
-    pack: Annotated[bool, "decode on oneDNN-packed weights, CPU only (--no-pack: torch's plain matmuls)"] = True,
+    pack: Annotated[bool, "decode on packed weights (the native kernel, else oneDNN), CPU only (--no-pack: torch's plain matmuls)"] = True,
     dtype: WeightDType = "float32",
     device: Device = "auto",
     progress: Annotated[bool, "show a progress bar"] = True,
@@ -234,7 +243,7 @@ def bench(
     settings = BenchSettings(decode_tokens=decode_tokens, repeats=repeats, eval_tokens=eval_tokens,
                              batch_sizes=tuple(batch_sizes or BENCH_DEFAULTS["batch_sizes"]), price_per_hour=price_per_hour)
     report = run_bench(checkpoints, corpus, out, dial=dial or (), settings=settings, device=device, progress=progress,
-                       compile_decode=compile, pack=pack, dtype=getattr(torch, dtype))
+                       compile_decode=compile, pack=pack, **weight_format(dtype))
     print(markdown_table(report.variants))
     print(kernels_line(report.variants))
     print(f"results written to {out}")
@@ -394,16 +403,27 @@ def import_hf(
 
 def export(
     checkpoint: Checkpoint,
-    out: Annotated[Path, "new folder for the exported checkpoint"],
-    output_format: Annotated[Literal["hf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE layout)",
-                             "--format"] = "hf",
-    allow_dynamic: Annotated[bool, "write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
+    out: Annotated[Path, "new folder (hf) or file (gguf) for the exported model"],
+    output_format: Annotated[Literal["hf", "gguf"], "hf: a transformers folder (Mixtral, Qwen3-MoE, Qwen2-MoE or OLMoE "
+                             "layout); gguf: one llama.cpp file (Mixtral layout, tokenizer inside)", "--format"] = "hf",
+    gguf_type: Annotated[Literal["f32", "q8_0"], "gguf: weight type (q8_0: 8-bit blocks of 32, router gates f32)"] = "f32",
+    as_topk: Annotated[int | None, "export a topk/topp/dynamic model as static top-K (the K most probable experts)"] = None,
+    allow_dynamic: Annotated[bool, "hf: write a dynamic-routing model anyway; transformers would run it as static top-k"] = False,
     force: Annotated[bool, "replace OUT if it exists"] = False,
 ) -> None:
-    """Export a static top-k checkpoint in a layout that transformers loads with identical logits."""
+    """Export a static top-k checkpoint in a layout that transformers (identical logits) or llama.cpp loads."""
+    if output_format == "gguf":
+        try:
+            from dynamoe.gguf_export import export_gguf
+        except ImportError:
+            raise DynamoeError("the GGUF export needs the gguf package: pip install gguf") from None
+        written = export_gguf(checkpoint, out, gguf_type=gguf_type, as_topk=as_topk, force=force)
+        print(f"exported GGUF ({written.gguf_type}, static top-{written.top_k}, pre-tokenizer {written.pre_tokenizer!r}) "
+              f"to {written.out}")
+        return
     from dynamoe.hf import export_hf
 
-    done = export_hf(checkpoint, out, allow_dynamic=allow_dynamic, force=force)
+    done = export_hf(checkpoint, out, allow_dynamic=allow_dynamic, force=force, as_topk=as_topk)
     note = " (dynamic routing: see README.md there; transformers runs it as static top-k)" if done.dynamic else ""
     print(f"exported {done.architecture} to {done.out}{note}")
 

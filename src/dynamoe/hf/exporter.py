@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -63,12 +64,34 @@ def family_for(cfg: ModelConfig) -> Family:
     raise DynamoeError(f"no transformers architecture ({', '.join(FAMILIES)}) computes this model exactly ({described})")
 
 
-def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: bool = False) -> Exported:
-    """Write a dynamoe checkpoint as a transformers checkpoint folder that `from_pretrained` loads."""
+def static_topk(model: Transformer, top_k: int) -> tuple[Transformer, ModelConfig]:
+    """The same gate and experts behind a static top-k router: the k most probable experts under the gate, weighted by
+    the model's top-k rule (renormalised, as Mixtral, unless renormalize_topk is off); temperature heads and
+    thresholds are dropped."""
+    cfg = model.config
+    if cfg.ffn != "moe" or cfg.router == "relu":
+        raise DynamoeError(f"--as-topk needs a softmax router (topk, topp or dynamic); this model has "
+                           f"{'a dense feed-forward' if cfg.ffn != 'moe' else 'the relu router'}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cfg.n_experts:
+        raise DynamoeError(f"--as-topk {top_k!r} must be an integer in [1, {cfg.n_experts}] (the model's experts)")
+    static_cfg = dataclasses.replace(cfg, router="topk", top_k=top_k, target_k=None, layer_thresholds=None)
+    with torch.random.fork_rng(devices=[]):
+        static = Transformer(static_cfg)
+    missing, unexpected = static.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(".router." in name for name in unexpected), (missing, unexpected)  # routing state only
+    return static.eval(), static_cfg
+
+
+def export_hf(checkpoint: Path, out: Path, allow_dynamic: bool = False, force: bool = False,
+              as_topk: int | None = None) -> Exported:
+    """Write a dynamoe checkpoint as a transformers checkpoint folder that `from_pretrained` loads (a topk/topp/dynamic
+    one as static top-`as_topk` if given)."""
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(out)
     check_output_folder(out, force, checkpoint_bytes(load_config(ckpt), with_optimizer=False))
     model, cfg = load_model(ckpt)
+    if as_topk is not None:
+        model, cfg = static_topk(model, as_topk)
     family = family_for(cfg)
     dynamic = cfg.router != "topk"
     if dynamic and not allow_dynamic:

@@ -40,8 +40,12 @@ DECODE_MAX_TOKENS = 1  # up to this many tokens, the per-token decode path beats
 def decode_dispatch(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
     """Few tokens (decoding): loop over each token's selected experts only, on views of the stacked weights.
 
-    Expert ids and counts come to the host in one transfer; nothing is sorted or gathered.
+    Expert ids and counts come to the host in one transfer; nothing is sorted or gathered. With the native
+    kernel (dynamoe.model.native) every token's experts run in one call that reads the routing itself.
     """
+    panels = experts.fresh_panels()
+    if panels is not None:
+        return panels.run(x_TD, routing.experts_TK, routing.weights_TK, routing.k_T)
     host = torch.cat([routing.k_T[:, None], routing.experts_TK], dim=1).tolist()  # the one host sync
     rows = []
     for t, (k, *expert_ids) in enumerate(host):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.config import ModelConfig
-from dynamoe.model.packed import PackedWeight, fresh, pack
+from dynamoe.model.packed import InferenceWeight, fresh, pack
 
 
 class RMSNorm(nn.Module):
@@ -94,12 +94,12 @@ class Projection(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_dim, out_dim))
         self.bias = nn.Parameter(torch.zeros(out_dim)) if bias else None
-        self.packed: PackedWeight | None = None  # see pack_weights
+        self.packed: InferenceWeight | None = None  # see pack_weights
         nn.init.normal_(self.weight, std=0.02)
 
-    def pack_weights(self) -> None:
-        """Keep a oneDNN-packed copy of the weight for inference (dynamoe.model.packed)."""
-        self.packed = pack(self.weight)
+    def pack_weights(self, int8: bool = False) -> None:
+        """Keep a packed copy of the weight for inference (dynamoe.model.packed); int8 rounds the weight to int8 first."""
+        self.packed = pack(self.weight, int8=int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = fresh(self.packed, self.weight)
@@ -171,7 +171,7 @@ class Attention(nn.Module):
         return torch.cat([q, k], dim=2)
 
 
-PackedPair = tuple[PackedWeight, PackedWeight]  # a SwiGLU's packed gate-up and down projections
+PackedPair = tuple[InferenceWeight, InferenceWeight]  # a SwiGLU's packed gate-up and down projections
 
 
 def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor, packed: PackedPair | None = None,
@@ -191,9 +191,9 @@ def swiglu(x_ND: torch.Tensor, w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Ten
 
 
 def pack_pair(w_gate_up_DF2: torch.Tensor, w_down_FD: torch.Tensor, source_gate_up: torch.Tensor,
-              source_down: torch.Tensor) -> PackedPair | None:
+              source_down: torch.Tensor, int8: bool = False) -> PackedPair | None:
     """Packed copies of a SwiGLU's two weights, or None if either is too small to gain from packing."""
-    gate_up, down = pack(w_gate_up_DF2, source=source_gate_up), pack(w_down_FD, source=source_down)
+    gate_up, down = pack(w_gate_up_DF2, source=source_gate_up, int8=int8), pack(w_down_FD, source=source_down, int8=int8)
     return (gate_up, down) if gate_up is not None and down is not None else None
 
 
@@ -214,9 +214,9 @@ class DenseFFN(nn.Module):
         self.packed: PackedPair | None = None  # see pack_weights
         self.reset_parameters()
 
-    def pack_weights(self) -> None:
-        """Keep oneDNN-packed copies of both weights for inference (dynamoe.model.packed)."""
-        self.packed = pack_pair(self.w_gate_up, self.w_down, self.w_gate_up, self.w_down)
+    def pack_weights(self, int8: bool = False) -> None:
+        """Keep packed copies of both weights for inference (dynamoe.model.packed); int8 rounds them to int8 first."""
+        self.packed = pack_pair(self.w_gate_up, self.w_down, self.w_gate_up, self.w_down, int8)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal init; Transformer.reset_parameters rescales the output projection by depth."""

@@ -14,8 +14,11 @@ from torch import nn
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
 from dynamoe.model.layers import Attention, DenseFFN, KVCache, Projection, RMSNorm, cache_mask, rope_tables
+from dynamoe.model.fused import FusedDecoder, fused_decoder
 from dynamoe.model.moe import MoE
-from dynamoe.model.packed import PackedWeight, count_packed, fresh, onednn_supports, pack
+from dynamoe.model.native import NATIVE_STATE, native_isa
+from dynamoe.model.packed import (InferenceWeight, PackedWeight, PanelWeight, count_packed, count_panel_experts, fresh,
+                                  onednn_supports, pack)
 from dynamoe.model.router import DynamicRouter, Router, Routing, TopPRouter, check_threshold
 
 INIT_STD = 0.02
@@ -71,7 +74,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.compiled_decode: Callable[..., ModelOutput] | None = None  # see compile_decode
-        self.tied_head_packed: PackedWeight | None = None  # see pack_weights
+        self.tied_head_packed: InferenceWeight | None = None  # see pack_weights
+        self.int8_weights = False  # see pack_weights
+        self.fused: FusedDecoder | None = None  # every block's decode step in native calls; see pack_weights
         if cfg.layer_thresholds is not None:
             self.set_trained_thresholds(cfg.layer_thresholds)
         self.reset_parameters()
@@ -165,38 +170,56 @@ class Transformer(nn.Module):
             if hasattr(module, "packed"):
                 module.packed = None
         self.tied_head_packed = None
+        self.fused = None
         self.compiled_decode = torch.compile(self.forward, dynamic=False)
 
-    def pack_weights(self) -> None:
-        """Inference on CPU: keep oneDNN-packed copies of the large matrices, which decode about 1.5-2x faster.
+    def pack_weights(self, int8: bool = False) -> None:
+        """Inference on CPU: keep packed copies of the weight matrices, which decode 1.5-3x faster.
 
-        The copies double the memory of those weights. They are used only while no gradient is wanted
-        and the weights are unchanged (dynamoe.model.packed); a no-op off CPU, without oneDNN, or once
-        compile_decode has run (inductor cannot lower oneDNN's opaque tensors).
+        fp32 weights go into the native kernel's panels (dynamoe.model.native) where it is available, else
+        the large matrices into oneDNN's layout. The copies double the memory of those weights. They are
+        used only while no gradient is wanted and the weights are unchanged (dynamoe.model.packed); a no-op
+        off CPU, without either kernel, or once compile_decode has run (inductor cannot lower oneDNN's
+        opaque tensors).
+
+        int8: weight-only quantization of every matrix but the router gates (which decide the experts):
+        each output column rounded to 127 levels of its largest magnitude, written back into the weights
+        themselves (so every path, prefill and evaluation included, computes the same int8 model), and
+        decoded from int8 panels, a quarter of fp32's bytes, where the native kernel is available.
         """
+        if int8:
+            self.int8_weights = True
         if self.compiled_decode is not None:
             return
+        gates = {id(router.gate) for router in self.routers()}
         for module in self.modules():
             if module is not self and hasattr(module, "pack_weights"):
-                module.pack_weights()
+                module.pack_weights(int8=int8 and id(module) not in gates)
         if self.output is None:
-            self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False)
+            self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False, int8=int8)
+        head = self.tied_head_packed if self.output is None else self.output.packed
+        self.fused = fused_decoder(self.layers, self.norm, head)
 
     def kernel_summary(self) -> str:
-        """Which kernels decoding runs on: weight dtype, device, packed or plain matmuls, compiled or not."""
+        """Which kernels decoding runs on: weight dtype, device, native, packed or plain matmuls, compiled or not."""
         weight = self.tok_embeddings.weight
         dtype = str(weight.dtype).removeprefix("torch.")
         if weight.device.type != "cpu":
             matmuls = "torch matmuls"
-        elif (packed := count_packed(self)):
+        elif (panels := count_packed(self, PanelWeight)) + (stacks := count_panel_experts(self)):
+            matmuls = f"native kernel, {native_isa()} ({panels} matrices, {stacks} expert stacks)"
+        elif (packed := count_packed(self, PackedWeight)):
             matmuls = f"oneDNN-packed matmuls ({packed} matrices)"
         elif not onednn_supports(weight.dtype):
             matmuls = f"plain torch matmuls (oneDNN cannot pack {dtype} on this CPU or build)"
         else:
             matmuls = "plain torch matmuls (not packed)"
+        if NATIVE_STATE.get("available") is False and weight.dtype == torch.float32:
+            matmuls += "; native kernel unavailable"
+        int8 = " with int8 weights" if self.int8_weights else ""
         compiled = ", torch.compile" if self.compiled_decode is not None else ""
         capability = f", CPU {torch.backends.cpu.get_cpu_capability()}" if weight.device.type == "cpu" else ""
-        return f"{dtype} on {weight.device}: {matmuls}{compiled}{capability}"
+        return f"{dtype}{int8} on {weight.device}: {matmuls}{compiled}{capability}"
 
     def grow_caches(self, max_len: int) -> None:
         """Lengthen the KV caches to max_len positions, keeping what they hold (a running batch needs more room)."""
@@ -226,6 +249,8 @@ class Transformer(nn.Module):
         thresholds_BL: each row's routing threshold per MoE layer (see routing_thresholds); None routes as trained.
         cache_rows: the rows of the KV cache this call's rows are (default: the first B)."""
         B, T = idx_BT.shape
+        if input_pos_T is not None and B == T == 1 and cache_rows in (None, slice(0, 1)) and self.fused_step_ready():
+            return self.fused_step(idx_BT, input_pos_T, thresholds_BL)
         input_pos_BT, cache_mask_B1TS = None, None
         # RoPE tables at this call's positions, with a unit axis that broadcasts over the heads of (B, T, H, d).
         if input_pos_T is None:
@@ -254,6 +279,20 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
         aux_loss = sum((r.aux_loss for r in routings), torch.zeros((), device=idx_BT.device))
         return ModelOutput(logits_BTV, lm_loss + aux_loss, lm_loss, aux_loss, routings)
+
+    def fused_step_ready(self) -> bool:
+        """Whether a decode step of one token can run fused (dynamoe.model.fused): every block packed for it and ready,
+        and no gradient wanted."""
+        return self.fused is not None and not torch.is_grad_enabled() and self.fused.ready()
+
+    def fused_step(self, idx_11: torch.Tensor, input_pos_11: torch.Tensor,
+                   thresholds_1L: torch.Tensor | None = None) -> ModelOutput:
+        """forward for one token of a batch of one, two native calls per block (dynamoe.model.fused)."""
+        assert self.fused is not None
+        thresholds_L = None if thresholds_1L is None else thresholds_1L[0].tolist()
+        logits_1V, routings = self.fused(self.tok_embeddings(idx_11[0]), input_pos_11, self.rope_cos, self.rope_sin,
+                                         thresholds_L)
+        return ModelOutput(logits_1V[None], routings=routings)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states."""
