@@ -182,6 +182,24 @@ def test_the_unfused_native_path_equals_the_modules_for_batches_and_dense_models
                                    rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()  # the native copy serves inference only
+def test_a_token_routed_to_no_expert_gets_zeros_from_the_moe_op() -> None:
+    """ReLU and null-expert routers give some tokens k = 0: the op adds nothing for them (once a division by zero)."""
+    fast, _ = packed_and_plain(router="topk")
+    experts = fast.layers[0].ffn.experts
+    panels = experts.fresh_panels()
+    assert panels is not None
+    x_TD = torch.randn(3, fast.config.dim, generator=torch.Generator().manual_seed(7))
+    experts_TK = torch.tensor([[0, 1], [2, 3], [1, 0]])
+    weights_TK = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]])
+    for k_T in (torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long)):
+        y_TD = panels.run(x_TD, experts_TK, weights_TK, k_T)
+        for t, k in enumerate(k_T.tolist()):
+            expected = sum((weights_TK[t, j] * experts.forward_expert(int(experts_TK[t, j]), x_TD[t:t + 1])[0]
+                            for j in range(k)), torch.zeros(fast.config.dim))
+            torch.testing.assert_close(y_TD[t], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_stale_weights_gradients_and_router_hooks_leave_the_fused_path() -> None:
     fast, plain = packed_and_plain(router="dynamic")
     assert fast.fused is not None

@@ -234,7 +234,11 @@ Panels panels_of(const at::Tensor& panels, const std::optional<at::Tensor>& scal
   return Panels{panels.data_ptr(), scale ? scale->data_ptr<float>() : nullptr, int8, panels.size(-2)};
 }
 
-int64_t grain(int64_t weights_per_item) { return std::max<int64_t>(1, kMinWeightsPerThread / weights_per_item); }
+// Items per thread at least; an item of no weights (a token routed to no expert) counts as one weight, never a
+// division by zero.
+int64_t grain(int64_t weights_per_item) {
+  return std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(1, weights_per_item));
+}
 
 int64_t panels_for(int64_t columns) { return (columns + kPanel - 1) / kPanel; }
 
@@ -329,6 +333,7 @@ ExpertWeights experts_of(const at::Tensor& gate_up, const std::optional<at::Tens
 // pass together (kStreams / 2 of each per work item), then each group of kStreams output panels through every expert.
 void run_experts(const float* x, const ExpertWeights& w, const int64_t* ids, const float* weights, int64_t used, float* out) {
   for (int64_t j = 0; j < used; ++j) TORCH_CHECK(0 <= ids[j] && ids[j] < w.n_experts, "experts: expert id out of range");
+  if (used == 0) return;  // a token routed to no expert (ReLU, null experts) adds nothing
   constexpr int64_t kPairs = kStreams / 2;
   const int64_t dim = w.gate_up.rows, hidden = w.down.rows, stride = w.hidden_panels * kPanel;
   const int64_t pair_groups = (w.hidden_panels + kPairs - 1) / kPairs, out_groups = (w.out_panels + kStreams - 1) / kStreams;
