@@ -154,7 +154,8 @@ def test_profiles_budget_and_models(tiny_corpus: Path) -> None:
     cold = dataclasses.replace(QUICK, dense_warmup=0.0)
     unwarmed = model_config(MODELS[-1], cold, tiny_corpus)
     assert (unwarmed.target_k_hold_steps, unwarmed.target_k_decay_steps) == (0, 0)
-    assert default_models(QUICK) == list(DEFAULT_KEYS) and "top2-warm" not in default_models(cold)
+    assert default_models(DEFAULT) == list(DEFAULT_KEYS) and "top2-warm" not in default_models(cold)
+    assert set(default_models(QUICK)) == set(DEFAULT_KEYS) - {"dynamic-4", "topp-3", "relu-3"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -337,9 +338,9 @@ def test_gpu_profile_machinery_at_tiny_size(tmp_path: Path, tiny_corpus: Path) -
 
 
 @pytest.mark.parametrize("args, out, seeds, models", [
-    ([], "runs/headline", [0], 15), (["--quick"], "runs/headline-quick", [0, 1, 2], 15),
+    ([], "runs/headline", [0], 15), (["--quick"], "runs/headline-quick", [0, 1, 2], 12),
     (["--profile", "gpu"], "runs/headline-gpu", [0], 15), (["--profile", "quick", "--dense-warmup", "0"],
-                                                           "runs/headline-quick", [0, 1, 2], 12)])
+                                                           "runs/headline-quick", [0, 1, 2], 9)])
 def test_each_profile_has_its_own_report_folder_seeds_and_models(args: list[str], out: str, seeds: list[int], models: int,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     asked: dict = {}

@@ -170,18 +170,39 @@ def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None
     assert "with int8 weights" in fast.kernel_summary()
 
 
-def test_the_unfused_native_path_equals_the_modules_for_batches_and_dense_models() -> None:
-    for overrides in (dict(router="topk"), dict(ffn="dense"), dict(router="dynamic", shared_expert_dim=32),
-                      dict(router="relu")):  # relu: k can be 0
-        fast, plain = packed_and_plain(**overrides)
-        assert (fast.fused is not None) == (overrides.get("router") == "topk")
-        prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]  # a batch of two: the native matvecs, not the fused step
+PARTLY_FUSED = {  # the kernel fuses their attention; their feed-forward half runs through its module
+    "dense": dict(ffn="dense"),
+    "shared expert": dict(router="dynamic", shared_expert_dim=32),
+    "relu (k can be 0)": dict(router="relu"),
+    "dtopp": dict(router="dtopp"),
+    "need": dict(router="need"),
+    "dense first layer": dict(router="topk", dense_layers=[0]),
+}
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("name", PARTLY_FUSED)
+def test_the_partly_fused_step_and_the_batched_native_path_equal_the_modules(name: str, int8: bool) -> None:
+    fast, plain = packed_and_plain(int8, **PARTLY_FUSED[name])
+    assert fast.fused is not None and any(block.moe_args is None for block in fast.fused.blocks)
+    assert (fast.fused.blocks[0].dense_args is not None) == name.startswith("dense")
+    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
+    plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert fast_experts == plain_experts
+    for prompts in ([[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 5], [9, 8, 7]]):  # batch 1: the fused step; 2: the native matvecs
         assert generate(fast, prompts, 12, GREEDY) == generate(plain, prompts, 12, GREEDY)
-        prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
-        torch.testing.assert_close(decode_step_outputs(fast, prompt_1T)[0], decode_step_outputs(plain, prompt_1T)[0],
-                                   rtol=1e-4, atol=1e-4)
 
 
+def test_a_partly_fused_step_runs_the_attention_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense model's batch-1 steps take the fused attention, not the module's (benches compare like with like)."""
+    fast, _ = packed_and_plain(ffn="dense")
+    attention = type(fast.layers[0].attn)
+    module_forward, calls = attention.forward, []
+    monkeypatch.setattr(attention, "forward", lambda *args, **kwargs: calls.append(1) or module_forward(*args, **kwargs))
+    generate(fast, [[1, 2, 3]], 6, GREEDY)
+    assert len(calls) == fast.config.n_layers  # the prefill alone: one call per block, no decode step
 @torch.no_grad()  # the native copy serves inference only
 def test_a_token_routed_to_no_expert_gets_zeros_from_the_moe_op() -> None:
     """ReLU and null-expert routers give some tokens k = 0: the op adds nothing for them (once a division by zero)."""

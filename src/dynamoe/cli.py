@@ -269,8 +269,9 @@ def experiment_headline(
     seeds: Annotated[list[int] | None, "seeds to train every model with (default: 0; quick: 0 1 2); each adds a "
                                        "full round"] = None,
     models: Annotated[list[str] | None, "a subset of: top8 top4 top2 top1 top4-warm top2-warm top1-warm dense dynamic-2 "
-                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 need-2 null-2 (default: all but null-2; with "
-                                        "--dense-warmup 0, also without the -warm ones)"] = None,
+                                        "dynamic-3 dynamic-4 topp-3 relu-3 dtopp-3 need-2 null-2 (default: all but null-2; quick: "
+                                        "also without dynamic-4 topp-3 relu-3; with --dense-warmup 0, also without the "
+                                        "-warm ones)"] = None,
     dense_warmup: Annotated[float | None, "fraction of the steps that warms the adaptive routers and the -warm static "
                                           "ones up from dense routing: k_max for its first half, then falling to "
                                           "their own k (default: 0.6; 0: none)"] = None,

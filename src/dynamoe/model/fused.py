@@ -10,9 +10,12 @@ as one op on the block's packed weights:
     logits = head(rms_norm(x))                  # linear with a norm weight, after the last block
 
 computing what Block.forward computes for one token of a batch of one (tests hold the two within 1e-4).
-A block is fused only where the kernel implements all of it: attention without QK-norm, an MoE whose
-router is top-k, top-p or dynamic, without a shared expert, on the local dispatcher, every weight in the
-native kernel's panels (Transformer.pack_weights). Anything else decodes through the modules.
+The attention half is fused where the kernel implements it (no QK-norm, its weights in the native kernel's
+panels: Transformer.pack_weights); a model with any other attention decodes through the modules. The
+feed-forward half is fused for an MoE whose router is top-k, top-p or dynamic, without a shared expert,
+on the local dispatcher, and for a dense SwiGLU (two native linears); any other (the ReLU, DTop-p or need
+routers, a shared expert) runs through its module on the same packed weights, so that every model of a
+comparison gets the fused attention and head, not only the routers the kernel knows.
 
 A `FusedBlock` keeps references to the block's tensors, taken when the model is packed: reading them
 through the modules costs more per step than the two calls themselves. It is used only while every one
@@ -26,10 +29,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynamoe.model.dispatch import LocalDispatcher
-from dynamoe.model.layers import RMSNorm
+from dynamoe.model.layers import DenseFFN, RMSNorm
 from dynamoe.model.moe import MoE
 from dynamoe.model.packed import InferenceWeight, PanelWeight, stamp
 from dynamoe.model.router import DynamicRouter, Routing, TopKRouter, TopPRouter
@@ -40,48 +44,100 @@ if TYPE_CHECKING:
 FUSED_ROUTERS = (TopKRouter, TopPRouter, DynamicRouter)  # exactly these classes: a subclass may route otherwise
 
 
-def fusable(block: Block) -> bool:
-    """Whether the native kernel implements this packed block's decode step."""
-    attn, moe = block.attn, block.ffn
+def attention_fusable(block: Block) -> bool:
+    """Whether the native kernel implements this packed block's attention half."""
+    attn = block.attn
+    return attn.q_norm is None and all(isinstance(projection.packed, PanelWeight) for projection in (attn.wqkv, attn.wo))
+
+
+def moe_fusable(block: Block) -> bool:
+    """Whether the native kernel implements this packed block's feed-forward half (router and experts)."""
+    moe = block.ffn
     return (isinstance(moe, MoE) and type(moe.router) in FUSED_ROUTERS and moe.shared_expert is None
-            and type(moe.dispatcher) is LocalDispatcher and attn.q_norm is None and moe.experts.panels is not None
-            and all(isinstance(projection.packed, PanelWeight) for projection in (attn.wqkv, attn.wo, moe.router.gate)))
+            and type(moe.dispatcher) is LocalDispatcher and moe.experts.panels is not None
+            and isinstance(moe.router.gate.packed, PanelWeight))
+
+
+def dense_fusable(block: Block) -> bool:
+    """Whether this packed block's feed-forward half is a dense SwiGLU on the native kernel's panels."""
+    ffn = block.ffn
+    return (isinstance(ffn, DenseFFN) and ffn.packed is not None
+            and all(isinstance(weight, PanelWeight) for weight in ffn.packed))
+
+
+def fusable(block: Block) -> bool:
+    """Whether the native kernel implements all of this packed block's decode step."""
+    return attention_fusable(block) and moe_fusable(block)
 
 
 class FusedBlock:
-    """One block's decode step in two native calls, on references to its tensors taken at packing."""
+    """One block's decode step: its attention in one native call, then its feed-forward half in another where the
+    kernel implements it (moe_fusable), else through its module; on references to its tensors taken at packing."""
 
     def __init__(self, block: Block) -> None:
-        attn, moe = block.attn, block.ffn
-        assert isinstance(moe, MoE) and fusable(block) and moe.experts.panels is not None
-        router, experts = moe.router, moe.experts.panels
-        wqkv, wo, gate = self.packed = [cast(PanelWeight, p.packed) for p in (attn.wqkv, attn.wo, router.gate)]
-        self.attention, self.router, self.experts = attn, router, experts
+        attn = block.attn
+        assert attention_fusable(block)
+        wqkv, wo = self.packed = [cast(PanelWeight, p.packed) for p in (attn.wqkv, attn.wo)]
+        self.attention, self.block = attn, block
         self.attention_args = (block.attn_norm.weight, block.attn_norm.eps, wqkv.panels, wqkv.scale, attn.wqkv.bias,
                                wo.panels, wo.scale, attn.wo.bias)
         self.attention_settings = (attn.n_heads, attn.clip_qkv)
+        self.tensors = [t for t in self.attention_args if isinstance(t, nn.Parameter)]
+        self.moe_args: tuple | None = None
+        self.dense_args: tuple | None = None
+        if moe_fusable(block):
+            self.fuse_moe(block.ffn_norm, cast(MoE, block.ffn))
+        elif dense_fusable(block):
+            self.fuse_dense(block.ffn_norm, cast(DenseFFN, block.ffn))
+        self.stamps = [stamp(t) for t in self.tensors]
+        self.no_aux_loss = torch.zeros(())  # decoding computes no auxiliary loss
+
+    def fuse_moe(self, norm: RMSNorm, moe: MoE) -> None:
+        """Take the references moe_decode reads (the feed-forward half in one native call)."""
+        router, experts = moe.router, moe.experts.panels
+        assert experts is not None
+        gate = cast(PanelWeight, router.gate.packed)
+        self.packed.append(gate)
+        self.router, self.experts = router, experts
         threshold = isinstance(router, TopPRouter)
         dynamic = router if isinstance(router, DynamicRouter) else None
         # Everything moe_decode reads but the compute dial (see dial), in its order.
         self.moe_args = (
-            block.ffn_norm.weight, block.ffn_norm.eps, gate.panels, router.n_experts,
+            norm.weight, norm.eps, gate.panels, router.n_experts,
             router.k_max if threshold else router.top_k, router.k_min, router.renormalize, threshold and router.static_weights,
             None if dynamic is None else dynamic.temperature_head.weight, None if dynamic is None else dynamic.temperature_head.bias,
             1.0 if dynamic is None else dynamic.temperature_input_scale, 0.0 if dynamic is None else dynamic.temperature_min,
             0.0 if dynamic is None else dynamic.temperature_max,
             experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
-        self.tensors = [t for t in (*self.attention_args, *self.moe_args) if isinstance(t, nn.Parameter)]
-        self.stamps = [stamp(t) for t in self.tensors]
-        self.no_aux_loss = torch.zeros(())  # decoding computes no auxiliary loss
+        self.tensors += [t for t in self.moe_args if isinstance(t, nn.Parameter)]
+
+    def fuse_dense(self, norm: RMSNorm, ffn: DenseFFN) -> None:
+        """Take the references of a dense SwiGLU: two native linears (the first with the norm) around silu * up."""
+        assert ffn.packed is not None
+        gate_up, down = cast(tuple[PanelWeight, PanelWeight], ffn.packed)
+        self.packed += [gate_up, down]
+        self.dense_args = (norm.weight, norm.eps, gate_up, down)
+        self.tensors += [norm.weight, ffn.w_gate_up, ffn.w_down]
+
+    def dense(self, x_1D: torch.Tensor) -> torch.Tensor:
+        """x + SwiGLU(rms_norm(x)) of a dense block, in two native calls and three small torch ops."""
+        assert self.dense_args is not None
+        norm_weight, eps, gate_up, down = self.dense_args
+        gate, up = torch.ops.dynamoe.linear(x_1D, gate_up.panels, gate_up.scale, None, None, gate_up.out_features,
+                                            norm_weight, eps).chunk(2, dim=-1)
+        return torch.ops.dynamoe.linear(F.silu(gate) * up, down.panels, down.scale, None, x_1D, down.out_features)
 
     def ready(self) -> bool:
         """Whether the step may run fused now: a KV cache of one row, every tensor unchanged, no router hooks (see the
         module)."""
         cache = self.attention.kv_cache
-        return (cache is not None and cache.k_BHSd.shape[0] == 1 and self.experts.unchanged()
-                and all(packed.unchanged() for packed in self.packed)
-                and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps))
-                and not self.router._forward_hooks and not self.router._forward_pre_hooks)
+        if cache is None or cache.k_BHSd.shape[0] != 1:
+            return False
+        if self.moe_args is not None and (not self.experts.unchanged() or self.router._forward_hooks
+                                          or self.router._forward_pre_hooks):
+            return False
+        return (all(packed.unchanged() for packed in self.packed)
+                and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps)))
 
     def dial(self, threshold: float | None) -> tuple[float, float]:
         """The compute dial of this step: the threshold asked for, else the router's trained one (0: top-k), and the
@@ -94,15 +150,28 @@ class FusedBlock:
         return threshold, getattr(router, "temperature_scale", 1.0)
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 threshold: float | None = None) -> tuple[torch.Tensor, Routing]:
+                 threshold: float | None = None) -> tuple[torch.Tensor, Routing | None]:
         """Block.forward for one token of a batch of one, at `position` of its KV cache, at a routing threshold
-        (None: as trained)."""
+        (None: as trained); the routing is None for a dense block."""
         cache = self.attention.kv_cache
         assert cache is not None  # see ready
         x_1D = torch.ops.dynamoe.attention_decode(x_1D, *self.attention_args, cache.k_BHSd, cache.v_BHSd, position, cos,
                                                   sin, *self.attention_settings)
-        x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(x_1D, *self.moe_args, *self.dial(threshold))
-        return x_1D, Routing(experts_1K, weights_1K, k_1, self.no_aux_loss)
+        if self.moe_args is not None:
+            x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(x_1D, *self.moe_args, *self.dial(threshold))
+            return x_1D, Routing(experts_1K, weights_1K, k_1, self.no_aux_loss)
+        if self.dense_args is not None:
+            return self.dense(x_1D), None
+        return self.feed_forward(x_1D, threshold)
+
+    def feed_forward(self, x_1D: torch.Tensor, threshold: float | None) -> tuple[torch.Tensor, Routing | None]:
+        """The feed-forward half through the block's modules (they read the packed weights themselves)."""
+        block = self.block
+        h_11D = block.ffn_norm(x_1D)[None]
+        if isinstance(block.ffn, MoE):
+            y_11D, routing = block.ffn(h_11D, None if threshold is None else torch.tensor([threshold], dtype=torch.float64))
+            return x_1D + y_11D[0], routing
+        return x_1D + block.ffn(h_11D)[0], None
 
 
 class FusedDecoder:
@@ -129,14 +198,15 @@ class FusedDecoder:
         routings = []
         for index, block in enumerate(self.blocks):
             x_1D, routing = block(x_1D, position, cos, sin, None if thresholds_L is None else thresholds_L[index])
-            routings.append(routing)
+            if routing is not None:  # as Transformer.forward: dense blocks have none
+                routings.append(routing)
         head = self.head
         return torch.ops.dynamoe.linear(x_1D, head.panels, head.scale, None, None, head.out_features, *self.norm), routings
 
 
 def fused_decoder(layers: Sequence[Block], norm: RMSNorm, head: InferenceWeight | None) -> FusedDecoder | None:
-    """The fused decoder of a packed model, or None unless the kernel implements every block (see fusable) and holds
-    the output head."""
-    if not isinstance(head, PanelWeight) or not all(fusable(block) for block in layers):
+    """The fused decoder of a packed model, or None unless the kernel implements every block's attention (see
+    attention_fusable) and holds the output head."""
+    if not isinstance(head, PanelWeight) or not all(attention_fusable(block) for block in layers):
         return None
     return FusedDecoder(layers, norm, head)
