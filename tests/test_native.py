@@ -20,6 +20,7 @@ from dynamoe.generate import GREEDY, generate, prefill
 from dynamoe.model import Transformer, native
 from dynamoe.model import packed as packed_module
 from dynamoe.model.native import ISA_LEVELS, native_available, pad_columns, quantize_columns, to_panels
+from dynamoe.model.router import NeedRouter
 
 CAN_BUILD = shutil.which(os.environ.get("CXX", "c++")) is not None
 pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="no C++ compiler: the kernel cannot be built here")
@@ -30,6 +31,8 @@ MODELS = {
     "topp, grouped-query": dict(router="topp", n_kv_heads=2),
     "dynamic, biases, clip, tied": dict(router="dynamic", qkv_bias=True, out_bias=True, clip_qkv=0.5, tie_embeddings=True),
     "retrofit-like static weights, k_min 2": dict(router="topp", static_weights=True, k_min=2, threshold=0.6),
+    "dtopp": dict(router="dtopp", threshold=0.4),
+    "need, k_min 2": dict(router="need", k_min=2),
 }
 
 
@@ -57,6 +60,10 @@ def random_weights(model: Transformer) -> Transformer:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
+        for module in model.modules():
+            if isinstance(module, NeedRouter):  # a fitted need head, so that k varies from token to token
+                module.need_weight_D1.copy_(torch.randn_like(module.need_weight_D1) * 0.3)
+                module.need_bias.fill_(3.0)
     return model.eval()
 
 
@@ -110,6 +117,7 @@ def decode_step_outputs(model: Transformer, prompt_1T: torch.Tensor,
 def test_the_fused_decode_step_equals_the_modules_at_every_isa(name: str, int8: bool, isa: str) -> None:
     fast, plain = packed_and_plain(int8, **MODELS[name])
     assert fast.fused is not None and f"native kernel, {isa}" in fast.kernel_summary()
+    assert "; batch-1 step fused," in fast.kernel_summary()
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
     plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)
@@ -174,8 +182,6 @@ PARTLY_FUSED = {  # the kernel fuses their attention; their feed-forward half ru
     "dense": dict(ffn="dense"),
     "shared expert": dict(router="dynamic", shared_expert_dim=32),
     "relu (k can be 0)": dict(router="relu"),
-    "dtopp": dict(router="dtopp"),
-    "need": dict(router="need"),
     "dense first layer": dict(router="topk", dense_layers=[0]),
 }
 
@@ -186,6 +192,7 @@ def test_the_partly_fused_step_and_the_batched_native_path_equal_the_modules(nam
     fast, plain = packed_and_plain(int8, **PARTLY_FUSED[name])
     assert fast.fused is not None and any(block.moe_args is None for block in fast.fused.blocks)
     assert (fast.fused.blocks[0].dense_args is not None) == name.startswith("dense")
+    assert ("feed-forward halves (router not in the kernel)" in fast.kernel_summary()) == (not name.startswith("dense"))
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
     fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
     plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)

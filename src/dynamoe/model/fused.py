@@ -12,9 +12,9 @@ as one op on the block's packed weights:
 computing what Block.forward computes for one token of a batch of one (tests hold the two within 1e-4).
 The attention half is fused where the kernel implements it (no QK-norm, its weights in the native kernel's
 panels: Transformer.pack_weights); a model with any other attention decodes through the modules. The
-feed-forward half is fused for an MoE whose router is top-k, top-p or dynamic, without a shared expert,
-on the local dispatcher, and for a dense SwiGLU (two native linears); any other (the ReLU, DTop-p or need
-routers, a shared expert) runs through its module on the same packed weights, so that every model of a
+feed-forward half is fused for an MoE whose router is top-k, top-p, dynamic, DTop-p or need, without a
+shared expert, on the local dispatcher, and for a dense SwiGLU (two native linears); any other (the ReLU
+router, a shared expert) runs through its module on the same packed weights, so that every model of a
 comparison gets the fused attention and head, not only the routers the kernel knows.
 
 A `FusedBlock` keeps references to the block's tensors, taken when the model is packed: reading them
@@ -36,12 +36,13 @@ from dynamoe.model.dispatch import LocalDispatcher
 from dynamoe.model.layers import DenseFFN, RMSNorm
 from dynamoe.model.moe import MoE
 from dynamoe.model.packed import InferenceWeight, PanelWeight, stamp
-from dynamoe.model.router import DynamicRouter, Routing, TopKRouter, TopPRouter
+from dynamoe.model.router import DTopPRouter, DynamicRouter, NeedRouter, Routing, TopKRouter, TopPRouter
 
 if TYPE_CHECKING:
     from dynamoe.model.transformer import Block
 
-FUSED_ROUTERS = (TopKRouter, TopPRouter, DynamicRouter)  # exactly these classes: a subclass may route otherwise
+# Exactly these classes: a subclass may route otherwise.
+FUSED_ROUTERS = (TopKRouter, TopPRouter, DynamicRouter, DTopPRouter, NeedRouter)
 
 
 def attention_fusable(block: Block) -> bool:
@@ -99,15 +100,19 @@ class FusedBlock:
         gate = cast(PanelWeight, router.gate.packed)
         self.packed.append(gate)
         self.router, self.experts = router, experts
-        threshold = isinstance(router, TopPRouter)
         dynamic = router if isinstance(router, DynamicRouter) else None
-        # Everything moe_decode reads but the compute dial (see dial), in its order.
+        dtopp = router if isinstance(router, DTopPRouter) else None
+        need = router if isinstance(router, NeedRouter) else None
+        # Everything moe_decode reads but what `settings` reads at each call, in its order.
         self.moe_args = (
             norm.weight, norm.eps, gate.panels, router.n_experts,
-            router.k_max if threshold else router.top_k, router.k_min, router.renormalize, threshold and router.static_weights,
+            router.top_k if isinstance(router, TopKRouter) else router.k_max, router.k_min,
+            getattr(router, "renormalize", True),  # DTop-p and need renormalise what they keep
+            isinstance(router, TopPRouter) and router.static_weights,
             None if dynamic is None else dynamic.temperature_head.weight, None if dynamic is None else dynamic.temperature_head.bias,
             1.0 if dynamic is None else dynamic.temperature_input_scale, 0.0 if dynamic is None else dynamic.temperature_min,
             0.0 if dynamic is None else dynamic.temperature_max,
+            None if dtopp is None else dtopp.logit_norm.weight, None if need is None else need.need_weight_D1,
             experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
         self.tensors += [t for t in self.moe_args if isinstance(t, nn.Parameter)]
 
@@ -139,15 +144,24 @@ class FusedBlock:
         return (all(packed.unchanged() for packed in self.packed)
                 and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps)))
 
-    def dial(self, threshold: float | None) -> tuple[float, float]:
-        """The compute dial of this step: the threshold asked for, else the router's trained one (0: top-k), and the
-        router's temperature scale."""
+    def settings(self, threshold: float | None) -> tuple[float, float, float, float, float]:
+        """What moe_decode reads from the router at each call: the threshold asked for, else the router's own (0:
+        top-k; DTop-p's is its controller's state, not a dial), the temperature scale, and the need head's bias,
+        scale and offset (its standardisation and the controller's price, as NeedRouter.select computes them)."""
         router = self.router
-        if not isinstance(router, TopPRouter):
+        if isinstance(router, DTopPRouter):
+            threshold = float(router.routing_threshold)
+        elif not isinstance(router, TopPRouter):
             threshold = 0.0
         elif threshold is None:
             threshold = router.threshold
-        return threshold, getattr(router, "temperature_scale", 1.0)
+        need_bias = need_scale = need_offset = 0.0
+        if isinstance(router, NeedRouter):
+            mean, variance = router.need_moments
+            scale = router.need_spread * variance.clamp(min=1e-12).rsqrt()
+            need_bias, need_scale = float(router.need_bias), float(scale)
+            need_offset = float(torch.addcmul(router.k_penalty, mean, scale))
+        return threshold, getattr(router, "temperature_scale", 1.0), need_bias, need_scale, need_offset
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  threshold: float | None = None) -> tuple[torch.Tensor, Routing | None]:
@@ -158,7 +172,7 @@ class FusedBlock:
         x_1D = torch.ops.dynamoe.attention_decode(x_1D, *self.attention_args, cache.k_BHSd, cache.v_BHSd, position, cos,
                                                   sin, *self.attention_settings)
         if self.moe_args is not None:
-            x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(x_1D, *self.moe_args, *self.dial(threshold))
+            x_1D, experts_1K, weights_1K, k_1 = torch.ops.dynamoe.moe_decode(x_1D, *self.moe_args, *self.settings(threshold))
             return x_1D, Routing(experts_1K, weights_1K, k_1, self.no_aux_loss)
         if self.dense_args is not None:
             return self.dense(x_1D), None
@@ -185,6 +199,13 @@ class FusedDecoder:
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # as the packed weights it reads: a copied model starts unpacked
+
+    def summary(self) -> str:
+        """What a batch-1 step runs in the kernel, for kernel summaries next to timings."""
+        through_modules = sum(block.moe_args is None and block.dense_args is None for block in self.blocks)
+        if not through_modules:
+            return "batch-1 step fused"
+        return f"batch-1 step fused but {through_modules} of {len(self.blocks)} feed-forward halves (router not in the kernel)"
 
     def ready(self) -> bool:
         """Whether every block may run fused now (see FusedBlock.ready), the head and final norm unchanged."""

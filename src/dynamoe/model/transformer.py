@@ -208,6 +208,8 @@ class Transformer(nn.Module):
             matmuls = "torch matmuls"
         elif (panels := count_packed(self, PanelWeight)) + (stacks := count_panel_experts(self)):
             matmuls = f"native kernel, {native_isa()} ({panels} matrices, {stacks} expert stacks)"
+            if self.fused is not None:
+                matmuls += f"; {self.fused.summary()}"
         elif (packed := count_packed(self, PackedWeight)):
             matmuls = f"oneDNN-packed matmuls ({packed} matrices)"
         elif not onednn_supports(weight.dtype):

@@ -373,7 +373,8 @@ void run_experts(const float* x, const ExpertWeights& w, const int64_t* ids, con
 
 // ---------------------------------------------------------------------------------------------------
 // Routing of one token, as dynamoe.model.router: top-k of a softmax (threshold <= 0), or the smallest top set
-// whose probability mass reaches the threshold (top-p, with the dynamic router's per-token temperature).
+// whose probability mass reaches the threshold (top-p, with the dynamic router's per-token temperature, or on
+// logits standardised with a gain: DTop-p), or as many top experts as a need score asks for (the need router).
 
 struct Router {
   int64_t slots;  // top_k, or k_max for a threshold router
@@ -383,7 +384,21 @@ struct Router {
   const float* temperature_weight;  // null: temperature 1 (top-k, top-p)
   float temperature_bias;
   double temperature_input_scale, temperature_min, temperature_max, temperature_scale;
+  const float* logit_norm_gain;  // null: logits as they are; else standardised over the experts, times the gain
+  const float* need_weight;  // null: no need head; else k = slots j < k_min, or with need_scale * h.w - offset > j + 1/2
+  float need_bias, need_scale, need_offset;
 };
+
+// F.layer_norm over one row without an affine part (eps 1e-5, biased variance), times the gain.
+void standardize(std::vector<float>& v, float gain) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  float mean = 0.0f, variance = 0.0f;
+  for (float value : v) mean += value;
+  mean /= static_cast<float>(n);
+  for (float value : v) variance += (value - mean) * (value - mean);
+  const float inverse = 1.0f / std::sqrt(variance / static_cast<float>(n) + 1e-5f);
+  for (float& value : v) value = (value - mean) * inverse * gain;
+}
 
 // Fills ids[0:slots], weights[0:slots]; returns k.
 int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> logits, int64_t* ids, float* weights) {
@@ -397,6 +412,7 @@ int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> l
     if (r.temperature_scale != 1.0) temperature *= static_cast<float>(r.temperature_scale);
     for (float& logit : logits) logit /= temperature;
   }
+  if (r.logit_norm_gain) standardize(logits, *r.logit_norm_gain);
   softmax(logits.data(), n_experts);
   std::vector<int64_t> order(n_experts);
   std::iota(order.begin(), order.end(), 0);
@@ -405,7 +421,12 @@ int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> l
   float total = 0.0f;
   for (int64_t j = 0; j < r.slots; ++j) total += logits[order[j]];
   int64_t k = r.slots;
-  if (r.threshold > 0) {  // an expert is kept while the mass before it is below the threshold; the first k_min always
+  if (r.need_weight) {  // slot j runs when the extra experts asked for exceed j + 1/2: a prefix, as the bars rise
+    float need = r.need_bias;
+    for (int64_t i = 0; i < dim; ++i) need += h[i] * r.need_weight[i];
+    const float extra = need * r.need_scale - r.need_offset;
+    for (k = 0; k < r.slots && (k < r.k_min || extra > static_cast<float>(k) + 0.5f); ++k) {}
+  } else if (r.threshold > 0) {  // an expert is kept while the mass before it is below the threshold; the first k_min always
     double before = 0.0;  // torch's cumsum adds in double on CPU
     for (k = 0; k < r.slots && (k < r.k_min || static_cast<float>(before) < static_cast<float>(r.threshold)); ++k) {
       before += logits[order[k]];
@@ -413,7 +434,7 @@ int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> l
   }
   float kept = 0.0f;
   for (int64_t j = 0; j < k; ++j) kept += logits[order[j]];
-  const bool static_k = r.threshold <= 0;
+  const bool static_k = r.threshold <= 0 && !r.need_weight;
   const float divisor = static_k ? (r.renormalize ? total : 1.0f)
                                  : (!r.static_weights ? kept : (r.renormalize ? total : 1.0f));
   for (int64_t j = 0; j < r.slots; ++j) {
@@ -543,13 +564,16 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
 }
 
 // x [1, D] -> (x + experts(rms_norm(x)), expert ids [1, slots], weights [1, slots], k [1]): router and experts.
-// threshold and temperature_scale come last: they are the compute dial, which may change between calls.
+// The last five are read from the router at each call: the compute dial (threshold, temperature_scale) and the
+// need head's bias and standardisation (need_offset includes the controller's price).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
     const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& gate, int64_t n_experts,
     int64_t slots, int64_t k_min, bool renormalize, bool static_weights, const std::optional<at::Tensor>& temperature_weight,
     const std::optional<at::Tensor>& temperature_bias, double temperature_input_scale, double temperature_min,
-    double temperature_max, const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
-    const std::optional<at::Tensor>& down_scale, double threshold, double temperature_scale) {
+    double temperature_max, const std::optional<at::Tensor>& logit_norm_gain, const std::optional<at::Tensor>& need_weight,
+    const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+    const std::optional<at::Tensor>& down_scale, double threshold, double temperature_scale, double need_bias,
+    double need_scale, double need_offset) {
   const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
   const Panels gate_weights = panels_of(gate, std::nullopt, "router gate");
   const int64_t dim = w.gate_up.rows;
@@ -559,7 +583,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
   const float* bias = optional_data(temperature_bias, 1, "temperature bias");
   const Router router{slots, k_min, threshold, renormalize, static_weights,
                       optional_data(temperature_weight, dim, "temperature weight"), bias ? *bias : 0.0f,
-                      temperature_input_scale, temperature_min, temperature_max, temperature_scale};
+                      temperature_input_scale, temperature_min, temperature_max, temperature_scale,
+                      optional_data(logit_norm_gain, 1, "logit norm gain"), optional_data(need_weight, dim, "need weight"),
+                      static_cast<float>(need_bias), static_cast<float>(need_scale), static_cast<float>(need_offset)};
   std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
   std::vector<float> logits = padded(nullptr, n_experts);
   matvec_add(h.data(), gate_weights, panels_for(n_experts), logits.data());
@@ -607,8 +633,9 @@ TORCH_LIBRARY(dynamoe, m) {
         "Tensor sin, int n_heads, float? clip) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor norm_weight, float eps, Tensor gate, int n_experts, int slots, int k_min, "
         "bool renormalize, bool static_weights, Tensor? temperature_weight, Tensor? temperature_bias, "
-        "float temperature_input_scale, float temperature_min, float temperature_max, Tensor gate_up, Tensor? gate_up_scale, "
-        "Tensor down, Tensor? down_scale, float threshold, float temperature_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float temperature_input_scale, float temperature_min, float temperature_max, Tensor? logit_norm_gain, "
+        "Tensor? need_weight, Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale, float threshold, "
+        "float temperature_scale, float need_bias, float need_scale, float need_offset) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynamoe, CPU, m) {
