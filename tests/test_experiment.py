@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dynamoe.train
+from dynamoe import experiment
 from dynamoe.checkpoint import load_model
 from dynamoe.cli import main
 from dynamoe.config import tiny
@@ -97,6 +98,18 @@ def test_static_curve_is_interpolated_in_log_k_and_log_perplexity() -> None:
     assert static_perplexity_at(STATIC, 4.0) == pytest.approx(30.0)
     assert static_perplexity_at(STATIC, 9.0) is None and static_perplexity_at(STATIC, 0.5) is None
     assert static_perplexity_at(STATIC[:1], 8.0) is None  # one static model is no curve
+
+
+def test_plots_label_their_axes_and_draw_both_static_curves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures, original_figure = [], experiment._figure
+    monkeypatch.setattr(experiment, "_figure", lambda *size: figures.append(original_figure(*size)) or figures[-1])
+    rows = [*STATIC, *WARM, row("dynamic-2 @0.5", "dynamic", 2.0, 31.0, 0.5, 0.5)]
+    for attribute, label in (("mean_k", "mean experts per token"), ("latency_ms", "batch-1 decode latency")):
+        experiment.plot_perplexity_against(rows, attribute, label, tmp_path / "plot.png")
+        [axes] = figures[-1].axes
+        assert axes.get_xlabel() == label  # once overwritten by a curve's legend entry
+        legend = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert {"static top-k", "static top-k, warmed up", "dynamic-2 @0.5"} <= set(legend)
 
 
 def test_verdict_met_when_a_dynamic_variant_is_at_parity_fast_and_below_the_static_curve() -> None:

@@ -784,10 +784,10 @@ def plot_perplexity_against(rows: Sequence[Row], attribute: str, label: str, pat
     """Perplexity against mean k or latency: both static curves, each adaptive model's dial sweep, dense as a star."""
     figure = _figure(7.5, 5)
     axes = figure.subplots()
-    for warm, style, label in ((False, "k-o", "static top-k"), (True, "k--s", "static top-k, warmed up")):
+    for warm, style, curve in ((False, "k-o", "static top-k"), (True, "k--s", "static top-k, warmed up")):
         static = sorted(static_rows(rows, warm), key=lambda row: _x(row, attribute))
         if static and (not warm or any(row.warm for row in static)):
-            axes.plot([_x(r, attribute) for r in static], [r.perplexity for r in static], style, label=label,
+            axes.plot([_x(r, attribute) for r in static], [r.perplexity for r in static], style, label=curve,
                       alpha=1.0 if warm else 0.5)
     for key in dict.fromkeys(row.model for row in rows if row.router not in ("topk", "dense")):
         mine = sorted((row for row in rows if row.model == key), key=lambda row: _x(row, attribute))
