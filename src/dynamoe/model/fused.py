@@ -66,11 +66,6 @@ def dense_fusable(block: Block) -> bool:
             and all(isinstance(weight, PanelWeight) for weight in ffn.packed))
 
 
-def fusable(block: Block) -> bool:
-    """Whether the native kernel implements all of this packed block's decode step."""
-    return attention_fusable(block) and moe_fusable(block)
-
-
 class FusedBlock:
     """One block's decode step: its attention in one native call, then its feed-forward half in another where the
     kernel implements it (moe_fusable), else through its module; on references to its tensors taken at packing."""
