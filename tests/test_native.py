@@ -178,6 +178,22 @@ def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None
     assert "with int8 weights" in fast.kernel_summary()
 
 
+@torch.no_grad()
+def test_the_fused_need_router_follows_its_price() -> None:
+    """The fused step reads the need head's price and moments afresh after they change (a controller step)."""
+    fast, plain = packed_and_plain(router="need")
+    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    experts = []
+    for price in (0.0, 6.0, -6.0):
+        for model in (fast, plain):
+            for router in model.routers():
+                router.k_penalty.fill_(price)
+        fast_experts = decode_step_outputs(fast, prompt_1T)[1]
+        assert fast_experts == decode_step_outputs(plain, prompt_1T)[1]
+        experts.append(sum(map(len, fast_experts)))
+    assert experts[1] < experts[0] < experts[2]  # a higher price, fewer experts
+
+
 PARTLY_FUSED = {  # the kernel fuses their attention; their feed-forward half runs through its module
     "dense": dict(ffn="dense"),
     "shared expert": dict(router="dynamic", shared_expert_dim=32),

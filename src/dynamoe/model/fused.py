@@ -110,6 +110,7 @@ class FusedBlock:
             None if dtopp is None else dtopp.logit_norm.weight, None if need is None else need.need_weight_D1,
             experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
         self.tensors += [t for t in self.moe_args if isinstance(t, nn.Parameter)]
+        self.need_cache: tuple[list, tuple[float, float, float]] | None = None  # see need_settings
 
     def fuse_dense(self, norm: RMSNorm, ffn: DenseFFN) -> None:
         """Take the references of a dense SwiGLU: two native linears (the first with the norm) around silu * up."""
@@ -150,13 +151,20 @@ class FusedBlock:
             threshold = 0.0
         elif threshold is None:
             threshold = router.threshold
-        need_bias = need_scale = need_offset = 0.0
-        if isinstance(router, NeedRouter):
+        need = self.need_settings(router) if isinstance(router, NeedRouter) else (0.0, 0.0, 0.0)
+        return threshold, getattr(router, "temperature_scale", 1.0), *need
+
+    def need_settings(self, router: NeedRouter) -> tuple[float, float, float]:
+        """The need head's bias, scale and offset, recomputed only when its buffers change (they are a handful of
+        small torch ops, which would cost a decode step several percent)."""
+        buffers = (router.need_bias, router.need_moments, router.k_penalty)
+        stamps = [stamp(buffer) for buffer in buffers]
+        if self.need_cache is None or self.need_cache[0] != stamps:
             mean, variance = router.need_moments
             scale = router.need_spread * variance.clamp(min=1e-12).rsqrt()
-            need_bias, need_scale = float(router.need_bias), float(scale)
-            need_offset = float(torch.addcmul(router.k_penalty, mean, scale))
-        return threshold, getattr(router, "temperature_scale", 1.0), need_bias, need_scale, need_offset
+            offset = torch.addcmul(router.k_penalty, mean, scale)
+            self.need_cache = stamps, (float(router.need_bias), float(scale), float(offset))
+        return self.need_cache[1]
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  threshold: float | None = None) -> tuple[torch.Tensor, Routing | None]:
