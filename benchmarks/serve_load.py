@@ -1,9 +1,8 @@
 """Load on loopback: N concurrent streaming clients x M completions, each client at its own compute dial, against
-`dynamoe serve` under each scheduler (continuous batching, and the former static batching) in one run.
+`dynamoe serve` (continuous batching) in a fresh server subprocess.
 
-Each scheduler gets a fresh server subprocess and the same seeded requests: every client keeps one dial
-(a routing threshold drawn from --dials), every request is seeded, so both servers generate the same
-tokens. Requests stream, with each token's chunk (`dynamoe.token_experts`), so that the client sees
+Every client keeps one dial (a routing threshold drawn from --dials) and every request is seeded, so a
+run is repeatable: the same tokens for the same checkpoint and seed. Requests stream, with each token's chunk (`dynamoe.token_experts`), so that the client sees
 every token arrive. Meanwhile a probe client sends --probes short requests at random moments: the
 time to its first token, against one engine step (the server's own step time, from /metrics) plus its
 prefill alone (its first-token time on the idle server before the load), says whether a request that
@@ -55,9 +54,8 @@ class Streamed:
 
 @dataclass
 class LoadResult:
-    """What one server did under the load."""
+    """What the server did under the load."""
 
-    scheduler: str
     done: list[Streamed] = field(default_factory=list)
     probes: list[Streamed] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -83,11 +81,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def start_server(checkpoint: Path, port: int, scheduler: str, batch_size: int, threads: int | None) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, batch_size: int, threads: int | None) -> subprocess.Popen:
     """`dynamoe serve` in a subprocess, returned once /health answers."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     command = [sys.executable, "-m", "dynamoe", "serve", str(checkpoint), "--port", str(port), "--model-name", "bench",
-               "--max-batch-size", str(batch_size), "--max-queue", "1024", "--timeout", "3600", "--scheduler", scheduler]
+               "--max-batch-size", str(batch_size), "--max-queue", "1024", "--timeout", "3600"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -172,11 +170,11 @@ def histogram_percentile(page: str, name: str, q: float) -> float:
     return next(bound for bound, count in buckets if count >= total * q / 100)
 
 
-def run_load(args: argparse.Namespace, scheduler: str, port: int, dials: list[float | None]) -> LoadResult:
+def run_load(args: argparse.Namespace, dials: list[float | None]) -> LoadResult:
     """Start a server, measure the idle probe, run the load with the probe beside it, stop the server."""
-    process = start_server(args.checkpoint, port, scheduler, args.batch_size or args.clients + 1, args.threads)
-    base = f"http://127.0.0.1:{port}"
-    result, lock = LoadResult(scheduler), threading.Lock()
+    process = start_server(args.checkpoint, args.port, args.batch_size or args.clients + 1, args.threads)
+    base = f"http://127.0.0.1:{args.port}"
+    result, lock = LoadResult(), threading.Lock()
     try:
         session = requests.Session()
         stream_completion(session, base, {"prompt": "warm up", "max_tokens": 4})
@@ -205,7 +203,7 @@ def run_load(args: argparse.Namespace, scheduler: str, port: int, dials: list[fl
 
 
 def summary(result: LoadResult) -> str:
-    """One block per scheduler: failures, throughput, first-token and inter-token latency, the mid-batch probe."""
+    """Failures, throughput, first-token and inter-token latency, the mid-batch probe."""
     ttft = [s.first_token_s for s in result.done]
     gaps = [gap for s in result.done for gap in s.token_gaps_s]
     probe = [s.first_token_s for s in result.probes]
@@ -213,7 +211,7 @@ def summary(result: LoadResult) -> str:
     within = sum(t <= bound for t in probe)
     ms = 1e3
     return "\n".join([
-        f"[{result.scheduler}] {len(result.done)} ok, {len(result.failures)} failed, statuses {dict(sorted(result.statuses.items()))}, "
+        f"{len(result.done)} ok, {len(result.failures)} failed, statuses {dict(sorted(result.statuses.items()))}, "
         f"wall {result.wall_s:.1f} s",
         f"  throughput       {result.tokens_per_s:8.1f} generated tok/s   {len(result.done) / result.wall_s:6.2f} req/s   "
         f"mean batch {result.mean_batch_rows:.1f} rows per decode step",
@@ -234,7 +232,6 @@ def main() -> None:
     parser.add_argument("--dials", type=float, nargs="+", default=[0.3, 0.5, 0.8],
                         help="routing thresholds the clients draw from (one per client); nothing for a model without a dial")
     parser.add_argument("--no-dial", action="store_true", help="every client as trained (a model without a dial)")
-    parser.add_argument("--schedulers", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
     parser.add_argument("--batch-size", type=int, default=None, help="--max-batch-size of the server (default: clients + 1)")
     parser.add_argument("--probes", type=int, default=10, help="mid-batch probe requests during the load")
     parser.add_argument("--port", type=int, default=8731)
@@ -247,16 +244,10 @@ def main() -> None:
     mix = {dial: dials.count(dial) for dial in sorted(set(dials), key=str)}
     print(f"{args.clients} streaming clients x {args.requests} requests, max_tokens {args.max_tokens}, temperature 0.8, "
           f"dials per client {mix}; checkpoint {args.checkpoint}; {os.cpu_count()} CPUs", flush=True)
-    results = []
-    for offset, scheduler in enumerate(args.schedulers):
-        results.append(run_load(args, scheduler, args.port + offset, dials))
-        print(summary(results[-1]), flush=True)
-        for failure in results[-1].failures[:5]:
-            print(f"  {failure}")
-    if len(results) == 2:
-        first, second = results
-        print(f"throughput {first.scheduler} / {second.scheduler}: {first.tokens_per_s / second.tokens_per_s:.2f}x "
-              f"generated tokens/s on the same requests")
+    result = run_load(args, dials)
+    print(summary(result), flush=True)
+    for failure in result.failures[:5]:
+        print(f"  {failure}")
 
 
 if __name__ == "__main__":

@@ -402,31 +402,27 @@ def test_a_retrofitted_model_served_as_trained_equals_dynamoe_generate(capsys, t
 
 def test_a_request_arriving_mid_batch_starts_within_one_step(tokenizer) -> None:
     """Continuous batching: a short request joins the running batch at the next step and ends long before its
-    batch-mate, which decodes on unchanged; under --scheduler static it waits for the whole batch."""
+    batch-mate, which decodes on unchanged."""
     eos = tokenizer.token_to_id("<|endoftext|>")
     model = never_ending(tiny_model(max_seq_len=256), eos)
     reference = copy.deepcopy(model)
-    for scheduler in ("continuous", "static"):
-        engine = Engine(model, tokenizer.decode, EngineLimits(batch_window_s=0.0, scheduler=scheduler))
-        order: list[tuple[str, Any]] = []  # (job, event) in the order the engine thread sent them
-        engine.start()
-        try:
-            engine.submit(Job([DecodeRequest((1, 2, 3), 150)], lambda event: order.append(("long", event))))
-            wait_until(lambda: len(order) >= 5)
-            submitted_at = len(order)
-            engine.submit(Job([DecodeRequest((4, 5), 4)], lambda event: order.append(("short", event))))
-            wait_until(lambda: any(job == "short" and isinstance(event, RowDone) for job, event in order), timeout=60)
-        finally:
-            engine.stop()
-        first_short = next(i for i, (job, _) in enumerate(order) if job == "short")
-        long_done = any(job == "long" and isinstance(event, RowDone) for job, event in order[:first_short])
-        if scheduler == "static":
-            assert long_done  # the short request waited for the batch's last row
-            continue
-        assert not long_done and first_short - submitted_at <= 1  # at most the step under way finished first
-        for job, prompt, n in (("short", [4, 5], 4), ("long", [1, 2, 3], 150)):
-            tokens = [event.token_id for name, event in order if name == job and isinstance(event, NewToken)]
-            assert tokens == generate(reference, prompt, n)[0].token_ids[:len(tokens)] and tokens
+    engine = Engine(model, tokenizer.decode, EngineLimits(batch_window_s=0.0))
+    order: list[tuple[str, Any]] = []  # (job, event) in the order the engine thread sent them
+    engine.start()
+    try:
+        engine.submit(Job([DecodeRequest((1, 2, 3), 150)], lambda event: order.append(("long", event))))
+        wait_until(lambda: len(order) >= 5)
+        submitted_at = len(order)
+        engine.submit(Job([DecodeRequest((4, 5), 4)], lambda event: order.append(("short", event))))
+        wait_until(lambda: any(job == "short" and isinstance(event, RowDone) for job, event in order), timeout=60)
+    finally:
+        engine.stop()
+    first_short = next(i for i, (job, _) in enumerate(order) if job == "short")
+    long_done = any(job == "long" and isinstance(event, RowDone) for job, event in order[:first_short])
+    assert not long_done and first_short - submitted_at <= 1  # at most the step under way finished first
+    for job, prompt, n in (("short", [4, 5], 4), ("long", [1, 2, 3], 150)):
+        tokens = [event.token_id for name, event in order if name == job and isinstance(event, NewToken)]
+        assert tokens == generate(reference, prompt, n)[0].token_ids[:len(tokens)] and tokens
 
 
 # -- safety: keys, limits, queue, timeouts, disconnects -------------------------------------------------------------

@@ -368,9 +368,6 @@ def serve(
     timeout: Annotated[float, "seconds a request may wait and run before it is cancelled (504)"] = 300.0,
     read_timeout: Annotated[float, "seconds a client may take to send a request's headers, and again its body"] = 5.0,
     batch_window_ms: Annotated[float, "an idle server waits this long for requests to prefill together"] = 5.0,
-    scheduler: Annotated[Literal["continuous", "static"], "continuous: requests join the running batch between decode "
-                         "steps; static: the former dynamic batching (a batch of one dial runs until its last row ends), "
-                         "kept for comparison"] = "continuous",
     prefill_chunk: Annotated[int, "prompt tokens per prefill call; a longer prompt is prefilled over several decode "
                              "steps, so that it does not stall the others"] = 512,
     compile: Annotated[bool, "decode through torch.compile: faster steps after a compilation per batch size"] = False,
@@ -383,7 +380,7 @@ def serve(
     serve_checkpoint(checkpoint, host=host, port=port, api_key=api_key_from(api_key, os.environ),
                      model_name=model_name, threshold=threshold, max_batch_size=max_batch_size, max_queue=max_queue,
                      max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-                     timeout=timeout, read_timeout=read_timeout, batch_window_ms=batch_window_ms, scheduler=scheduler,
+                     timeout=timeout, read_timeout=read_timeout, batch_window_ms=batch_window_ms,
                      prefill_chunk=prefill_chunk, compile=compile, device=device)
 
 

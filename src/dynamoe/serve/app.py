@@ -36,7 +36,7 @@ from dynamoe.generate import SamplingConfig
 from dynamoe.model import Dial, Transformer
 from dynamoe.serve.chat import CHAT_STOP, JINJA_TEMPLATE, render_chat
 from dynamoe.serve.dial import effort_dial
-from dynamoe.serve.engine import Engine, EngineLimits, EngineStopped, Job, JobEvent, JobFailed, QueueFull, Scheduler
+from dynamoe.serve.engine import Engine, EngineLimits, EngineStopped, Job, JobEvent, JobFailed, QueueFull
 from dynamoe.serve.errors import APIError, error_body, error_response, install_error_handlers
 from dynamoe.serve.limits import BodyLimits, with_header_deadline
 from dynamoe.serve.metrics import Metrics
@@ -577,14 +577,14 @@ def serve_checkpoint(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8
                      model_name: str = "dynamoe", threshold: float | None = None, max_batch_size: int = 32,
                      max_queue: int = 256, max_tokens: int = 1024, max_prompt_tokens: int | None = None,
                      max_body_bytes: int = 1_000_000, timeout: float = 300.0, read_timeout: float = 5.0,
-                     batch_window_ms: float = 5.0, scheduler: Scheduler = "continuous", prefill_chunk: int = 512,
+                     batch_window_ms: float = 5.0, prefill_chunk: int = 512,
                      compile: bool = False, device: str = "auto") -> None:
     """Check the settings, load a checkpoint and serve it with uvicorn until interrupted (`dynamoe serve`)."""
     from dynamoe.checkpoint import load_model, load_tokenizer_for
     from dynamoe.train import resolve_device
 
     limits = EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue, batch_window_s=batch_window_ms / 1000,
-                          prefill_chunk=prefill_chunk, scheduler=scheduler)
+                          prefill_chunk=prefill_chunk)
     settings = ServeSettings(model_name=model_name, api_key=api_key, threshold=threshold, max_tokens_limit=max_tokens,
                              max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                              request_timeout_s=timeout, read_timeout_s=read_timeout, engine=limits)

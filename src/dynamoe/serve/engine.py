@@ -4,14 +4,13 @@ Each request is a `Job` of one or more rows (prompts x choices), each with its o
 wait in a bounded queue (`submit` raises QueueFull when it is full: the server answers 429). The
 scheduler thread loops: drop the rows of cancelled jobs (client gone, timeout), let waiting rows join
 the batch as its slots allow, then run one step of the batch (a prompt chunk, then one decode step of
-every decoding row; see dynamoe.decoding). Events go to each job's callback on this thread. Two
-policies decide who joins:
+every decoding row; see dynamoe.decoding). Events go to each job's callback on this thread.
 
-- "continuous" (the default): a waiting row joins at the next step boundary whenever a slot is free.
-  Finished rows leave at once and their slots are reused, so the batch stays full under load and a new
-  request starts streaming after at most one step plus its own prefill. Rows of any dial share the batch.
-- "static": dynamic batching as the server did before continuous batching, kept to measure against:
-  rows join only an empty batch, all of one dial setting, and the batch runs until its last row ends.
+Batching is continuous: a waiting row joins at the next step boundary whenever a slot is free, finished
+rows leave at once and their slots are reused, so the batch stays full under load and a new request starts
+streaming after at most one step plus its own prefill. Rows of any dial share the batch. (The former static
+batching, where a batch of one dial ran until its last row ended, gave about half the throughput under a
+mixed-dial load: docs/serve.md, "Load".)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Union
+from typing import Callable, Union
 
 from dynamoe.decoding import DecodeBatch, DecodeRequest, Event, NewToken, Row, RowDone
 from dynamoe.errors import DynamoeError
@@ -30,9 +29,6 @@ from dynamoe.model import Transformer
 from dynamoe.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-Scheduler = Literal["continuous", "static"]
-
 
 @dataclass(frozen=True)
 class JobFailed:
@@ -74,7 +70,6 @@ class EngineLimits:
     max_queue: int = 256  # jobs waiting; one more is refused with QueueFull
     batch_window_s: float = 0.005  # an idle engine waits this long for more requests to prefill together
     prefill_chunk: int = 512  # prompt tokens per prefill call: a longer prompt is prefilled over several steps
-    scheduler: Scheduler = "continuous"
 
 
 class Engine:
@@ -145,24 +140,11 @@ class Engine:
         return True
 
     def _admit(self) -> None:
-        """Move waiting rows into the batch, as the scheduler policy allows (called holding the lock)."""
+        """Move waiting rows into the batch's free slots, oldest job first (called holding the lock)."""
         self._waiting = deque(job for job in self._waiting if not job.cancelled.is_set())
-        if self.limits.scheduler == "static":
-            self._admit_static()
-        else:
-            while self._waiting and self.batch.free_slots:
-                self._admit_rows(self._waiting[0])
+        while self._waiting and self.batch.free_slots:
+            self._admit_rows(self._waiting[0])
         self.metrics.queue_depth.set(len(self._waiting))
-
-    def _admit_static(self) -> None:
-        """Only into an empty batch: the oldest job's dial setting, then every later job of that dial that fits."""
-        if self._rows or not self._waiting:
-            return
-        dial = self._waiting[0].requests[0].dial
-        for job in [job for job in self._waiting if job.requests[0].dial == dial]:
-            if not self.batch.free_slots:
-                break
-            self._admit_rows(job)
 
     def _admit_rows(self, job: Job) -> None:
         """Join as many of the job's waiting rows as there are free slots; the job leaves the queue once all have."""
