@@ -470,6 +470,10 @@ def test_a_second_signal_stops_at_once(tiny_corpus: Path, tmp_path: Path, monkey
 
     def interrupted_twice(*args: Any) -> Any:
         os.kill(os.getpid(), signal.SIGINT)
+        # Signals do not queue: a second one sent before Python has run the first's handler would merge with it.
+        deadline = time.monotonic() + 10
+        while signal.getsignal(signal.SIGINT) is not signal.default_int_handler and time.monotonic() < deadline:
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: the usual KeyboardInterrupt, no waiting for a save
         return step(*args)
 
