@@ -478,10 +478,15 @@ def test_a_second_signal_stops_at_once(tiny_corpus: Path, tmp_path: Path, monkey
         return step(*args)
 
     monkeypatch.setattr(train_module, "train_step", interrupted_twice)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(), config(tiny_corpus, tmp_path))
-    assert latest_checkpoint(tmp_path) is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    # Python's own Ctrl-C handler, whatever an earlier test in this process (a server, a library) left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(), config(tiny_corpus, tmp_path))
+        assert latest_checkpoint(tmp_path) is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- checked before anything is allocated or trained
