@@ -13,8 +13,8 @@ interleaved rounds decode the same random prompts greedily with every variant in
   - dynamoe dynamic: the same gate and experts behind a top-p router at each --thresholds value (no retraining:
     on random weights this shows what skipping experts buys, not quality).
 
-After each thread count's rounds, one more run of dynamoe static top-2 under torch's profiler splits its decode
-step by op class (attention, router+experts, final norm+head, and the rest: Python and torch's small ops).
+After each thread count's rounds, three more runs of dynamoe static top-2 split its decode step by part
+(attention, router+experts, final norm+head: the native step's own clocks; the rest: Python and glue).
 
 Each decode step is timestamped as it finishes, prefill excluded: llama.cpp's step is `Llama.eval([token])` plus the
 argmax of its logits, dynamoe's `decode_one_token`. tokens/s = 1 / median step time. "vs llama.cpp" is llama.cpp f32
@@ -28,7 +28,6 @@ their greedy tokens may part.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -158,39 +157,37 @@ def table(results: dict[int, list[Variant]]) -> str:
     return "\n".join(lines)
 
 
-OP_CLASSES = {"attention_decode": "attention", "moe_decode": "router+experts", "linear": "final norm+head"}
+PARTS = ("attention", "router+experts", "final norm+head")  # the kernel Decoder's clocks, in its order
 
 
-def step_profile(model: Transformer, steps: int, vocab_size: int, profiled: bool) -> dict[str, float]:
-    """Milliseconds per decode step (prefill excluded) in each native op class under torch's profiler, or in all."""
+def step_profile(model: Transformer, steps: int, vocab_size: int) -> dict[str, float]:
+    """Milliseconds per decode step (prefill excluded): in all, and in each part by the kernel Decoder's own clocks."""
+    decoder = model.fused.native if model.fused is not None else None
+    assert decoder is not None, "the profile needs the whole step in the native kernel"
     prompt_1T = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     model.setup_caches(1, PROMPT_TOKENS + steps + 1)
     try:
         token_1 = prefill(model, prompt_1T, torch.tensor([PROMPT_TOKENS]))[0].argmax(-1)
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else None
-        with profiler or contextlib.nullcontext():
-            started = stamp()[0]
-            for i in range(steps):
-                token_1, _ = decode_one_token(model, token_1[:, None], torch.tensor([[PROMPT_TOKENS + i]]), GREEDY)
-            total = (stamp()[0] - started) / steps * 1e3
+        decoder.seconds()  # from here
+        started = stamp()[0]
+        for i in range(steps):
+            token_1, _ = decode_one_token(model, token_1[:, None], torch.tensor([[PROMPT_TOKENS + i]]), GREEDY)
+        total = (stamp()[0] - started) / steps * 1e3
     finally:
         model.clear_caches()
-    if profiler is None:
-        return {"total": total}
-    return {OP_CLASSES[event.key.removeprefix("dynamoe::")]: event.cpu_time_total / 1e3 / steps
-            for event in profiler.key_averages() if event.key.removeprefix("dynamoe::") in OP_CLASSES}
+    return {"total": total} | {part: seconds / steps * 1e3 for part, seconds in zip(PARTS, decoder.seconds())}
 
 
 def profile_line(threads: int, model: Transformer, steps: int, variants: list[Variant], repeats: int = 3) -> str:
-    """One decode step of dynamoe static top-2 by op class, from profiled runs alternating with unprofiled ones
-    (the rest: their median step minus the ops), beside llama.cpp f32 top-2's median step."""
-    runs = [step_profile(model, steps, mixtral_config().vocab_size, profiled) for _ in range(repeats) for profiled in (True, False)]
-    ops = {name: float(np.median([run[name] for run in runs[::2]])) for name in runs[0]}
-    total = float(np.median([run["total"] for run in runs[1::2]]))
+    """One decode step of dynamoe static top-2 by part (medians over runs; the rest: Python, the embedding row and
+    the kernel's glue), beside llama.cpp f32 top-2's median step."""
+    runs = [step_profile(model, steps, mixtral_config().vocab_size) for _ in range(repeats)]
+    median = {name: float(np.median([run[name] for run in runs])) for name in runs[0]}
+    total = median.pop("total")
     llama = float(np.median(next(v for v in variants if v.name == REFERENCE).wall)) * 1e3
-    classes = ", ".join(f"{name} {ms:.3f}" for name, ms in ops.items())
-    return (f"{threads} thread(s), one decode step of dynamoe static top-2 in ms: {classes}, the rest (Python, torch's "
-            f"small ops) {total - sum(ops.values()):.3f}, total {total:.3f}; llama.cpp f32 top-2 {llama:.3f} (median)")
+    parts = ", ".join(f"{name} {ms:.3f}" for name, ms in median.items())
+    return (f"{threads} thread(s), one decode step of dynamoe static top-2 in ms: {parts}, the rest (Python, embedding, "
+            f"glue) {total - sum(median.values()):.3f}, total {total:.3f}; llama.cpp f32 top-2 {llama:.3f} (median)")
 
 
 def acceptance(results: dict[int, list[Variant]], thresholds: list[float]) -> list[str]:

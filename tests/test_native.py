@@ -68,15 +68,21 @@ def random_weights(model: Transformer) -> Transformer:
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_panel_products_equal_torch_in_fp32_and_int8(isa: str, rows: int) -> None:
+@pytest.mark.parametrize("dim", [70, 517])  # 517: three blocks of the int8 products' rounding of x, an odd last row
+def test_panel_products_equal_torch_in_fp32_and_int8(isa: str, rows: int, dim: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    x_ND, w_DO = torch.randn(rows, 70, generator=generator), torch.randn(70, 45, generator=generator)  # odd sizes: padding
+    x_ND, w_DO = torch.randn(rows, dim, generator=generator), torch.randn(dim, 45, generator=generator)  # odd: padding
     bias_O, residual_NO = torch.randn(45, generator=generator), torch.randn(rows, 45, generator=generator)
     fp32 = torch.ops.dynamoe.linear(x_ND, to_panels(w_DO), None, bias_O, residual_NO, 45)
     torch.testing.assert_close(fp32, residual_NO + bias_O + x_ND @ w_DO, rtol=1e-4, atol=1e-4)
     q_DO, scale_O = quantize_columns(w_DO)
     int8 = torch.ops.dynamoe.linear(x_ND, to_panels(q_DO), pad_columns(scale_O), None, None, 45)
-    torch.testing.assert_close(int8, x_ND @ (q_DO * scale_O), rtol=1e-4, atol=1e-4)
+    expected = x_ND @ (q_DO * scale_O)
+    # x is rounded to int16 per block of 256 values: by at most half its block's largest magnitude / 32767 each.
+    blocks = torch.nn.functional.pad(x_ND.abs(), (0, -dim % 256)).unflatten(-1, (-1, 256)).amax(-1)
+    half_step_ND = (blocks / 32767 / 2).repeat_interleave(256, dim=-1)[:, :dim]
+    bound = half_step_ND @ (q_DO * scale_O).abs() + 1e-4 * expected.abs() + 1e-5
+    assert bool(((int8 - expected).abs() <= bound).all())
 
 
 def test_int8_rounding_keeps_each_column_within_half_a_step() -> None:
@@ -160,7 +166,10 @@ def test_work_split_over_two_threads_gives_the_same_outputs(int8: bool, two_thre
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 1500), generator=torch.Generator().manual_seed(3))
     fast_logits, fast_experts = decode_step_outputs(fast, prompt_1T)
     plain_logits, plain_experts = decode_step_outputs(plain, prompt_1T)
-    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    # int8 products round x to int16 (2^-16 of its largest value per block): over this model's depth and context that
+    # moves logits by a few 1e-4 (ties of routing apart, the same experts: checked below).
+    tolerance = 1e-3 if int8 else 1e-4
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=tolerance, atol=tolerance)
     assert fast_experts == plain_experts
     x_ND = torch.randn(5, 256)
     for projection in (fast.output, fast.layers[0].attn.wqkv):  # several rows, several blocks of rows
@@ -244,9 +253,18 @@ def test_a_token_routed_to_no_expert_gets_zeros_from_the_moe_op() -> None:
             torch.testing.assert_close(y_TD[t], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_stale_weights_gradients_and_router_hooks_leave_the_fused_path() -> None:
+STALE_CHANGES = {  # in place (a new version) or `.data = ...` (new storage), on tensors read directly or through copies
+    "experts in place": lambda model: model.layers[1].ffn.experts.w_down.mul_(2.0),
+    "attention in place": lambda model: model.layers[0].attn.wqkv.weight.mul_(0.5),
+    "final norm in place": lambda model: model.norm.weight.add_(0.25),
+    "embedding replaced": lambda model: setattr(model.tok_embeddings.weight, "data", model.tok_embeddings.weight * 1.5),
+}
+
+
+@pytest.mark.parametrize("change", STALE_CHANGES)
+def test_stale_weights_gradients_and_router_hooks_leave_the_fused_path(change: str) -> None:
     fast, plain = packed_and_plain(router="dynamic")
-    assert fast.fused is not None
+    assert fast.fused is not None and fast.fused.native is not None  # the whole step in one kernel call
     fast.setup_caches(1, 8)
     assert not fast.fused_step_ready()  # a gradient is wanted
     with torch.no_grad():
@@ -255,9 +273,25 @@ def test_stale_weights_gradients_and_router_hooks_leave_the_fused_path() -> None
         assert not fast.fused_step_ready()  # hooks need the router's own forward (bench's probe)
         handle.remove()
         for model in (fast, plain):
-            model.layers[1].ffn.experts.w_down.mul_(2.0)  # an in-place update: the panels are stale
+            STALE_CHANGES[change](model)
         assert not fast.fused_step_ready()
     fast.clear_caches()
+    prompts = [[4, 3, 2, 1]]
+    assert generate(fast, prompts, 10, GREEDY) == generate(plain, prompts, 10, GREEDY)
+
+
+def test_the_whole_step_times_its_parts_and_hints_weights_beyond_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Decoder's clocks split a step (the peer benchmark's profile); weights beyond the last-level cache are
+    streamed with the non-temporal hint, which must not change a result."""
+    fast, plain = packed_and_plain(router="topk")
+    assert fast.fused is not None and fast.fused.native is not None and not fast.fused.native.outgrows_cache()
+    generate(fast, [[1, 2, 3]], 5, GREEDY)
+    seconds = fast.fused.native.seconds()
+    assert len(seconds) == 3 and all(part > 0 for part in seconds)  # attention, feed-forward, head
+    assert fast.fused.native.seconds() == [0.0, 0.0, 0.0]  # read and reset
+    monkeypatch.setattr("dynamoe.model.fused.last_level_cache_bytes", lambda: 1024)
+    fast.pack_weights()
+    assert fast.fused is not None and fast.fused.native is not None and fast.fused.native.outgrows_cache()
     prompts = [[4, 3, 2, 1]]
     assert generate(fast, prompts, 10, GREEDY) == generate(plain, prompts, 10, GREEDY)
 

@@ -125,14 +125,30 @@ def ninja_on_path() -> Iterator[None]:
 
 
 def _computes_right() -> bool:
-    """The kernel's products on a small random problem, fp32 and int8, against torch's (odd sizes: padding is used)."""
+    """The kernel's products on a small random problem, fp32 and int8, against torch's (odd sizes: padding is used; int8
+    products round x to int16, hence their wider tolerance)."""
     generator = torch.Generator().manual_seed(0)
     x_1D, w_DO = torch.randn(1, 40, generator=generator), torch.randn(40, 37, generator=generator)
     q_DO, scale_O = quantize_columns(w_DO)
     fp32 = torch.ops.dynamoe.linear(x_1D, to_panels(w_DO), None, None, None, 37)
     int8 = torch.ops.dynamoe.linear(x_1D, to_panels(q_DO), pad_columns(scale_O), None, None, 37)
     return (torch.allclose(fp32, x_1D @ w_DO, rtol=1e-4, atol=1e-4)
-            and torch.allclose(int8, x_1D @ (q_DO * scale_O), rtol=1e-4, atol=1e-4))
+            and torch.allclose(int8, x_1D @ (q_DO * scale_O), rtol=1e-4, atol=1e-3))
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine in bytes, from Linux's sysfs (32 MiB where it is not known): weights
+    beyond it are not in the cache when the next decode step reads them again. sysconf's figure is not used: inside
+    virtual machines it reports the host's, ten times what the guest gets here."""
+    sizes = []
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=32 << 20)
 
 
 def pad_columns(t_O: torch.Tensor) -> torch.Tensor:
@@ -141,12 +157,23 @@ def pad_columns(t_O: torch.Tensor) -> torch.Tensor:
 
 
 def to_panels(w_DO: torch.Tensor) -> torch.Tensor:
-    """[..., D, O] input-major weights as [..., ceil(O / 16), D, 16] panels, the last one zero-padded; from 2 MiB up
-    on huge pages (see empty_on_huge_pages in decode.cpp)."""
+    """[..., D, O] input-major weights as [..., ceil(O / 16), D, 16] panels, the last one zero-padded, int8 ones with
+    their rows interleaved in pairs (see interleave_row_pairs); from 2 MiB up on huge pages (see empty_on_huge_pages
+    in decode.cpp)."""
     panels = pad_columns(w_DO).unflatten(-1, (-1, PANEL)).transpose(-3, -2)
+    if panels.dtype == torch.int8:
+        panels = interleave_row_pairs(panels)
     if panels.numel() * panels.element_size() < HUGE_PAGE:
         return panels.contiguous()
     return torch.ops.dynamoe.empty_on_huge_pages(list(panels.shape), panels.dtype).copy_(panels)
+
+
+def interleave_row_pairs(panels: torch.Tensor) -> torch.Tensor:
+    """[..., D, 16] panels with rows 2p and 2p + 1 of each column side by side ([..., D // 2, 16, 2] in memory, then
+    an odd last row as it was), the order in which the kernel's int8 products take two rows per instruction."""
+    even = panels.shape[-2] // 2 * 2
+    pairs = panels[..., :even, :].unflatten(-2, (-1, 2)).transpose(-2, -1).flatten(-3, -1)
+    return torch.cat([pairs.unflatten(-1, (even, PANEL)), panels[..., even:, :]], dim=-2)
 
 
 def quantize_columns(w_DO: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

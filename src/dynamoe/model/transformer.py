@@ -198,7 +198,7 @@ class Transformer(nn.Module):
         if self.output is None:
             self.tied_head_packed = pack(self.tok_embeddings.weight, input_major=False, int8=int8)
         head = self.tied_head_packed if self.output is None else self.output.packed
-        self.fused = fused_decoder(self.layers, self.norm, head)
+        self.fused = fused_decoder(self.layers, self.norm, head, self.tok_embeddings.weight)
 
     def kernel_summary(self) -> str:
         """Which kernels decoding runs on: weight dtype, device, native, packed or plain matmuls, compiled or not."""
@@ -292,8 +292,7 @@ class Transformer(nn.Module):
         """forward for one token of a batch of one, two native calls per block (dynamoe.model.fused)."""
         assert self.fused is not None
         thresholds_L = None if thresholds_1L is None else thresholds_1L[0].tolist()
-        logits_1V, routings = self.fused(self.tok_embeddings(idx_11[0]), input_pos_11, self.rope_cos, self.rope_sin,
-                                         thresholds_L)
+        logits_1V, routings = self.fused(idx_11[0], input_pos_11, self.rope_cos, self.rope_sin, thresholds_L)
         return ModelOutput(logits_1V[None], routings=routings)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
