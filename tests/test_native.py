@@ -203,6 +203,21 @@ def test_the_fused_need_router_follows_its_price() -> None:
     assert experts[1] < experts[0] < experts[2]  # a higher price, fewer experts
 
 
+def test_the_fused_dtopp_router_follows_its_controllers_threshold() -> None:
+    """DTop-p's threshold is its controller's state: the fused step reads it afresh after a controller step."""
+    fast, plain = packed_and_plain(router="dtopp", threshold=0.4)
+    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    experts = []
+    for threshold in (0.4, 0.05, 0.95):
+        for model in (fast, plain):
+            for router in model.routers():
+                router.routing_threshold.fill_(threshold)
+        fast_experts = decode_step_outputs(fast, prompt_1T)[1]
+        assert fast_experts == decode_step_outputs(plain, prompt_1T)[1]
+        experts.append(sum(map(len, fast_experts)))
+    assert experts[1] < experts[0] < experts[2]  # a higher threshold, more experts
+
+
 PARTLY_FUSED = {  # the kernel fuses their attention; their feed-forward half runs through its module
     "dense": dict(ffn="dense"),
     "shared expert": dict(router="dynamic", shared_expert_dim=32),

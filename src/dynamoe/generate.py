@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dynamoe.config import ModelConfig
 from dynamoe.errors import DynamoeError
-from dynamoe.model import Dial, ModelOutput, Routing, Transformer
+from dynamoe.model import Dial, ModelOutput, Transformer
 
 if TYPE_CHECKING:
     from dynamoe.decoding import NewToken
@@ -97,11 +97,14 @@ def keep_top_p(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_BV.masked_fill(drop_BV, -math.inf)
 
 
-def mean_experts(routings: Sequence[Routing], B: int, T: int) -> torch.Tensor | None:
-    """(B, T) experts per token averaged over the MoE layers; None for a dense model."""
-    if not routings:
+def mean_experts(out: ModelOutput, B: int, T: int) -> torch.Tensor | None:
+    """(B, T) experts per token averaged over the MoE layers (as the fused step counted them, where it ran); None for
+    a dense model."""
+    if out.experts_BT is not None:
+        return out.experts_BT
+    if not out.routings:
         return None
-    k_LN = torch.stack([routing.k_T for routing in routings])  # L MoE layers, N = B * T tokens
+    k_LN = torch.stack([routing.k_T for routing in out.routings])  # L MoE layers, N = B * T tokens
     return k_LN.float().mean(dim=0).view(B, T)
 
 
@@ -113,7 +116,7 @@ def prefill(model: Transformer, idx_BT: torch.Tensor, lengths_B: torch.Tensor, t
     out = model(idx_BT, input_pos_T=torch.arange(T, device=idx_BT.device), thresholds_BL=thresholds_BL)
     last_B = lengths_B - 1
     rows_B = torch.arange(B, device=idx_BT.device)
-    experts_BT = mean_experts(out.routings, B, T)
+    experts_BT = mean_experts(out, B, T)
     return out.logits[rows_B, last_B], None if experts_BT is None else experts_BT[rows_B, last_B]
 
 
@@ -131,7 +134,7 @@ def decode_one_token(model: Transformer, token_B1: torch.Tensor, input_pos_B1: t
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed one token per row at its own position; the next token of each row and the mean experts spent on it."""
     out = decode_step(model, token_B1, input_pos_B1, thresholds_BL)
-    experts_B1 = mean_experts(out.routings, *token_B1.shape)
+    experts_B1 = mean_experts(out, *token_B1.shape)
     return sample(out.logits[:, -1], sampling, generator), None if experts_B1 is None else experts_B1[:, 0]
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from dynamoe.model.dispatch import LocalDispatcher
 from dynamoe.model.native import last_level_cache_bytes
-from dynamoe.model.layers import DenseFFN, KVCache, RMSNorm
+from dynamoe.model.layers import DenseFFN, RMSNorm
 from dynamoe.model.moe import MoE
 from dynamoe.model.packed import InferenceWeight, PanelWeight, stamp
 from dynamoe.model.router import DTopPRouter, DynamicRouter, NeedRouter, Routing, TopKRouter, TopPRouter
@@ -99,7 +99,8 @@ class FusedBlock:
         dynamic = router if isinstance(router, DynamicRouter) else None
         dtopp = router if isinstance(router, DTopPRouter) else None
         need = router if isinstance(router, NeedRouter) else None
-        # Everything moe_decode reads but what `settings` reads at each call, in its order.
+        # Everything moe_decode reads but the compute dial (`settings`), in its order: weights, and the router's state
+        # tensors (the need head's, the controller's), which the kernel reads at each call.
         self.moe_args = (
             norm.weight, norm.eps, gate.panels, router.n_experts,
             router.top_k if isinstance(router, TopKRouter) else router.k_max, router.k_min,
@@ -108,10 +109,12 @@ class FusedBlock:
             None if dynamic is None else dynamic.temperature_head.weight, None if dynamic is None else dynamic.temperature_head.bias,
             1.0 if dynamic is None else dynamic.temperature_input_scale, 0.0 if dynamic is None else dynamic.temperature_min,
             0.0 if dynamic is None else dynamic.temperature_max,
-            None if dtopp is None else dtopp.logit_norm.weight, None if need is None else need.need_weight_D1,
+            None if dtopp is None else dtopp.logit_norm.weight,
+            *((None, None, None, None, 0.0) if need is None else
+              (need.need_weight_D1, need.need_bias, need.need_moments, need.k_penalty, need.need_spread)),
+            None if dtopp is None else dtopp.routing_threshold,
             experts.gate_up, experts.gate_up_scale, experts.down, experts.down_scale)
         self.tensors += [t for t in self.moe_args if isinstance(t, nn.Parameter)]
-        self.need_cache: tuple[list, tuple[float, float, float]] | None = None  # see need_settings
 
     def fuse_dense(self, norm: RMSNorm, ffn: DenseFFN) -> None:
         """Take the references of a dense SwiGLU: two native linears (the first with the norm) around silu * up."""
@@ -152,31 +155,16 @@ class FusedBlock:
             pairs += list(zip(self.experts.sources, self.experts.stamps))
         return pairs
 
-    def settings(self, threshold: float | None) -> tuple[float, float, float, float, float]:
-        """What moe_decode reads from the router at each call: the threshold asked for, else the router's own (0:
-        top-k; DTop-p's is its controller's state, not a dial), the temperature scale, and the need head's bias,
-        scale and offset (its standardisation and the controller's price, as NeedRouter.select computes them)."""
+    def settings(self, threshold: float | None) -> tuple[float, float]:
+        """The compute dial moe_decode takes at each call: the threshold asked for, else a top-p router's own (0 for
+        the others: top-k, need, and DTop-p, whose threshold the kernel reads from its controller's state), and the
+        temperature scale."""
         router = self.router
-        if isinstance(router, DTopPRouter):
-            threshold = float(router.routing_threshold)
-        elif not isinstance(router, TopPRouter):
+        if not isinstance(router, TopPRouter):
             threshold = 0.0
         elif threshold is None:
             threshold = router.threshold
-        need = self.need_settings(router) if isinstance(router, NeedRouter) else (0.0, 0.0, 0.0)
-        return threshold, getattr(router, "temperature_scale", 1.0), *need
-
-    def need_settings(self, router: NeedRouter) -> tuple[float, float, float]:
-        """The need head's bias, scale and offset, recomputed only when its buffers change (they are a handful of
-        small torch ops, which would cost a decode step several percent)."""
-        buffers = (router.need_bias, router.need_moments, router.k_penalty)
-        stamps = [stamp(buffer) for buffer in buffers]
-        if self.need_cache is None or self.need_cache[0] != stamps:
-            mean, variance = router.need_moments
-            scale = router.need_spread * variance.clamp(min=1e-12).rsqrt()
-            offset = torch.addcmul(router.k_penalty, mean, scale)
-            self.need_cache = stamps, (float(router.need_bias), float(scale), float(offset))
-        return self.need_cache[1]
+        return threshold, getattr(router, "temperature_scale", 1.0)
 
     def __call__(self, x_1D: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  threshold: float | None = None) -> tuple[torch.Tensor, Routing | None]:
@@ -213,6 +201,7 @@ class FusedDecoder:
         self.blocks = [FusedBlock(block) for block in layers]
         self.norm, self.head, self.embedding = (norm.weight, norm.eps), head, embedding
         self.stamps = [stamp(norm.weight), stamp(embedding)]
+        self.caches: list[torch.Tensor] = []  # the KV caches native_runnable last found to hold one row
         self.native = self.native_decoder() if embedding.dtype == torch.float32 and embedding.is_contiguous() else None
 
     def native_decoder(self) -> torch.ScriptObject | None:
@@ -253,14 +242,31 @@ class FusedDecoder:
         """Whether every block may run fused now (see FusedBlock.ready), the head, final norm and embedding unchanged;
         the kernel's Decoder checks the stamps itself, in a fraction of the time."""
         if self.native is not None:
-            return all(block.runnable() for block in self.blocks) and self.native.unchanged()
+            return self.native_runnable() and self.native.unchanged()
         return (all(block.ready() for block in self.blocks) and self.head.unchanged()
                 and [stamp(self.norm[0]), stamp(self.embedding)] == self.stamps)
 
+    def native_runnable(self) -> bool:
+        """FusedBlock.runnable for every block, its KV caches checked only when they are not the ones last found
+        to hold one row (a step runs in a fraction of a millisecond: Python's checks show)."""
+        caches = []
+        for block in self.blocks:
+            cache = block.attention.kv_cache
+            if cache is None or (block.moe_args is not None and (block.router._forward_hooks
+                                                                 or block.router._forward_pre_hooks)):
+                return False
+            caches += [cache.k_BHSd, cache.v_BHSd]
+        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
+            if any(cache.shape[0] != 1 for cache in caches):
+                return False
+            self.caches = caches
+        return True
+
     def __call__(self, idx_1: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 thresholds_L: Sequence[float] | None = None) -> tuple[torch.Tensor, list[Routing]]:
+                 thresholds_L: Sequence[float] | None = None) -> tuple[torch.Tensor, list[Routing], torch.Tensor | None]:
         """The blocks in turn on one token (its id) at `position`, each at its layer's routing threshold (None: as
-        trained); its logits (1, V) and each block's routing."""
+        trained); its logits (1, V), each block's routing, and the mean experts over them (1, 1) where the kernel
+        counted them (None: from the routings)."""
         if self.native is not None:
             return self.native_step(int(idx_1), int(position), cos, sin, thresholds_L)
         x_1D = F.embedding(idx_1, self.embedding)
@@ -270,21 +276,21 @@ class FusedDecoder:
             if routing is not None:  # as Transformer.forward: dense blocks have none
                 routings.append(routing)
         head = self.head
-        return torch.ops.dynamoe.linear(x_1D, head.panels, head.scale, None, None, head.out_features, *self.norm), routings
+        logits_1V = torch.ops.dynamoe.linear(x_1D, head.panels, head.scale, None, None, head.out_features, *self.norm)
+        return logits_1V, routings, None
 
     def native_step(self, token: int, position: int, cos: torch.Tensor, sin: torch.Tensor,
-                    thresholds_L: Sequence[float] | None) -> tuple[torch.Tensor, list[Routing]]:
-        """__call__ in one call of the kernel's Decoder."""
-        caches, settings = [], []
+                    thresholds_L: Sequence[float] | None) -> tuple[torch.Tensor, list[Routing], torch.Tensor | None]:
+        """__call__ in one call of the kernel's Decoder, on the caches native_runnable found."""
+        settings = []
         for index, block in enumerate(self.blocks):
-            cache = cast(KVCache, block.attention.kv_cache)
-            caches += [cache.k_BHSd, cache.v_BHSd]
             if block.moe_args is not None:
                 settings += block.settings(None if thresholds_L is None else thresholds_L[index])
-        assert self.native is not None
-        logits_1V, experts, weights, ks = self.native.step(token, position, cos, sin, caches, settings)
+        assert self.native is not None and self.caches
+        logits_1V, experts, weights, ks, mean_k_11 = self.native.step(token, position, cos, sin, self.caches, settings)
         no_aux_loss = self.blocks[0].no_aux_loss
-        return logits_1V, [Routing(*routing, no_aux_loss) for routing in zip(experts, weights, ks)]
+        routings = [Routing(*routing, no_aux_loss) for routing in zip(experts, weights, ks)]
+        return logits_1V, routings, mean_k_11 if routings else None
 
 
 def fused_decoder(layers: Sequence[Block], norm: RMSNorm, head: InferenceWeight | None,

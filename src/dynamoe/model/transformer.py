@@ -36,6 +36,7 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None  # mean next-token cross-entropy
     aux_loss: torch.Tensor | None = None  # sum of the routers' auxiliary losses
     routings: list[Routing] = field(default_factory=list)
+    experts_BT: torch.Tensor | None = None  # mean experts per token over the MoE layers, where the step counted them
 
 
 class Block(nn.Module):
@@ -292,8 +293,8 @@ class Transformer(nn.Module):
         """forward for one token of a batch of one, two native calls per block (dynamoe.model.fused)."""
         assert self.fused is not None
         thresholds_L = None if thresholds_1L is None else thresholds_1L[0].tolist()
-        logits_1V, routings = self.fused(idx_11[0], input_pos_11, self.rope_cos, self.rope_sin, thresholds_L)
-        return ModelOutput(logits_1V[None], routings=routings)
+        logits_1V, routings, experts_11 = self.fused(idx_11[0], input_pos_11, self.rope_cos, self.rope_sin, thresholds_L)
+        return ModelOutput(logits_1V[None], routings=routings, experts_BT=experts_11)
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states."""

@@ -531,8 +531,11 @@ struct Router {
   float temperature_bias;
   double temperature_input_scale, temperature_min, temperature_max, temperature_scale;
   const float* logit_norm_gain;  // null: logits as they are; else standardised over the experts, times the gain
-  const float* need_weight;  // null: no need head; else k = slots j < k_min, or with need_scale * h.w - offset > j + 1/2
-  float need_bias, need_scale, need_offset;
+  // null: no need head. Else its score h.w + bias, standardised by the running moments (mean, variance) times the
+  // spread, less the controller's price, asks for experts: slot j runs when j < k_min or the ask exceeds j + 1/2.
+  const float* need_weight;
+  const float *need_bias, *need_moments, *k_penalty;
+  float need_spread;
 };
 
 // F.layer_norm over one row without an affine part (eps 1e-5, biased variance), times the gain.
@@ -568,9 +571,12 @@ int64_t route(const Router& r, const float* h, int64_t dim, std::vector<float> l
   for (int64_t j = 0; j < r.slots; ++j) total += logits[order[j]];
   int64_t k = r.slots;
   if (r.need_weight) {  // slot j runs when the extra experts asked for exceed j + 1/2: a prefix, as the bars rise
-    float need = r.need_bias;
+    float need = *r.need_bias;
     for (int64_t i = 0; i < dim; ++i) need += h[i] * r.need_weight[i];
-    const float extra = need * r.need_scale - r.need_offset;
+    // As NeedRouter.select: need_spread * (need - mean) / std - price, as scale * need - offset.
+    const float scale = r.need_spread * (1.0f / std::sqrt(std::max(r.need_moments[1], 1e-12f)));
+    const float offset = *r.k_penalty + r.need_moments[0] * scale;
+    const float extra = need * scale - offset;
     for (k = 0; k < r.slots && (k < r.k_min || extra > static_cast<float>(k) + 0.5f); ++k) {}
   } else if (r.threshold > 0) {  // an expert is kept while the mass before it is below the threshold; the first k_min always
     double before = 0.0;  // torch's cumsum adds in double on CPU
@@ -719,16 +725,18 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& norm_weight, 
 }
 
 // x [1, D] -> (x + experts(rms_norm(x)), expert ids [1, slots], weights [1, slots], k [1]): router and experts.
-// The last five are read from the router at each call: the compute dial (threshold, temperature_scale) and the
-// need head's bias and standardisation (need_offset includes the controller's price).
+// The router's state tensors are read at each call (the need head's bias, the moments of its scores and the
+// controller's price; DTop-p's threshold, which then replaces `threshold`), the compute dial (threshold,
+// temperature_scale) is passed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
     const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& gate, int64_t n_experts,
     int64_t slots, int64_t k_min, bool renormalize, bool static_weights, const std::optional<at::Tensor>& temperature_weight,
     const std::optional<at::Tensor>& temperature_bias, double temperature_input_scale, double temperature_min,
     double temperature_max, const std::optional<at::Tensor>& logit_norm_gain, const std::optional<at::Tensor>& need_weight,
+    const std::optional<at::Tensor>& need_bias, const std::optional<at::Tensor>& need_moments,
+    const std::optional<at::Tensor>& k_penalty, double need_spread, const std::optional<at::Tensor>& routing_threshold,
     const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
-    const std::optional<at::Tensor>& down_scale, double threshold, double temperature_scale, double need_bias,
-    double need_scale, double need_offset) {
+    const std::optional<at::Tensor>& down_scale, double threshold, double temperature_scale) {
   const ExpertWeights w = experts_of(gate_up, gate_up_scale, down, down_scale);
   const Panels gate_weights = panels_of(gate, std::nullopt, "router gate");
   const int64_t dim = w.gate_up.rows;
@@ -736,11 +744,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_decode(
   TORCH_CHECK(x.size(0) == 1 && gate_weights.rows == dim && n_experts == w.n_experts && 1 <= slots && slots <= n_experts,
               "moe_decode: expected one token, and a router that fits the experts");
   const float* bias = optional_data(temperature_bias, 1, "temperature bias");
+  if (const float* state = optional_data(routing_threshold, 1, "routing threshold")) threshold = *state;
+  const float* need = optional_data(need_weight, dim, "need weight");
+  TORCH_CHECK(!need || (need_bias && need_moments && k_penalty), "moe_decode: a need head needs its bias, moments and price");
   const Router router{slots, k_min, threshold, renormalize, static_weights,
                       optional_data(temperature_weight, dim, "temperature weight"), bias ? *bias : 0.0f,
                       temperature_input_scale, temperature_min, temperature_max, temperature_scale,
-                      optional_data(logit_norm_gain, 1, "logit norm gain"), optional_data(need_weight, dim, "need weight"),
-                      static_cast<float>(need_bias), static_cast<float>(need_scale), static_cast<float>(need_offset)};
+                      optional_data(logit_norm_gain, 1, "logit norm gain"), need,
+                      optional_data(need_bias, 1, "need bias"), optional_data(need_moments, 2, "need moments"),
+                      optional_data(k_penalty, 1, "price"), static_cast<float>(need_spread)};
   std::vector<float> h = rms_norm(x.data_ptr<float>(), norm_weight, dim, eps);
   std::vector<float> logits = padded(nullptr, n_experts);
   matvec_add(h.data(), gate_weights, panels_for(n_experts), logits.data());
@@ -777,7 +789,9 @@ struct MoeHalf {
   bool renormalize, static_weights;
   std::optional<at::Tensor> temperature_weight, temperature_bias;
   double temperature_input_scale, temperature_min, temperature_max;
-  std::optional<at::Tensor> logit_norm_gain, need_weight;
+  std::optional<at::Tensor> logit_norm_gain, need_weight, need_bias, need_moments, k_penalty;
+  double need_spread;
+  std::optional<at::Tensor> routing_threshold;
   at::Tensor gate_up;
   std::optional<at::Tensor> gate_up_scale;
   at::Tensor down;
@@ -801,7 +815,7 @@ struct Layer {
   std::optional<DenseHalf> dense;
 };
 
-constexpr int64_t kSettingsPerMoe = 5;  // threshold, temperature scale, need bias, need scale, need offset
+constexpr int64_t kSettingsPerMoe = 2;  // moe_decode's compute dial: threshold, temperature scale
 
 class Decoder : public torch::CustomClassHolder {
  public:
@@ -818,14 +832,17 @@ class Decoder : public torch::CustomClassHolder {
                bool renormalize, bool static_weights, std::optional<at::Tensor> temperature_weight,
                std::optional<at::Tensor> temperature_bias, double temperature_input_scale, double temperature_min,
                double temperature_max, std::optional<at::Tensor> logit_norm_gain, std::optional<at::Tensor> need_weight,
+               std::optional<at::Tensor> need_bias, std::optional<at::Tensor> need_moments,
+               std::optional<at::Tensor> k_penalty, double need_spread, std::optional<at::Tensor> routing_threshold,
                at::Tensor gate_up, std::optional<at::Tensor> gate_up_scale, at::Tensor down,
                std::optional<at::Tensor> down_scale) {
     TORCH_CHECK(!layers_.empty(), "Decoder: add a block's attention before its feed-forward half");
     layers_.back().moe = MoeHalf{std::move(norm_weight), eps, std::move(gate), n_experts, slots, k_min, renormalize,
                                  static_weights, std::move(temperature_weight), std::move(temperature_bias),
                                  temperature_input_scale, temperature_min, temperature_max, std::move(logit_norm_gain),
-                                 std::move(need_weight), std::move(gate_up), std::move(gate_up_scale), std::move(down),
-                                 std::move(down_scale)};
+                                 std::move(need_weight), std::move(need_bias), std::move(need_moments),
+                                 std::move(k_penalty), need_spread, std::move(routing_threshold), std::move(gate_up),
+                                 std::move(gate_up_scale), std::move(down), std::move(down_scale)};
   }
 
   void add_dense(at::Tensor norm_weight, double eps, at::Tensor gate_up, std::optional<at::Tensor> gate_up_scale,
@@ -860,10 +877,10 @@ class Decoder : public torch::CustomClassHolder {
     });
   }
 
-  // (logits [1, V], and for each MoE block in order: expert ids [1, slots], weights [1, slots], k [1]) for `token` at
-  // `position`, each block's key and value written into its caches (k and v of block i at 2i and 2i + 1), each
-  // MoE block at its kSettingsPerMoe settings (see moe_decode's last arguments).
-  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> step(
+  // (logits [1, V], for each MoE block in order: expert ids [1, slots], weights [1, slots], k [1]; and the mean k
+  // over them [1, 1], 0 without any) for `token` at `position`, each block's key and value written into its caches
+  // (k and v of block i at 2i and 2i + 1), each MoE block at its kSettingsPerMoe settings (moe_decode's last).
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> step(
       int64_t token, int64_t position, const at::Tensor& cos, const at::Tensor& sin, const std::vector<at::Tensor>& caches,
       const std::vector<double>& settings) {
     TORCH_CHECK(embedding_.defined() && caches.size() == 2 * layers_.size(), "Decoder: head or caches missing");
@@ -873,6 +890,7 @@ class Decoder : public torch::CustomClassHolder {
     at::Tensor x = embedding_.narrow(0, token, 1).clone();
     std::vector<at::Tensor> ids, weights, ks;
     size_t setting = 0;
+    int64_t experts = 0;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
       const AttentionHalf& a = layer.attention;
@@ -888,8 +906,10 @@ class Decoder : public torch::CustomClassHolder {
         auto [y, block_ids, block_weights, k] = moe_decode(
             x, m.norm_weight, m.eps, m.gate, m.n_experts, m.slots, m.k_min, m.renormalize, m.static_weights,
             m.temperature_weight, m.temperature_bias, m.temperature_input_scale, m.temperature_min, m.temperature_max,
-            m.logit_norm_gain, m.need_weight, m.gate_up, m.gate_up_scale, m.down, m.down_scale, s[0], s[1], s[2], s[3], s[4]);
+            m.logit_norm_gain, m.need_weight, m.need_bias, m.need_moments, m.k_penalty, m.need_spread,
+            m.routing_threshold, m.gate_up, m.gate_up_scale, m.down, m.down_scale, s[0], s[1]);
         x = std::move(y);
+        experts += k.item<int64_t>();
         ids.push_back(std::move(block_ids)), weights.push_back(std::move(block_weights)), ks.push_back(std::move(k));
       } else {
         TORCH_CHECK(layer.dense.has_value(), "Decoder: block ", i, " has no feed-forward half");
@@ -900,7 +920,8 @@ class Decoder : public torch::CustomClassHolder {
     const Clock::time_point start = Clock::now();
     at::Tensor logits = linear(x, head_, head_scale_, std::nullopt, std::nullopt, head_features_, head_norm_, head_eps_);
     lap(kHead, start);
-    return {logits, ids, weights, ks};
+    const float mean_k = ks.empty() ? 0.0f : static_cast<float>(experts) / static_cast<float>(ks.size());
+    return {logits, ids, weights, ks, at::full({1, 1}, mean_k, logits.options())};
   }
 
   // Seconds spent in each part of the steps since the last call: attention halves, feed-forward halves (router and
@@ -1008,8 +1029,9 @@ TORCH_LIBRARY(dynamoe, m) {
   m.def("moe_decode(Tensor x, Tensor norm_weight, float eps, Tensor gate, int n_experts, int slots, int k_min, "
         "bool renormalize, bool static_weights, Tensor? temperature_weight, Tensor? temperature_bias, "
         "float temperature_input_scale, float temperature_min, float temperature_max, Tensor? logit_norm_gain, "
-        "Tensor? need_weight, Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale, float threshold, "
-        "float temperature_scale, float need_bias, float need_scale, float need_offset) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? need_weight, Tensor? need_bias, Tensor? need_moments, Tensor? k_penalty, float need_spread, "
+        "Tensor? routing_threshold, Tensor gate_up, Tensor? gate_up_scale, Tensor down, Tensor? down_scale, "
+        "float threshold, float temperature_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynamoe, CPU, m) {
