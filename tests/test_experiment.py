@@ -361,3 +361,55 @@ def test_each_profile_has_its_own_report_folder_seeds_and_models(args: list[str]
     assert main(["experiment", "headline", "--device", "cpu", *args]) == 0
     assert str(asked["out"]) == out and asked["seeds"] == seeds and len(asked["models"]) == models
     assert asked["command"].endswith(f"--out {out}")
+
+
+WATCHED_JOB = '''
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from dynamoe.runs import start_worker
+
+
+def task(folder: str) -> None:
+    def stop(*_: object) -> None:  # what a training does on SIGTERM: save, then end
+        (Path(folder) / "stopped").write_text("1")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    (Path(folder) / "ready").write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=start_worker, initargs=(1,)) as pool:
+        pool.submit(task, sys.argv[1]).result()
+'''
+
+
+def test_a_training_worker_stops_when_its_job_is_killed(tmp_path: Path) -> None:
+    """`kill -9` of a headline or demo job: its spawned workers get SIGTERM (save and stop), not training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "job.py"
+    script.write_text(WATCHED_JOB)
+    job = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "ready").exists(), "the worker never started"
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "stopped").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "stopped").exists()  # within a poll of the job's death
+    finally:
+        job.kill()
+        if (tmp_path / "ready").exists() and not (tmp_path / "stopped").exists():
+            os.kill(int((tmp_path / "ready").read_text()), signal.SIGKILL)

@@ -7,6 +7,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,6 +23,7 @@ from dynamoe.errors import DynamoeError
 from dynamoe.train import TRAJECTORY_FIELDS, TrainConfig, train
 
 SUMMARY_FILE = "summary.json"
+PARENT_POLL_SECONDS = 1.0  # how often a training worker checks that the job that started it still runs
 # What a checkpoint's saved training settings must share with the wanted run for the job to reuse or resume
 # it: the trajectory, the planned length (a finished shorter run resumed to more steps would follow another
 # cosine than a fresh run) and the corpus.
@@ -89,8 +93,24 @@ def train_jobs(jobs: Sequence[TrainingJob], workers: int = 1, threads: int | Non
     quiet = [replace(job, train_cfg=replace(job.train_cfg, progress=False, status_lines=True)) for job in jobs]
     # spawn, not fork: a forked child would inherit the parent's OpenMP thread pool in an unusable state.
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads or 1,)) as pool:
+                             initializer=start_worker, initargs=(threads or 1,)) as pool:
         return list(pool.map(_train_job, quiet))
+
+
+def start_worker(threads: int) -> None:
+    """A training worker's set-up: its CPU threads, and a watch on the job that started it. A kill of the job's
+    process alone (`kill PID`: Ctrl-C reaches the workers too) would otherwise leave its workers training on into
+    folders nobody reads; once the job is gone, the worker stops as on SIGTERM (a checkpoint at the next step
+    boundary, which the job resumes when run again)."""
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-the-job", daemon=True).start()
 
 
 def _train_job(job: TrainingJob) -> dict[str, Any]:
