@@ -187,35 +187,28 @@ def test_int8_rounds_the_weights_themselves_and_keeps_the_router_gates() -> None
     assert "with int8 weights" in fast.kernel_summary()
 
 
+CONTROLLER_STATES = {  # router -> (the state tensor its controller writes, values from fewest experts to most)
+    "need": ("k_penalty", (6.0, 0.0, -6.0)),  # the price: higher, fewer experts
+    "dtopp": ("routing_threshold", (0.05, 0.4, 0.95)),  # the threshold: lower, fewer experts
+}
+
+
 @torch.no_grad()
-def test_the_fused_need_router_follows_its_price() -> None:
-    """The fused step reads the need head's price and moments afresh after they change (a controller step)."""
-    fast, plain = packed_and_plain(router="need")
+@pytest.mark.parametrize("router", CONTROLLER_STATES)
+def test_the_fused_step_follows_the_routers_controller_state(router: str) -> None:
+    """The kernel reads the router's controller state afresh at each step, after a controller step changed it."""
+    fast, plain = packed_and_plain(router=router, threshold=0.4)
+    state, values = CONTROLLER_STATES[router]
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
     experts = []
-    for price in (0.0, 6.0, -6.0):
+    for value in values:
         for model in (fast, plain):
-            for router in model.routers():
-                router.k_penalty.fill_(price)
+            for module in model.routers():
+                getattr(module, state).fill_(value)
         fast_experts = decode_step_outputs(fast, prompt_1T)[1]
         assert fast_experts == decode_step_outputs(plain, prompt_1T)[1]
         experts.append(sum(map(len, fast_experts)))
-    assert experts[1] < experts[0] < experts[2]  # a higher price, fewer experts
-
-
-def test_the_fused_dtopp_router_follows_its_controllers_threshold() -> None:
-    """DTop-p's threshold is its controller's state: the fused step reads it afresh after a controller step."""
-    fast, plain = packed_and_plain(router="dtopp", threshold=0.4)
-    prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
-    experts = []
-    for threshold in (0.4, 0.05, 0.95):
-        for model in (fast, plain):
-            for router in model.routers():
-                router.routing_threshold.fill_(threshold)
-        fast_experts = decode_step_outputs(fast, prompt_1T)[1]
-        assert fast_experts == decode_step_outputs(plain, prompt_1T)[1]
-        experts.append(sum(map(len, fast_experts)))
-    assert experts[1] < experts[0] < experts[2]  # a higher threshold, more experts
+    assert experts[0] < experts[1] < experts[2]
 
 
 PARTLY_FUSED = {  # the kernel fuses their attention; their feed-forward half runs through its module
