@@ -105,7 +105,7 @@ def packed_and_plain(int8: bool = False, **overrides) -> tuple[Transformer, Tran
 
 
 def decode_step_outputs(model: Transformer, prompt_1T: torch.Tensor,
-                        dial: float | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+                        dial: float | list[float] | None = None) -> tuple[torch.Tensor, list[list[int]]]:
     """Logits and experts of one cached decode step after a prefill, at a compute dial (None: as trained)."""
     model.setup_caches(1, prompt_1T.shape[1] + 1)
     thresholds_1L = model.routing_thresholds([dial])
@@ -133,15 +133,17 @@ def test_the_fused_decode_step_equals_the_modules_at_every_isa(name: str, int8: 
     assert generate(fast, prompts, 16, GREEDY) == generate(plain, prompts, 16, GREEDY)
 
 
-def test_the_compute_dial_of_each_step_reaches_the_fused_step() -> None:
-    fast, plain = packed_and_plain(router="dynamic")
+@pytest.mark.parametrize("overrides", [{}, dict(n_layers=3, dense_layers=[0])], ids=["all MoE", "dense first layer"])
+def test_the_compute_dial_of_each_step_reaches_the_fused_step(overrides: dict) -> None:
+    fast, plain = packed_and_plain(router="dynamic", **overrides)
     prompt_1T = torch.randint(0, plain.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     experts = []
     for threshold, temperature_scale in ((0.2, 1.0), (0.9, 1.0), (0.5, 3.0)):
         for model in (fast, plain):
             for router in model.routers():
                 router.temperature_scale = temperature_scale
-        (fast_logits, fast_experts), (plain_logits, plain_experts) = (decode_step_outputs(m, prompt_1T, threshold)
+        dial = [threshold - 0.1 * layer for layer in range(len(plain.routers()))]  # one per MoE layer, in depth order
+        (fast_logits, fast_experts), (plain_logits, plain_experts) = (decode_step_outputs(m, prompt_1T, dial)
                                                                       for m in (fast, plain))
         torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
         assert fast_experts == plain_experts

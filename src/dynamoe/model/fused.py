@@ -76,6 +76,7 @@ class FusedBlock:
         assert attention_fusable(block)
         wqkv, wo = self.packed = [cast(PanelWeight, p.packed) for p in (attn.wqkv, attn.wo)]
         self.attention, self.block = attn, block
+        self.is_moe = isinstance(block.ffn, MoE)  # routes, and takes one of the model's per-MoE-layer thresholds
         self.attention_args = (block.attn_norm.weight, block.attn_norm.eps, wqkv.panels, wqkv.scale, attn.wqkv.bias,
                                wo.panels, wo.scale, attn.wo.bias)
         self.attention_settings = (attn.n_heads, attn.clip_qkv)
@@ -271,21 +272,26 @@ class FusedDecoder:
             return self.native_step(int(idx_1), int(position), cos, sin, thresholds_L)
         x_1D = F.embedding(idx_1, self.embedding)
         routings = []
-        for index, block in enumerate(self.blocks):
-            x_1D, routing = block(x_1D, position, cos, sin, None if thresholds_L is None else thresholds_L[index])
+        for block, threshold in zip(self.blocks, self.block_thresholds(thresholds_L)):
+            x_1D, routing = block(x_1D, position, cos, sin, threshold)
             if routing is not None:  # as Transformer.forward: dense blocks have none
                 routings.append(routing)
         head = self.head
         logits_1V = torch.ops.dynamoe.linear(x_1D, head.panels, head.scale, None, None, head.out_features, *self.norm)
         return logits_1V, routings, None
 
+    def block_thresholds(self, thresholds_L: Sequence[float] | None) -> list[float | None]:
+        """Each block's routing threshold from the model's, one per MoE layer in depth order (None: as trained)."""
+        per_moe_layer = iter(thresholds_L or ())
+        return [next(per_moe_layer) if thresholds_L is not None and block.is_moe else None for block in self.blocks]
+
     def native_step(self, token: int, position: int, cos: torch.Tensor, sin: torch.Tensor,
                     thresholds_L: Sequence[float] | None) -> tuple[torch.Tensor, list[Routing], torch.Tensor | None]:
         """__call__ in one call of the kernel's Decoder, on the caches native_runnable found."""
         settings = []
-        for index, block in enumerate(self.blocks):
+        for block, threshold in zip(self.blocks, self.block_thresholds(thresholds_L)):
             if block.moe_args is not None:
-                settings += block.settings(None if thresholds_L is None else thresholds_L[index])
+                settings += block.settings(threshold)
         assert self.native is not None and self.caches
         logits_1V, experts, weights, ks, mean_k_11 = self.native.step(token, position, cos, sin, self.caches, settings)
         no_aux_loss = self.blocks[0].no_aux_loss
