@@ -1,4 +1,5 @@
-"""Batch-1 decoding of a block in two native calls: attention, then router and experts.
+"""Batch-1 decoding in native calls: a block's attention, then its router and experts; where the kernel
+implements every block's both halves, the whole step in one call.
 
 Through the modules, one decode step is some thirty small torch ops per block (norms, RoPE, the cache
 write, the router's softmax and selection, ...), each paying a fixed cost per call that adds up to about
@@ -15,7 +16,9 @@ panels: Transformer.pack_weights); a model with any other attention decodes thro
 feed-forward half is fused for an MoE whose router is top-k, top-p, dynamic, DTop-p or need, without a
 shared expert, on the local dispatcher, and for a dense SwiGLU (two native linears); any other (the ReLU
 router, a shared expert) runs through its module on the same packed weights, so that every model of a
-comparison gets the fused attention and head, not only the routers the kernel knows.
+comparison gets the fused attention and head, not only the routers the kernel knows. When every block's
+feed-forward half is fused, the kernel's Decoder runs the embedding row, the blocks and the head in one call
+(the Python around a step, checks included, had grown to a tenth of an int8 step).
 
 A `FusedBlock` keeps references to the block's tensors, taken when the model is packed: reading them
 through the modules costs more per step than the two calls themselves. It is used only while every one

@@ -4,11 +4,12 @@ Batch-1 decoding is matrix-vector products whose speed is how fast the weights s
 fixed cost per kernel call. The kernel stores a weight in panels of 16 output columns ([panels, rows, 16],
 each panel one contiguous stream; from 2 MiB up on huge pages), in fp32 or in int8 with one fp32 scale per
 column. Its ops: a product with such weights (any number of rows), the selected experts of each token in
-one call, and a transformer block's decode step in two (dynamoe.model.fused).
+one call, and a transformer block's decode step in two; its class Decoder runs a model's whole decode step
+in one call (both: dynamoe.model.fused).
 
 It is compiled with torch's extension builder on first use (a C++ compiler is needed, and ninja, which is a
 dependency; about a minute) and cached under ~/.cache/dynamoe (or $DYNAMOE_CACHE). Its instruction set is
-chosen at run time (AVX-512, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be
+chosen at run time (AVX-512 with BW, AVX2+FMA, or plain C++), so one build serves any x86-64 CPU. Where it cannot be
 built or loaded, or computes a wrong answer on a small check, `native_available()` says False once per
 process (with one logged warning) and every caller keeps torch's kernels. DYNAMOE_NATIVE=0 turns it off;
 DYNAMOE_NATIVE_ISA (avx512, avx2 or scalar) caps its instruction set.

@@ -1,10 +1,12 @@
 // Decode kernels: products that stream their weights at memory speed, the selected experts of a token in one
-// call, and a transformer block's two halves (attention, router and experts) each in one call.
+// call, a transformer block's two halves (attention, router and experts) each in one call, and a model's whole
+// decode step of one token in one call (Decoder).
 //
 // Decoding one token reads every weight it needs once, so its speed is how fast the weights stream
 // from memory, plus a fixed cost per kernel call. Weights are stored in panels of 16 output columns,
 // [panels, rows, 16]: a panel is one contiguous stream of memory and its 16 sums stay in registers.
-// fp32 panels, or int8 panels with one fp32 scale per output column (weight-only quantization).
+// fp32 panels, or int8 panels with one fp32 scale per output column (weight-only quantization), their rows
+// interleaved in pairs for integer products with x rounded to int16 (kernels.h, pass_int8).
 //
 // The instruction set is chosen at run time (AVX-512, AVX2+FMA, or plain C++), so one build runs on any
 // x86-64 CPU; select_isa caps it (tests compare every level with torch). Threads split the panels
@@ -316,6 +318,7 @@ struct Panels {
   // Not for int8 (no difference measured), nor where the weights are read again soon (batches: dot_rows).
   bool non_temporal = false;
 
+  // `count` rows of x, `stride` apart, as the products with these panels read them.
   Inputs inputs(const float* x, int64_t stride, int64_t count) const {
     return {x, stride, int8 ? quantize_rows(x, stride, count, rows) : Quantized{}};
   }
