@@ -25,7 +25,8 @@ def need(spearman_a: float | None, spearman_b: float | None, level_k: list[float
         spearman_benefit_loss=0.1, mean_k_by_benefit_decile=[1.0] * 10, mean_benefit_by_decile=[0.0] * 10,
         top_benefit_budget_share=0.3, top_benefit_budget_share_per_domain={"a": 0.3, "b": 0.3}, levels=[1, 2, 3],
         tokens_per_level=[10, 10, 10], mean_k_per_level=level_k, loss_per_level=[1.0] * 3, mean_benefit_per_level=[0.0] * 3,
-        k_rises_with_level=all(b > a for a, b in zip(level_k, level_k[1:])))
+        k_rises_with_level=all(b > a for a, b in zip(level_k, level_k[1:])),
+        spearman_benefit_expectation_per_domain={"a": 0.2, "b": 0.1 if spearman_b is None else spearman_b + 0.1})
 
 
 def test_interpolation_on_a_dial_curve() -> None:
@@ -46,8 +47,10 @@ def test_summary_over_seeds_by_hand() -> None:
     assert s["mean_k_per_level"] == [1.0, 1.75, 1.9] and s["k_rises_with_level"] is True and s["seeds_k_rising"] == 1
     assert s["decode_time_vs_confidence"] == pytest.approx(1.05)
     assert s["spearman_k_loss_per_domain"] == {"a": pytest.approx(0.0), "b": pytest.approx(0.2)}
+    assert s["spearman_benefit_expectation_per_domain"] == {"a": pytest.approx(0.2), "b": pytest.approx(0.35)}
     lines = acceptance_lines({"dynamic-2": s, "need-2": s})
     assert len(lines) == 1 and lines[0].startswith("need-2: Spearman(k, benefit) within every domain >= 0.3: does not hold")
+    assert "for reference, Spearman(benefit, its expectation under the k_max prediction): a 0.200, b 0.350" in lines[0]
     assert "lowest domain 0.250" in lines[0] and "-1.0% (1/2 seeds no worse)" in lines[0] and "+5.0%" in lines[0]
     undefined = summarise([dataclasses.replace(measures[0], need=need(None, 0.5, [1.0, 1.0, 1.0]))])
     assert undefined["spearman_k_benefit_lowest_domain"] is None and undefined["k_rises_with_level"] is False

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dynamoe.analyze import (ANALYSIS_JSON, NEED_PNG, TokenRouting, analyse_need, analyze_checkpoint, collect,
                              level_tokens, mean_by_rank_bins, spearman, top_budget_share)
@@ -21,7 +22,8 @@ from dynamoe.data.tokenizer import load_tokenizer
 from dynamoe.evaluate import evaluate_tokens, split_tokens_by_domain
 from dynamoe.model import Transformer
 from dynamoe.model.experts import Experts
-from dynamoe.model.need import forced_experts, need_of, supervise_need, token_benefit, token_losses
+from dynamoe.model.need import (benefit_and_expectation, forced_experts, need_of, supervise_need, token_benefit,
+                                token_losses)
 from dynamoe.model.router import NEED_MEMORY, NEED_MOMENTUM, NEED_RIDGE, NeedRouter, NullRouter, build_router
 from dynamoe.train import TrainConfig, train
 
@@ -56,6 +58,24 @@ def test_forced_benefit_equals_the_difference_of_two_static_evaluations() -> Non
     with forced_experts(model, 1):
         assert all(int(r.k_T.max()) == 1 for r in model(x).routings)
     assert all(int(r.k_T.min()) == 2 for r in model(x).routings)  # the hooks are gone after the block
+
+
+def test_the_expected_benefit_is_the_kl_of_the_two_static_predictions() -> None:
+    """benefit_and_expectation: the same benefit as token_benefit, and its expectation over the next token under the
+    k_max prediction, KL(p_kmax || p_1), computed here from the static twins' outputs with torch's kl_div."""
+    model = sharp_model(router="topk", top_k=2)
+    x, y = batch()
+    benefit_N, expected_N = benefit_and_expectation(model, x, y)
+    torch.testing.assert_close(benefit_N, token_benefit(model, x, y), rtol=0, atol=1e-5)
+    log_probs = {}
+    for k in (1, 8):
+        twin = Transformer(dataclasses.replace(model.config, top_k=k)).eval()
+        twin.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            log_probs[k] = torch.log_softmax(twin(x).logits.flatten(0, 1).float(), dim=-1)
+    kl_N = F.kl_div(log_probs[1], log_probs[8], log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(expected_N, kl_N, rtol=1e-4, atol=1e-5)
+    assert bool((expected_N >= -1e-6).all()) and float(expected_N.max()) > 0  # a divergence: never below 0
 
 
 def test_analysed_benefit_equals_the_difference_of_two_evaluations_at_the_dial(tiny_corpus: Path) -> None:
@@ -323,12 +343,15 @@ def test_need_analysis_by_hand() -> None:
     # Two domains of four tokens, two layers; in domain 0 k follows the benefit exactly, in domain 1 against it.
     benefit = np.array([0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.3, 0.4])
     k_LN = np.array([[1, 2, 3, 4, 4, 3, 2, 1], [1, 2, 3, 4, 4, 3, 2, 1]])
-    routing = TokenRouting(np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.linspace(1, 2, 8), k_LN, np.zeros((2, 8, 2)), benefit)
+    expected = np.array([0.4, 0.3, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4])  # ranks the benefit backwards in a, exactly in b
+    routing = TokenRouting(np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.linspace(1, 2, 8), k_LN, np.zeros((2, 8, 2)), benefit,
+                           expected)
     levels = TokenRouting(np.array([0, 0, 1, 2, 3, 4]), np.ones(6), np.array([[1, 1, 2, 3, 4, 5]]), np.zeros((1, 8, 5)),
                           np.array([0.1, 0.3, 0.2, 0.3, 0.4, 0.5]))
     need = analyse_need(routing, ["a", "b"], levels)
     assert need.spearman_k_benefit_per_domain == {"a": pytest.approx(1.0), "b": pytest.approx(-1.0)}
     assert need.spearman_k_benefit == pytest.approx(0.0)
+    assert need.spearman_benefit_expectation_per_domain == {"a": pytest.approx(-1.0), "b": pytest.approx(1.0)}
     assert need.mean_benefit_per_domain == {"a": pytest.approx(0.25), "b": pytest.approx(0.25)}
     assert need.levels == [1, 2, 3, 4, 5] and need.tokens_per_level == [2, 1, 1, 1, 1]
     assert need.mean_k_per_level == [1.0, 2.0, 3.0, 4.0, 5.0] and need.k_rises_with_level is True
@@ -358,5 +381,7 @@ def test_analyze_writes_the_need_analysis(tiny_corpus: Path, tmp_path: Path) -> 
     need = result.need
     assert need is not None and need.levels == [1, 2, 3, 4, 5] and len(need.spearman_k_benefit_per_layer) == 2
     assert need.spearman_k_benefit is not None and len(need.mean_k_by_benefit_decile) == 10
+    assert set(need.spearman_benefit_expectation_per_domain) == set(need.spearman_k_benefit_per_domain)
+    assert all(v is None or -1 <= v <= 1 for v in need.spearman_benefit_expectation_per_domain.values())
     assert json.loads((tmp_path / "out" / ANALYSIS_JSON).read_text())["need"]["levels"] == [1, 2, 3, 4, 5]
     assert (tmp_path / "out" / NEED_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

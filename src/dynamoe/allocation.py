@@ -145,6 +145,8 @@ def summarise(measures: Sequence[SeedMeasure]) -> dict[str, Any]:
         "spearman_k_loss_per_domain": {d: mean_of([m.spearman_k_loss_per_domain[d] for m in measures]) for d in domains},
         "spearman_k_benefit_lowest_domain": lowest(list(per_domain.values())),
         "spearman_k_benefit_lowest_seed_and_domain": lowest(within),
+        "spearman_benefit_expectation_per_domain": {d: mean_of([n.spearman_benefit_expectation_per_domain.get(d) for n in needs])
+                                                for d in domains},
         "top_benefit_budget_share": mean_of([n.top_benefit_budget_share for n in needs]),
         "mean_k_per_level": level_k,
         "k_rises_with_level": all(b > a for a, b in zip(level_k, level_k[1:])) if len(level_k) > 1 else None,
@@ -219,7 +221,9 @@ def acceptance_lines(summary: dict[str, Any]) -> list[str]:
             f"{key}: Spearman(k, benefit) within every domain >= {SPEARMAN_BAR}: "
             f"{'holds' if worst is not None and worst >= SPEARMAN_BAR else 'does not hold'} on the mean over seeds "
             f"(lowest domain {_fmt(worst, '.3f')}; lowest single seed and domain "
-            f"{_fmt(s['spearman_k_benefit_lowest_seed_and_domain'], '.3f')}). "
+            f"{_fmt(s['spearman_k_benefit_lowest_seed_and_domain'], '.3f')}; for reference, Spearman(benefit, its "
+            "expectation under the k_max prediction): " + ", ".join(
+                f"{d} {_fmt(v, '.3f')}" for d, v in s["spearman_benefit_expectation_per_domain"].items()) + "). "
             f"k rises with difficulty 1-5: {'holds' if s['k_rises_with_level'] else 'does not hold'} on the mean "
             f"({s['seeds_k_rising']}/{s['seeds']} seeds). Perplexity {_fmt(s['perplexity'], '.2f')} against the confidence "
             f"router's {_fmt(s['confidence_perplexity_at_k'], '.2f')} at equal experts/token: "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +28,7 @@ from dynamoe.data.tokenizer import encode_documents
 from dynamoe.errors import DynamoeError
 from dynamoe.evaluate import split_tokens_by_domain, windows
 from dynamoe.model import Dial, Transformer
-from dynamoe.model.need import token_benefit
+from dynamoe.model.need import benefit_and_expectation
 from dynamoe.resources import REPORT_BYTES, check_writable, writing
 
 ANALYSIS_JSON, SAMPLE_HTML = "analysis.json", "sample.html"
@@ -104,6 +104,7 @@ class TokenRouting:
     k_LN: np.ndarray  # int: experts used per layer
     usage_LED: np.ndarray  # int: selected (token, expert) pairs per layer, expert and domain
     benefit_N: np.ndarray | None = None  # float: loss at k=1 minus loss at k_max (dynamoe.model.need); None: not measured
+    expected_benefit_N: np.ndarray | None = None  # float: its expectation under the k_max prediction (with benefit_N)
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tok
     device = next(model.parameters()).device
     n_experts, domains = model.config.n_experts, list(tokens_by_domain)
     usage_LED = np.zeros((len(routers), n_experts, len(domains)), dtype=np.int64)
-    domain_parts, loss_parts, k_parts, benefit_parts = [], [], [], []
+    domain_parts, loss_parts, k_parts, benefit_parts, expected_parts = [], [], [], [], []
     was_training = model.training
     model.eval()
     for d, domain in enumerate(domains):
@@ -143,11 +144,13 @@ def collect(model: Transformer, tokens_by_domain: dict[str, np.ndarray], max_tok
             for layer, experts in enumerate(chosen):
                 usage_LED[layer, :, d] += np.bincount(experts.cpu().numpy(), minlength=n_experts)
             if benefit:
-                benefit_parts.append(token_benefit(model, x_BT, y_BT).cpu().numpy())
+                benefit_N, expected_N = benefit_and_expectation(model, x_BT, y_BT)
+                benefit_parts.append(benefit_N.cpu().numpy())
+                expected_parts.append(expected_N.cpu().numpy())
     model.train(was_training)
+    measured = [np.concatenate(parts).astype(np.float64) if benefit else None for parts in (benefit_parts, expected_parts)]
     return TokenRouting(np.concatenate(domain_parts), np.concatenate(loss_parts).astype(np.float64),
-                        np.concatenate(k_parts, axis=1), usage_LED,
-                        np.concatenate(benefit_parts).astype(np.float64) if benefit else None)
+                        np.concatenate(k_parts, axis=1), usage_LED, *measured)
 
 
 # ----------------------------------------------------------------------------- report
@@ -257,6 +260,10 @@ class NeedAnalysis:
     loss_per_level: list[float]
     mean_benefit_per_level: list[float]
     k_rises_with_level: bool | None  # mean k strictly increasing from each level to the next
+    # Spearman(benefit, its expectation under the k_max prediction) within each domain: how far the benefit can be
+    # told before the next token is known, from both forced passes' outputs (dynamoe.model.need.benefit_and_expectation).
+    # A reference for Spearman(k, benefit), not a bound: a head trained on the benefit can beat a miscalibrated p_kmax.
+    spearman_benefit_expectation_per_domain: dict[str, float | None] = field(default_factory=dict)
 
 
 def mean_by_rank_bins(rank_by: np.ndarray, values: np.ndarray, bins: int) -> list[float | None]:
@@ -312,6 +319,8 @@ def analyse_need(routing: TokenRouting, domains: list[str], by_level: TokenRouti
         levels=levels, tokens_per_level=level_counts, mean_k_per_level=level_k, loss_per_level=level_loss,
         mean_benefit_per_level=level_benefit,
         k_rises_with_level=all(b > a for a, b in zip(level_k, level_k[1:])) if len(level_k) > 1 else None,
+        spearman_benefit_expectation_per_domain={} if routing.expected_benefit_N is None else {
+            name: spearman(routing.expected_benefit_N[mask], benefit_N[mask]) for name, mask in in_domain.items()},
     )
 
 
@@ -326,6 +335,8 @@ def format_need(need: NeedAnalysis) -> list[str]:
              + f"; Spearman(benefit, own loss) {number(need.spearman_benefit_loss)}",
              f"Spearman(experts/token, benefit), all tokens: {number(need.spearman_k_benefit)}; per domain: {per_domain}; "
              "per layer: " + " ".join(number(v) for v in need.spearman_k_benefit_per_layer),
+             "Spearman(benefit, its expectation under the k_max prediction) per domain: " + ", ".join(
+                 f"{d} {number(v)}" for d, v in need.spearman_benefit_expectation_per_domain.items()),
              f"experts spent on the {TOP_SHARE:.0%} of tokens with most benefit: {number(need.top_benefit_budget_share, '.1%')} "
              "of the budget; mean k by benefit decile: " + " ".join(number(v, ".2f") for v in need.mean_k_by_benefit_decile)]
     if need.levels:

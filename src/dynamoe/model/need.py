@@ -62,6 +62,23 @@ def token_benefit(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor) ->
     return low_N - high_N
 
 
+@torch.no_grad()
+def benefit_and_expectation(model: Transformer, x_BT: torch.Tensor, y_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """b_t (token_benefit) and its expectation under the model's own k_max prediction, KL(p_kmax || p_1), per prediction.
+
+    The expectation is what the experts beyond the first are worth to a token before its next token is known, from
+    both forced passes' full outputs: more than any router sees. How well it ranks b_t says how far the benefit can
+    be told in advance at all, for a model calibrated at k_max (one trained at small k is not: a head trained on the
+    benefit can then rank it better)."""
+    log_probs = []
+    for k in (1, model.config.k_max):
+        with forced_experts(model, k):
+            log_probs.append(F.log_softmax(model(x_BT).logits.flatten(0, 1).float(), dim=-1))
+    low_NV, high_NV = log_probs
+    gain_NV = high_NV - low_NV  # log p_kmax - log p_1 of every possible next token
+    return gain_NV.gather(1, y_BT.flatten()[:, None])[:, 0], (high_NV.exp() * gain_NV).sum(-1)
+
+
 def need_of(benefit_N: torch.Tensor) -> torch.Tensor:
     """The need head's target: the normal score of each benefit's rank among the tokens measured together.
 
