@@ -306,6 +306,16 @@ def test_the_whole_step_times_its_parts_and_hints_weights_beyond_the_cache(monke
     assert generate(fast, prompts, 10, GREEDY) == generate(plain, prompts, 10, GREEDY)
 
 
+def test_a_packed_model_saved_whole_loads_unpacked_and_decodes_the_same(tmp_path: Path) -> None:
+    """torch.save of a whole packed model (the kernel's Decoder cannot be pickled): it loads as a copy does."""
+    fast, plain = packed_and_plain(router="dynamic")
+    torch.save(fast, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.fused is None
+    prompts = [[4, 3, 2, 1]]
+    assert generate(loaded, prompts, 8, GREEDY) == generate(plain, prompts, 8, GREEDY)
+
+
 @pytest.fixture
 def native_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a machine without a compiler (or a failed build) looks like to the model."""

@@ -235,6 +235,9 @@ class FusedDecoder:
     def __deepcopy__(self, memo: dict) -> None:
         return None  # as the packed weights it reads: a copied model starts unpacked
 
+    def __reduce__(self) -> tuple:
+        return type(None), ()  # pickled as copied (torch.save of a whole model): the loaded one starts unpacked
+
     def summary(self) -> str:
         """What a batch-1 step runs in the kernel, for kernel summaries next to timings."""
         through_modules = sum(block.moe_args is None and block.dense_args is None for block in self.blocks)
