@@ -290,7 +290,8 @@ class Transformer(nn.Module):
 
     def fused_step(self, idx_11: torch.Tensor, input_pos_11: torch.Tensor,
                    thresholds_1L: torch.Tensor | None = None) -> ModelOutput:
-        """forward for one token of a batch of one in native calls (dynamoe.model.fused: the whole step in one where it can)."""
+        """forward for one token of a batch of one in native calls (dynamoe.model.fused: one for the whole step where
+        the kernel implements every block)."""
         assert self.fused is not None
         thresholds_L = None if thresholds_1L is None else thresholds_1L[0].tolist()
         logits_1V, routings, experts_11 = self.fused(idx_11[0], input_pos_11, self.rope_cos, self.rope_sin, thresholds_L)
