@@ -136,24 +136,12 @@ class FusedBlock:
                                             norm_weight, eps).chunk(2, dim=-1)
         return torch.ops.dynamoe.linear(F.silu(gate) * up, down.panels, down.scale, None, x_1D, down.out_features)
 
-    def ready(self) -> bool:
-        """Whether the step may run fused now: runnable and every tensor unchanged (see the module)."""
-        return self.runnable() and self.unchanged()
-
-    def runnable(self) -> bool:
-        """A KV cache of one row, and no router hooks (they need the router's own forward)."""
-        cache = self.attention.kv_cache
-        if cache is None or cache.k_BHSd.shape[0] != 1:
-            return False
-        return self.moe_args is None or not (self.router._forward_hooks or self.router._forward_pre_hooks)
-
-    def unchanged(self) -> bool:
-        """Every tensor the step reads, and every source of its packed weights, as when the block was packed."""
-        return (all(packed.unchanged() for packed in self.packed) and (self.moe_args is None or self.experts.unchanged())
-                and all(stamp(t) == s for t, s in zip(self.tensors, self.stamps)))
+    def hooked(self) -> bool:
+        """Whether its router has hooks (they need the router's own forward: bench's probe)."""
+        return self.moe_args is not None and bool(self.router._forward_hooks or self.router._forward_pre_hooks)
 
     def watched(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """What `unchanged` checks: each tensor with its stamp at packing."""
+        """Every tensor the step reads, and every source of its packed weights, with its stamp at packing."""
         pairs = list(zip(self.tensors, self.stamps)) + [(packed.source, packed.stamp) for packed in self.packed]
         if self.moe_args is not None:
             pairs += list(zip(self.experts.sources, self.experts.stamps))
@@ -205,7 +193,7 @@ class FusedDecoder:
         self.blocks = [FusedBlock(block) for block in layers]
         self.norm, self.head, self.embedding = (norm.weight, norm.eps), head, embedding
         self.stamps = [stamp(norm.weight), stamp(embedding)]
-        self.caches: list[torch.Tensor] = []  # the KV caches native_runnable last found to hold one row
+        self.caches: list[torch.Tensor] = []  # the KV caches `runnable` last found to hold one row
         self.native = self.native_decoder() if embedding.dtype == torch.float32 and embedding.is_contiguous() else None
 
     def native_decoder(self) -> torch.ScriptObject | None:
@@ -246,21 +234,21 @@ class FusedDecoder:
         return f"batch-1 step fused but {through_modules} of {len(self.blocks)} feed-forward halves (router not in the kernel)"
 
     def ready(self) -> bool:
-        """Whether every block may run fused now (see FusedBlock.ready), the head, final norm and embedding unchanged;
-        the kernel's Decoder checks the stamps itself, in a fraction of the time."""
+        """Whether the step may run fused now: runnable, and every tensor it depends on unchanged since packing (the
+        kernel's Decoder checks the stamps itself, in a fraction of the time)."""
+        if not self.runnable():
+            return False
         if self.native is not None:
-            return self.native_runnable() and self.native.unchanged()
-        return (all(block.ready() for block in self.blocks) and self.head.unchanged()
-                and [stamp(self.norm[0]), stamp(self.embedding)] == self.stamps)
+            return self.native.unchanged()
+        return all(stamp(tensor) == packed for tensor, packed in self.watched())
 
-    def native_runnable(self) -> bool:
-        """FusedBlock.runnable for every block, its KV caches checked only when they are not the ones last found
-        to hold one row (a step runs in a fraction of a millisecond: Python's checks show)."""
+    def runnable(self) -> bool:
+        """Every block with a KV cache of one row and no router hooks; the caches checked only when they are not the
+        ones last found to hold one row (a step runs in a fraction of a millisecond: Python's checks show)."""
         caches = []
         for block in self.blocks:
             cache = block.attention.kv_cache
-            if cache is None or (block.moe_args is not None and (block.router._forward_hooks
-                                                                 or block.router._forward_pre_hooks)):
+            if cache is None or block.hooked():
                 return False
             caches += [cache.k_BHSd, cache.v_BHSd]
         if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
@@ -293,7 +281,7 @@ class FusedDecoder:
 
     def native_step(self, token: int, position: int, cos: torch.Tensor, sin: torch.Tensor,
                     thresholds_L: Sequence[float] | None) -> tuple[torch.Tensor, list[Routing], torch.Tensor | None]:
-        """__call__ in one call of the kernel's Decoder, on the caches native_runnable found."""
+        """__call__ in one call of the kernel's Decoder, on the caches `runnable` found."""
         settings = []
         for block, threshold in zip(self.blocks, self.block_thresholds(thresholds_L)):
             if block.moe_args is not None:

@@ -141,10 +141,9 @@ def last_level_cache_bytes() -> int:
     """The largest CPU cache of this machine in bytes, from Linux's sysfs (32 MiB where it is not known): weights
     beyond it are not in the cache when the next decode step reads them again. sysconf's figure is not used: inside
     virtual machines it reports the host's, ten times what the guest gets here."""
-    sizes = []
+    units, sizes = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, []
     for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = size_file.read_text().strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         if text[:-1].isdigit() and text[-1] in units:
             sizes.append(int(text[:-1]) * units[text[-1]])
         elif text.isdigit():
